@@ -1,0 +1,351 @@
+"""DiT: the Lumina-Next cross-attention diffusion transformer that turns noise into CLIP tokens.
+
+One forward pass, as the figure reads (B batch, N = 64 tokens on an 8x8 grid, L condition length):
+
+    context = caption_projection(cond)                         # (B, L, H) -> (B, L, D)
+    c       = time_embed(1000 t) + caption_embed(mean(context)) # (B, T),  T = min(D, 1024)
+    x       = patch_embedder(x_t)                              # (B, N, C) -> (B, N, D)
+    x       = block(x, c, context) for each of the layers      # RMSNorm-zero, self + gated cross attention
+    v       = norm_out(x, c)                                   # AdaLN-continuous, final linear -> (B, N, C)
+
+Parameter names follow diffusers' `LuminaNextDiT2DModel` (plus BLIP3-o's `caption_projection`), so
+official checkpoints and the parity test load without renaming. The module is written for one
+device; dtype and sharding are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 1792  # width of a CLIP token (input and output of the DiT)
+    grid_size: int = 8  # tokens are laid out row-major on a grid_size x grid_size grid (64 tokens)
+    hidden_size: int = 1792  # D, transformer width
+    num_layers: int = 24
+    num_heads: int = 28
+    num_kv_heads: int | None = None  # < num_heads for grouped-query attention; None = num_heads
+    multiple_of: int = 256  # FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    ffn_two_thirds: bool = True  # Lumina-Next (diffusers <= 0.32, official BLIP3-o): FFN = 2/3 * 4D -> 4864 for 1792
+    norm_eps: float = 1e-5
+    qk_norm: bool = True  # LayerNorm over all heads of q and k (Lumina's "layer_norm_across_heads")
+    cond_size: int = 3584  # H, width of the backbone hidden states that condition the DiT
+    rope_theta: float = 10000.0
+    quantize_timesteps: bool = False  # official inference casts 1000*t to an integer; True reproduces that
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"2D RoPE needs head_dim % 4 == 0, got head_dim {self.head_dim}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def time_dim(self) -> int:
+        return min(self.hidden_size, 1024)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def ffn_dim(self) -> int:
+        inner = 4 * self.hidden_size
+        if self.ffn_two_thirds:
+            inner = int(2 * inner / 3)
+        if self.ffn_dim_multiplier is not None:
+            inner = int(self.ffn_dim_multiplier * inner)
+        return self.multiple_of * math.ceil(inner / self.multiple_of)
+
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    # official BLIP3-o 8B / 4B: the condition is Qwen2.5-VL 7B (3584) / 3B (2048) hidden states
+    "blip3o-8b": DiTConfig(),
+    "blip3o-4b": DiTConfig(cond_size=2048),
+    "nano": DiTConfig(in_channels=128, hidden_size=256, num_layers=6, num_heads=4, cond_size=256, multiple_of=64),
+    "debug": DiTConfig(in_channels=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, cond_size=64,
+                       multiple_of=32),
+}
+
+
+# ---------------------------------------------------------------------------- positional and time
+
+
+def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Lumina's 2D RoPE as complex rotations (N, head_dim / 2), fp32; N = grid_size**2, row-major.
+
+    Rotation pair i turns with the row index if i is even and the column index if i is odd, at
+    frequency theta ** (-2 (i // 2) / (head_dim / 2)).
+    """
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float64) / (2 * quarter))  # (hd/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows = torch.outer(pos, freqs)[:, None, :].expand(grid_size, grid_size, quarter)  # (G, G, hd/4)
+    cols = torch.outer(pos, freqs)[None, :, :].expand(grid_size, grid_size, quarter)
+    angles = torch.stack([rows, cols], dim=-1).reshape(grid_size * grid_size, 2 * quarter)  # (N, hd/2)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x (B, N, heads, hd) by freqs (N, hd/2), in fp32."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, N, heads, hd/2)
+    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of 1000 t, cosines first (diffusers' flip_sin_to_cos=True)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = (1000.0 * t.float())[:, None] * freqs[None]  # the x1000 of the official 0..1000 scale lives here
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32: bf16 sums of squares over 1792 channels lose too much
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()).to(x.dtype)
+
+
+class Mlp2(nn.Module):
+    """Linear -> activation -> Linear (names linear_1 / linear_2, as diffusers)."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_hidden)
+        self.act = act
+        self.linear_2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TimeCaptionEmbed(nn.Module):
+    """c = MLP(sinusoid(1000 t)) + Linear(LayerNorm(masked mean of the projected condition))."""
+
+    def __init__(self, hidden_size: int, time_dim: int) -> None:
+        super().__init__()
+        self.timestep_embedder = Mlp2(256, time_dim, time_dim, nn.SiLU())
+        self.caption_embedder = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, time_dim))
+
+    def forward(self, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        time = self.timestep_embedder(timestep_features(t).to(self.timestep_embedder.linear_1.weight.dtype))
+        if mask is None:
+            pooled = context.float().mean(dim=1)  # (B, D)
+        else:
+            m = mask.float()[..., None]  # (B, L, 1)
+            pooled = (context.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        return time + self.caption_embedder(pooled.to(context.dtype))
+
+
+class Attention(nn.Module):
+    """Projections of one Lumina attention (q/k/v without bias, LayerNorm over all heads of q and k)."""
+
+    def __init__(self, cfg: DiTConfig, with_out: bool) -> None:
+        super().__init__()
+        d, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.to_k = nn.Linear(d, kv, bias=False)
+        self.to_v = nn.Linear(d, kv, bias=False)
+        self.norm_q = nn.LayerNorm(d, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        self.norm_k = nn.LayerNorm(kv, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        # Self and cross attention share one output projection (attn2.to_out.0); attn1 has none.
+        self.to_out = nn.ModuleList([nn.Linear(d, d, bias=False)]) if with_out else None
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+
+    def query(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) -> rotated, normed queries (B, heads, N, hd)."""
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, self.head_dim))
+        return apply_rope(q, rope).transpose(1, 2)
+
+    def key_value(self, x: torch.Tensor, rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> keys, values (B, kv_heads, L, hd); keys rotated only for self-attention."""
+        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = self.to_v(x).unflatten(-1, (self.kv_heads, self.head_dim))
+        if rope is not None:
+            k = apply_rope(k, rope)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA with grouped-query heads; q (B, h, N, hd), k/v (B, h_kv, L, hd), mask (B, L) -> (B, N, h, hd)."""
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: linear_2(silu(linear_1 x) * linear_3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, hidden, bias=False)
+        self.linear_2 = nn.Linear(hidden, dim, bias=False)
+        self.linear_3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)) * self.linear_3(x))
+
+
+class RMSNormZero(nn.Module):
+    """Modulation from c: (RMSNorm(x) * (1 + scale_attn), gate_attn, scale_mlp, gate_mlp)."""
+
+    def __init__(self, dim: int, time_dim: int, eps: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 4 * dim)
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor):
+        scale_attn, gate_attn, scale_mlp, gate_mlp = self.linear(F.silu(c)).chunk(4, dim=-1)  # (B, D) each
+        return self.norm(x) * (1 + scale_attn[:, None]), gate_attn, scale_mlp, gate_mlp
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.gate = nn.Parameter(torch.zeros(cfg.num_heads))  # per-head tanh gate of cross-attention, 0 at init
+        self.attn1 = Attention(cfg, with_out=False)
+        self.attn2 = Attention(cfg, with_out=True)
+        self.feed_forward = FeedForward(d, cfg.ffn_dim)
+        self.norm1 = RMSNormZero(d, cfg.time_dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(d, cfg.norm_eps)
+        self.norm2 = RMSNorm(d, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(d, cfg.norm_eps)
+        self.norm1_context = RMSNorm(d, cfg.norm_eps)
+
+    def cross_key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition's keys and values; they do not depend on x or t, so samplers compute them once."""
+        return self.attn2.key_value(self.norm1_context(context), rope=None)
+
+    def forward(self, x, c, rope, cross_kv, cross_mask):
+        h, gate_attn, scale_mlp, gate_mlp = self.norm1(x, c)  # (B, N, D)
+        k, v = self.attn1.key_value(h, rope)
+        self_out = attend(self.attn1.query(h, rope), k, v, None)  # (B, N, heads, hd)
+        cross_out = attend(self.attn2.query(h, rope), *cross_kv, cross_mask)  # RoPE on q only
+        mixed = (self_out + cross_out * self.gate.tanh().view(1, 1, -1, 1)).flatten(-2)  # (B, N, D)
+        x = x + gate_attn[:, None].tanh() * self.norm2(self.attn2.to_out[0](mixed))
+        ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
+        return x + gate_mlp[:, None].tanh() * self.ffn_norm2(ffn_out)
+
+
+class NormOut(nn.Module):
+    """AdaLN-continuous: LayerNorm(x) * (1 + Linear(silu(c))), then the final linear to token width."""
+
+    def __init__(self, dim: int, time_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(time_dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.linear_2 = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale = self.linear_1(F.silu(c))  # (B, D)
+        return self.linear_2(self.norm(x) * (1 + scale[:, None]))
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Condition:
+    """Everything of a condition that stays fixed over the sampling steps (computed once)."""
+
+    context: torch.Tensor  # (B, L, D) projected condition
+    mask: torch.Tensor | None  # (B, L) bool, None = all valid
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, kv_heads, L, hd) keys and values
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.caption_projection = Mlp2(config.cond_size, d, d, nn.GELU(approximate="tanh"))
+        self.patch_embedder = nn.Module()
+        self.patch_embedder.proj = nn.Linear(config.in_channels, d)
+        self.time_caption_embed = TimeCaptionEmbed(d, config.time_dim)
+        self.layers = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
+        self.norm_out = NormOut(d, config.time_dim, config.in_channels)
+        self.register_buffer("rope", torch.empty(config.num_tokens, config.head_dim // 2, dtype=torch.complex64),
+                             persistent=False)
+        self.init_buffers()
+        self.initialize_weights()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE table on the parameters' device (after a meta-device build)."""
+        device = self.patch_embedder.proj.weight.device
+        if device.type == "meta":
+            return
+        self.rope = rope_2d(self.config.grid_size, self.config.head_dim, self.config.rope_theta).to(device)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT-style: xavier linears, zero biases; modulation and the output layer start at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_caption_embed.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.time_caption_embed.timestep_embedder.linear_2.weight, std=0.02)
+        for block in self.layers:
+            nn.init.zeros_(block.norm1.linear.weight)
+            nn.init.zeros_(block.norm1.linear.bias)
+        nn.init.zeros_(self.norm_out.linear_1.weight)
+        nn.init.zeros_(self.norm_out.linear_2.weight)
+
+    def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
+        """cond (B, L, H) backbone hidden states, mask (B, L) -> the step-independent Condition."""
+        if cond.ndim != 3 or cond.shape[-1] != self.config.cond_size:
+            raise ValueError(f"cond must be (B, L, {self.config.cond_size}), got {tuple(cond.shape)}")
+        if mask is not None:
+            if mask.shape != cond.shape[:2]:
+                raise ValueError(f"mask {tuple(mask.shape)} does not match cond {tuple(cond.shape[:2])}")
+            mask = None if bool(mask.all()) else mask.bool()
+        context = self.caption_projection(cond)  # (B, L, D)
+        return Condition(context, mask, [block.cross_key_value(context) for block in self.layers])
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """x_t (B, N, C), t (B,) in [0, 1], a prepared Condition -> v (B, N, C)."""
+        if self.config.quantize_timesteps:
+            t = torch.floor(t * 1000) / 1000
+        c = self.time_caption_embed(t, cond.context, cond.mask)  # (B, T)
+        x = self.patch_embedder.proj(x_t)  # (B, N, D)
+        for block, kv in zip(self.layers, cond.cross_kv, strict=True):
+            x = block(x, c, self.rope, kv, cond.mask)
+        return self.norm_out(x, c)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity v (B, N, C) for tokens x_t (B, N, C) at times t (B,) given cond (B, L, H)."""
+        b, n, ch = x_t.shape
+        if (n, ch) != (self.config.num_tokens, self.config.in_channels):
+            raise ValueError(
+                f"x_t must be (B, {self.config.num_tokens}, {self.config.in_channels}), got {tuple(x_t.shape)}"
+            )
+        if t.shape != (b,) or cond.shape[0] != b:
+            raise ValueError(f"t {tuple(t.shape)} and cond batch {cond.shape[0]} must match x_t batch {b}")
+        return self.velocity(x_t, t, self.prepare_condition(cond, cond_mask))

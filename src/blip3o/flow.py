@@ -1,0 +1,130 @@
+"""Flow matching: the one time convention of the project, written once.
+
+    x_t = (1 - t) * x_0 + t * x_1,    x_0 = data, x_1 = noise ~ N(0, I)
+    v   = dx_t/dt = x_1 - x_0         (what every model in blip3o predicts)
+
+t = 1 is pure noise, t = 0 is data; sampling integrates dx/dt = v from t = 1 down to t = 0.
+Every public function takes t as floats in [0, 1]; any x1000 scale lives inside the
+timestep embeddings of the networks, never here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> v
+
+
+@dataclass
+class PathSample:
+    x_t: torch.Tensor  # point on the path, same shape as x_0
+    v: torch.Tensor  # target velocity x_1 - x_0
+    x_0: torch.Tensor  # data
+    x_1: torch.Tensor  # noise
+    t: torch.Tensor  # (B,) times in [0, 1]
+
+
+def sample_path(x_0: torch.Tensor, x_1: torch.Tensor, t: torch.Tensor) -> PathSample:
+    """Point of the straight path between data x_0 and noise x_1 at times t (B,)."""
+    if x_0.shape != x_1.shape:
+        raise ValueError(f"x_0 {tuple(x_0.shape)} and x_1 {tuple(x_1.shape)} must have the same shape")
+    if t.shape != (x_0.shape[0],):
+        raise ValueError(f"t must have shape ({x_0.shape[0]},), got {tuple(t.shape)}")
+    t_ = t.view(-1, *([1] * (x_0.ndim - 1))).to(x_0.dtype)
+    return PathSample(x_t=(1 - t_) * x_0 + t_ * x_1, v=x_1 - x_0, x_0=x_0, x_1=x_1, t=t)
+
+
+def sample_t(
+    batch: int,
+    kind: str = "uniform",
+    *,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training times (B,): `uniform` on [0, 1] (official BLIP3-o) or `logit_normal` (SD3)."""
+    if kind == "uniform":
+        t = torch.rand(batch, generator=generator, device=device)
+    elif kind == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown time sampling {kind!r}: use 'uniform' or 'logit_normal'")
+    return t
+
+
+def drop_condition(
+    cond: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Zero whole rows of `cond` (B, ...) with probability p: the unconditional branch of CFG."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"drop probability must be in [0, 1], got {p}")
+    keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= p
+    return cond * keep.view(-1, *([1] * (cond.ndim - 1))).to(cond.dtype)
+
+
+def flow_matching_loss(v_pred: torch.Tensor, path: PathSample) -> torch.Tensor:
+    """Mean squared error between predicted and target velocity, in fp32."""
+    return torch.mean((v_pred.float() - path.v.float()) ** 2)
+
+
+def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """Resolution time shift (SD3): t' = s t / (1 + (s - 1) t); s > 1 spends more steps near noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """Official BLIP3-o grid: linspace(1, 1/steps, steps) then 0, optionally shifted. len = steps + 1."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    ts = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).tolist() + [0.0]
+    return [float(shift_time(t, shift)) for t in ts]
+
+
+def guided(velocity: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> Velocity:
+    """Classifier-free guidance with both branches in one batch.
+
+    velocity(x (2B, ...), t (2B,), cond (2B, ...)) -> v; returns v_u + scale * (v_c - v_u).
+    `uncond` may have batch 1 (it is broadcast explicitly to B).
+    """
+    if uncond.shape[0] == 1 and cond.shape[0] != 1:
+        uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
+    if uncond.shape != cond.shape:
+        raise ValueError(f"uncond {tuple(uncond.shape)} does not match cond {tuple(cond.shape)}")
+    both = torch.cat([uncond, cond])
+
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if scale == 1.0:
+            return velocity(x, t, cond)
+        v_u, v_c = velocity(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return v_u + scale * (v_c - v_u)
+
+    return v
+
+
+def sample(velocity: Velocity, x_1: torch.Tensor, times: Sequence[float], method: str = "euler") -> torch.Tensor:
+    """Integrate dx/dt = v from times[0] (noise x_1) to times[-1] (data); returns x at times[-1].
+
+    Euler takes one model call per interval; Heun (2nd order) two, except on the last interval
+    when it ends at t = 0, where it falls back to Euler (as EDM does).
+    """
+    if method not in ("euler", "heun"):
+        raise ValueError(f"unknown sampler {method!r}: use 'euler' or 'heun'")
+    x = x_1
+    batch = x.shape[0]
+    for t_cur, t_next in zip(times[:-1], times[1:], strict=True):
+        dt = t_next - t_cur
+        t = torch.full((batch,), t_cur, device=x.device, dtype=torch.float32)
+        v = velocity(x, t)
+        x_euler = x + dt * v.to(x.dtype)
+        if method == "heun" and t_next > 0:
+            v_next = velocity(x_euler, torch.full_like(t, t_next))
+            x = x + dt * (0.5 * (v + v_next)).to(x.dtype)
+        else:
+            x = x_euler
+    return x

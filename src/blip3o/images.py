@@ -1,0 +1,74 @@
+"""Image checks and conversions shared by every part that reads or writes pixels.
+
+Pixels inside the library are float tensors in [0, 1], shape (B, 3, H, W); PIL images are
+only the public edge. Each part that needs another range (CLIP normalisation, VAE [-1, 1])
+owns that conversion itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Modes PIL can turn into RGB without guessing. Anything else (16-bit, float, ...) is refused.
+_CONVERTIBLE_MODES = {"RGB", "RGBA", "LA", "L", "1", "P", "PA", "CMYK", "YCbCr", "RGBX", "La"}
+MIN_SIDE = 8
+MAX_PIXELS = 8192 * 8192
+
+
+def check_images(images: Sequence[Image.Image], *, name: str = "images") -> list[Image.Image]:
+    """Validate a list of PIL images and return them as RGB (alpha composited on white)."""
+    if isinstance(images, Image.Image):
+        raise TypeError(f"{name} must be a list of PIL images, got a single image: wrap it in a list")
+    if not isinstance(images, Sequence) or len(images) == 0:
+        raise ValueError(f"{name} must be a non-empty list of PIL images, got {type(images).__name__}")
+    out = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{name}[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
+        w, h = image.size
+        if min(w, h) < MIN_SIDE:
+            raise ValueError(f"{name}[{i}] is {w}x{h}: both sides must be at least {MIN_SIDE} px")
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{name}[{i}] is {w}x{h}: more than {MAX_PIXELS} pixels")
+        out.append(to_rgb(image, where=f"{name}[{i}]"))
+    return out
+
+
+def to_rgb(image: Image.Image, *, where: str = "image") -> Image.Image:
+    """RGB copy of `image`; transparent pixels become white, as a viewer would show them."""
+    if image.mode == "RGB":
+        return image
+    if image.mode not in _CONVERTIBLE_MODES:
+        raise ValueError(
+            f"{where} has mode {image.mode!r}, which has no unambiguous RGB form; "
+            f"convert it to 'RGB' first (supported: {sorted(_CONVERTIBLE_MODES)})"
+        )
+    if image.mode in ("RGBA", "LA", "PA", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def pil_to_tensor(images: Sequence[Image.Image], size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL images -> float tensor (B, 3, H, W) in [0, 1], resized (bicubic) to `size` if given."""
+    images = check_images(images)
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else size
+        images = [im if im.size == (hw[1], hw[0]) else im.resize((hw[1], hw[0]), Image.BICUBIC) for im in images]
+    if len({im.size for im in images}) > 1:
+        raise ValueError("images have different sizes; pass `size` to resize them to one")
+    arrays = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [0, 1] -> list of RGB PIL images (values are clamped)."""
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
+    arrays = (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arrays]

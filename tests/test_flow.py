@@ -1,0 +1,95 @@
+"""Flow matching: the time convention pinned, solvers checked against ODEs with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from blip3o.flow import (
+    drop_condition,
+    flow_matching_loss,
+    guided,
+    sample,
+    sample_path,
+    sample_t,
+    shift_time,
+    time_grid,
+)
+
+
+def test_convention_t1_is_noise_and_v_points_to_noise():
+    x_0, x_1 = torch.randn(4, 3), torch.randn(4, 3)
+    at0 = sample_path(x_0, x_1, torch.zeros(4))
+    at1 = sample_path(x_0, x_1, torch.ones(4))
+    torch.testing.assert_close(at0.x_t, x_0)
+    torch.testing.assert_close(at1.x_t, x_1)
+    torch.testing.assert_close(at0.v, x_1 - x_0)
+    mid = sample_path(x_0, x_1, torch.full((4,), 0.25))
+    torch.testing.assert_close(mid.x_t, 0.75 * x_0 + 0.25 * x_1)
+    assert flow_matching_loss(mid.v, mid).item() == 0.0
+
+
+def test_official_time_grid():
+    grid = time_grid(30)
+    assert len(grid) == 31 and grid[0] == 1.0 and grid[-1] == 0.0
+    expected = [1 - i * (1 - 1 / 30) / 29 for i in range(30)] + [0.0]
+    assert max(abs(a - b) for a, b in zip(grid, expected, strict=True)) < 1e-12
+    shifted = time_grid(10, shift=3.0)
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0
+    assert shift_time(0.5, 3.0) == pytest.approx(0.75)
+
+
+def test_euler_is_exact_on_a_straight_path():
+    # the true velocity field of a single data point x_0 is (x - x_0) / t; Euler integrates it exactly
+    x_0, x_1 = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    out = sample(lambda x, t: (x - x_0) / t.view(-1, 1).to(x.dtype), x_1, time_grid(7))
+    torch.testing.assert_close(out, x_0)
+
+
+def test_solvers_converge_at_their_order():
+    # dx/dt = x from t=1 to 0: x(0) = x(1) / e
+    x_1 = torch.ones(1, 1, dtype=torch.float64)
+
+    def error(method, steps):
+        return abs(sample(lambda x, t: x, x_1, [1 - i / steps for i in range(steps + 1)], method).item()
+                   - math.exp(-1))
+
+    assert error("euler", 40) < error("euler", 20) * 0.55  # first order: halves
+    assert error("heun", 40) < error("heun", 20) * 0.3  # better than first order (last step is Euler)
+    assert error("heun", 20) < error("euler", 20) / 5
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(lambda x, t: x, x_1, [1.0, 0.0], "rk9")
+
+
+def test_guidance_combines_branches_in_one_batch():
+    calls = []
+
+    def velocity(x, t, c):
+        calls.append(x.shape[0])
+        return x + c  # linear in the condition
+
+    x, t = torch.randn(3, 2), torch.rand(3)
+    cond, uncond = torch.randn(3, 2), torch.zeros(1, 2)
+    v = guided(velocity, cond, uncond, 3.0)(x, t)
+    torch.testing.assert_close(v, x + 3.0 * cond)
+    assert calls == [6]  # both branches in one call
+    torch.testing.assert_close(guided(velocity, cond, uncond, 1.0)(x, t), x + cond)
+    with pytest.raises(ValueError, match="does not match"):
+        guided(velocity, cond, torch.zeros(2, 2), 2.0)
+
+
+def test_condition_dropout_and_time_sampling():
+    g = torch.Generator().manual_seed(0)
+    cond = torch.ones(10000, 4)
+    dropped = drop_condition(cond, 0.1, g)
+    rate = (dropped.sum(1) == 0).float().mean().item()
+    assert 0.08 < rate < 0.12
+    assert torch.equal(drop_condition(cond, 0.0, g), cond)
+    assert drop_condition(cond, 1.0, g).abs().sum() == 0
+    for kind in ("uniform", "logit_normal"):
+        t = sample_t(10000, kind, generator=g)
+        assert t.min() >= 0 and t.max() <= 1 and abs(t.mean().item() - 0.5) < 0.02
+    ln = sample_t(10000, "logit_normal", generator=g)
+    assert ((ln - 0.5).abs() < 0.25).float().mean() > 0.6  # concentrated in the middle
+    with pytest.raises(ValueError, match="unknown time sampling"):
+        sample_t(2, "beta")
