@@ -96,12 +96,21 @@ def guided(velocity: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: to
         uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
     if uncond.shape != cond.shape:
         raise ValueError(f"uncond {tuple(uncond.shape)} does not match cond {tuple(cond.shape)}")
+    if scale == 1.0:
+        return lambda x, t: velocity(x, t, cond)
     both = torch.cat([uncond, cond])
+    return guided_pair(lambda x2, t2: velocity(x2, t2, both), scale)
+
+
+def guided_pair(velocity_pair: Velocity, scale: float) -> Velocity:
+    """CFG over a velocity that already evaluates the doubled batch [uncond; cond] in one call.
+
+    For models that prepare their condition once per sample (the DiT caches its cross-attention
+    keys and values), so the condition is bound before sampling starts.
+    """
 
     def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if scale == 1.0:
-            return velocity(x, t, cond)
-        v_u, v_c = velocity(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        v_u, v_c = velocity_pair(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         return v_u + scale * (v_c - v_u)
 
     return v

@@ -1,0 +1,438 @@
+"""The backbone: a Qwen2.5-VL model that understands images and conditions image generation.
+
+Two arrows of the BLIP3-o diagram start here:
+- image + question -> backbone -> answer            (`answer`, `chat`)
+- prompt -> backbone (+ learnable queries) -> condition for the DiT   (`condition`)
+
+For `condition`, BLIP3-o tokenizes a fixed generation prompt, appends `[IMG]`, appends Q learnable
+query embeddings and reads the final (post-norm) hidden states at the Q query positions. The
+backbone is frozen, but gradients flow through it into the queries, which stage 2 trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from blip3o.images import check_images
+from blip3o.tokenizer import BLIP3O_SPECIAL_TOKENS, CHAT_TEMPLATE, SPECIAL_IDS, load_builtin_tokenizer
+
+GENERATION_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nPlease generate image based on the following caption: {prompt}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+IMG_TOKEN = "[IMG]"
+ROLES = ("system", "user", "assistant")
+# Ids of the control tokens the model config names, in Qwen2.5's own tokenizer ("checkpoint").
+QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+                    "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+
+
+@dataclass
+class BackboneConfig:
+    # --- language model (Qwen2.5 text decoder) ---
+    hidden_size: int = 3584  # width of the residual stream = width of the condition tokens
+    num_layers: int = 28  # decoder layers
+    num_heads: int = 28  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    intermediate_size: int = 18944  # SwiGLU hidden width
+    vocab_size: int = 151668  # rows of embed_tokens / lm_head; >= len(tokenizer)
+    rope_theta: float = 1e6  # RoPE base
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight (3B yes, 7B no)
+    max_position_embeddings: int = 128000  # longest sequence the RoPE is meant for
+    # Split of the head_dim/2 rotary frequencies over (time, height, width); sums to head_dim / 2.
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    # --- vision tower (Qwen2.5-VL ViT) ---
+    vision_depth: int = 32  # ViT blocks
+    vision_hidden_size: int = 1280  # ViT width
+    vision_num_heads: int = 16  # ViT heads
+    vision_intermediate_size: int = 3420  # ViT SwiGLU hidden width
+    patch_size: int = 14  # pixels per patch side
+    spatial_merge_size: int = 2  # merge k x k patches into one language token
+    temporal_patch_size: int = 2  # frames per patch (a still image is repeated to fill it)
+    window_size: int = 112  # side, in pixels, of the windows of windowed-attention blocks
+    # Blocks that attend over the whole image instead of within windows.
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    # --- processor ---
+    min_pixels: int = 56 * 56  # smaller images are upscaled to at least this many pixels
+    max_pixels: int = 28 * 28 * 1280  # larger images are downscaled to at most this many pixels
+    # --- tokenizer ---
+    # "builtin": our small offline tokenizer (debug/nano); "checkpoint": load from a folder.
+    tokenizer: str = "checkpoint"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}), "
+                f"and num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.mrope_section) != head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2}")
+        if self.vision_hidden_size % self.vision_num_heads:
+            raise ValueError("vision_hidden_size must divide by vision_num_heads")
+        if self.tokenizer not in ("builtin", "checkpoint"):
+            raise ValueError(f"tokenizer must be 'builtin' or 'checkpoint', got {self.tokenizer!r}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Ids of the control tokens (as named in Qwen2.5) in this config's tokenizer."""
+        if self.tokenizer == "builtin":
+            return {token: SPECIAL_IDS[token] for token in QWEN_SPECIAL_IDS}
+        return dict(QWEN_SPECIAL_IDS)
+
+    def to_hf(self) -> transformers.Qwen2_5_VLConfig:
+        """The transformers config of the same architecture."""
+        ids = self.special_ids
+        text = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,
+                             "mrope_section": list(self.mrope_section)},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+        )
+        vision = dict(
+            depth=self.vision_depth,
+            hidden_size=self.vision_hidden_size,
+            num_heads=self.vision_num_heads,
+            intermediate_size=self.vision_intermediate_size,
+            patch_size=self.patch_size,
+            spatial_merge_size=self.spatial_merge_size,
+            temporal_patch_size=self.temporal_patch_size,
+            window_size=self.window_size,
+            fullatt_block_indexes=list(self.fullatt_block_indexes),
+            out_hidden_size=self.hidden_size,  # the merger projects straight into the LM's width
+            tokens_per_second=2,  # as Qwen2.5-VL's release; only used for video
+        )
+        return transformers.Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+
+
+BACKBONE_PRESETS: dict[str, BackboneConfig] = {
+    "debug": BackboneConfig(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=704,
+        tie_word_embeddings=False, max_position_embeddings=2048, mrope_section=[2, 3, 3],
+        vision_depth=2, vision_hidden_size=32, vision_num_heads=2, vision_intermediate_size=64,
+        patch_size=8, window_size=32, fullatt_block_indexes=[1],
+        min_pixels=16 * 16, max_pixels=32 * 32, tokenizer="builtin",
+    ),
+    # Shapes world: a 64x64 image is 8x8 patches of 8 px -> 4x4 = 16 language tokens, not resized.
+    "nano": BackboneConfig(
+        hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768, vocab_size=704,
+        tie_word_embeddings=True, max_position_embeddings=4096, mrope_section=[8, 12, 12],
+        vision_depth=4, vision_hidden_size=128, vision_num_heads=4, vision_intermediate_size=256,
+        patch_size=8, window_size=32, fullatt_block_indexes=[1, 3],
+        min_pixels=64 * 64, max_pixels=64 * 64, tokenizer="builtin",
+    ),
+    # Every other field (vision tower, rope, processor) is the 7B's: the defaults.
+    "qwen2.5-vl-3b": BackboneConfig(
+        hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2, intermediate_size=11008,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-vl-7b": BackboneConfig(),  # every default above is Qwen2.5-VL-7B-Instruct's
+}
+
+
+class BackboneProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor for images and text only (no video processor: that needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kw):
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kw)
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        # Video is the one modality we leave out; its processor class cannot even be resolved here.
+        if argument_name == "video_processor" and argument is None:
+            return type(None)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class Backbone(nn.Module):
+    """Qwen2.5-VL wrapped for BLIP3-o: `condition` for generation, `answer`/`chat` for understanding."""
+
+    def __init__(self, config: BackboneConfig, tokenizer_dir: str | Path | None = None):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2_5_VLForConditionalGeneration(config.to_hf())
+        self.tokenizer = self.processor = self.img_token_id = None
+        if config.tokenizer == "builtin" or tokenizer_dir is not None:
+            self.set_tokenizer(_load_tokenizer(config, tokenizer_dir))
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Attach a tokenizer (and the processor built on it) after checking it fits the model."""
+        _check_tokenizer(tokenizer, self.config)
+        c = self.config
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=c.min_pixels, max_pixels=c.max_pixels, patch_size=c.patch_size,
+            temporal_patch_size=c.temporal_patch_size, merge_size=c.spatial_merge_size,
+        )
+        self.tokenizer = tokenizer
+        self.processor = BackboneProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                           chat_template=tokenizer.chat_template)
+        self.img_token_id = tokenizer.convert_tokens_to_ids(IMG_TOKEN)
+
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                "this backbone has no tokenizer: a preset with the official Qwen2.5-VL vocabulary gets it from "
+                "a checkpoint folder (Blip3o.from_pretrained(DIR)) or Backbone.set_tokenizer(...)"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def freeze(self) -> Backbone:
+        """Frozen in both senses: eval mode and no parameter gradients (inputs still get them)."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    def condition(self, prompts: list[str], queries: torch.Tensor) -> torch.Tensor:
+        """Hidden states at the query positions after the generation prompt.
+
+        prompts: B captions. queries: (1, Q, H) learnable embeddings. Returns (B, Q, H), the
+        final-norm hidden states. Not wrapped in no_grad: gradients reach `queries`.
+        """
+        prompts = check_prompts(prompts)
+        self._require_tokenizer()
+        texts = [GENERATION_PROMPT.format(prompt=p) for p in prompts]
+        return self._hidden_at_queries(texts, _check_queries(queries, self.hidden_size))
+
+    def negative_condition(self, queries: torch.Tensor) -> torch.Tensor:
+        """The classifier-free-guidance negative, as BLIP3-o's inference builds it: (1, Q, H).
+
+        Official code conditions on `[""]` *without* the chat template, so the sequence is just
+        `[IMG]` followed by the queries.
+        """
+        self._require_tokenizer()
+        return self._hidden_at_queries([""], _check_queries(queries, self.hidden_size))
+
+    def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor) -> torch.Tensor:
+        """texts (B) + [IMG] + queries (1, Q, H) -> final-norm hidden states at the queries (B, Q, H)."""
+        batch = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
+                               add_special_tokens=False)
+        B, Q = len(texts), queries.shape[1]
+        img = torch.full((B, 1), self.img_token_id, dtype=torch.long)
+        input_ids = torch.cat([batch.input_ids.long(), img], dim=1).to(self.device)  # (B, L + 1)
+        mask = torch.cat([batch.attention_mask.long(), torch.ones(B, 1 + Q, dtype=torch.long)], dim=1)
+        mask = mask.to(self.device)  # (B, L + 1 + Q)
+        embeds = self.model.get_input_embeddings()(input_ids)  # (B, L + 1, H)
+        queries = queries.to(embeds.dtype).expand(B, -1, -1)  # (B, Q, H)
+        embeds = torch.cat([embeds, queries], dim=1)  # (B, L + 1 + Q, H)
+        # Explicit positions from the mask: padding must not shift a prompt's positions, and the
+        # model's own fallback would reuse `rope_deltas` left over from the last image chat.
+        out = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
+        )
+        return out.last_hidden_state[:, -Q:]  # (B, Q, H)
+
+    def answer(
+        self,
+        images: list[Image.Image | None],
+        questions: list[str],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """One question per image (None: text only); returns B answers."""
+        questions = check_prompts(questions, name="questions")
+        if not _is_list(images) or len(images) != len(questions):
+            raise ValueError(
+                f"images must be a list with one entry (PIL image or None) per question; got "
+                f"{len(images) if _is_list(images) else type(images).__name__} for "
+                f"{len(questions)} questions"
+            )
+        conversations = [
+            [{"role": "user", "content": q if im is None else [{"type": "image", "image": im},
+                                                                 {"type": "text", "text": q}]}]
+            for im, q in zip(images, questions, strict=True)
+        ]
+        return self.chat(conversations, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_p=top_p, seed=seed)
+
+    @torch.no_grad()
+    def chat(
+        self,
+        conversations: list[list[dict]],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """The next assistant reply of each conversation (batched, left padded)."""
+        self._require_tokenizer()
+        texts, images = self._render(conversations)
+        inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                                return_tensors="pt").to(self.device)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
+        stop = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        # A private RNG stream: seeded sampling is reproducible and the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                pad_token_id=self.tokenizer.pad_token_id, **sampling,
+            )  # (B, L + new)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _render(self, conversations: list[list[dict]]) -> tuple[list[str], list[Image.Image]]:
+        """Chat-template texts (one per conversation) and all their images, in order."""
+        if not isinstance(conversations, Sequence) or len(conversations) == 0:
+            raise ValueError("conversations must be a non-empty list of conversations (lists of messages)")
+        texts, images = [], []
+        for i, conversation in enumerate(conversations):
+            messages, conv_images = _check_conversation(conversation, where=f"conversations[{i}]")
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            texts.append(text)
+            images.extend(conv_images)
+        return texts, images
+
+    def save_tokenizer(self, directory: str | Path) -> None:
+        """Write the tokenizer (with chat template and BLIP3-o's added tokens) to `directory`."""
+        self._require_tokenizer()
+        self.tokenizer.save_pretrained(str(directory))
+
+    def init_buffers(self) -> None:
+        """Recompute the non-persistent RoPE buffers on the parameters' device.
+
+        A meta-device build leaves them on meta and load_state_dict never fills them (they are
+        not in the state dict), so call this after `load_state_dict(..., assign=True)`.
+        """
+        text_rope = self.model.model.language_model.rotary_emb
+        vision_rope = self.model.model.visual.rotary_pos_emb
+        with torch.device("cpu"):
+            text_inv, _ = text_rope.compute_default_rope_parameters(text_rope.config)
+            vision_inv, _ = vision_rope.compute_axial_rope_parameters(vision_rope.config)
+        for rope, inv_freq in ((text_rope, text_inv), (vision_rope, vision_inv)):
+            rope.inv_freq = inv_freq.to(self.device)
+            rope.original_inv_freq = inv_freq.clone().to(self.device)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) attention mask -> (3, B, L) mrope position ids, counting only real tokens.
+
+    Text-only sequences use the same position on all three mrope axes; padding gets position 0.
+    """
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    return positions.unsqueeze(0).expand(3, -1, -1)  # (3, B, L)
+
+
+def _load_tokenizer(config: BackboneConfig, tokenizer_dir: str | Path | None):
+    if config.tokenizer == "builtin":
+        if tokenizer_dir is not None:
+            raise ValueError("this config uses the builtin tokenizer; do not pass tokenizer_dir")
+        return load_builtin_tokenizer()
+    if tokenizer_dir is None:
+        raise ValueError("this config needs tokenizer_dir: a folder with the checkpoint's HF tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    # As BLIP3-o's training script: [IMG], [/IMG], <image> appended after Qwen's 151665 tokens.
+    missing = [t for t in BLIP3O_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _check_tokenizer(tokenizer, config: BackboneConfig) -> None:
+    """The tokenizer must fit the embedding and agree with the model on the vision token ids."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size is {config.vocab_size}")
+    for token, expected in config.special_ids.items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != expected:
+            raise ValueError(f"tokenizer maps {token} to {got}, but the model config expects {expected}")
+
+
+def _is_list(x) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, (str, Image.Image))
+
+
+def check_prompts(prompts: list[str], *, name: str = "prompts") -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"{name} must be a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError(f"{name} must not be empty")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(p).__name__}")
+        if not p.strip():
+            raise ValueError(f"{name}[{i}] is empty; give it some text")
+    return list(prompts)
+
+
+def _check_queries(queries: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    if not isinstance(queries, torch.Tensor):
+        raise TypeError(f"queries must be a torch.Tensor of shape (1, Q, {hidden_size})")
+    if queries.ndim != 3 or queries.shape[0] != 1 or queries.shape[2] != hidden_size or queries.shape[1] == 0:
+        raise ValueError(f"queries must have shape (1, Q, {hidden_size}), got {tuple(queries.shape)}")
+    return queries
+
+
+def _check_conversation(conversation: list[dict], *, where: str) -> tuple[list[dict], list[Image.Image]]:
+    """Validated messages for the chat template (images as bare markers) and the images, in order."""
+    if not isinstance(conversation, Sequence) or len(conversation) == 0:
+        raise ValueError(f"{where} must be a non-empty list of messages")
+    messages, images = [], []
+    for j, message in enumerate(conversation):
+        at = f"{where}[{j}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"{at} must be a dict with 'role' in {ROLES} and 'content'")
+        content = message.get("content")
+        if isinstance(content, str):
+            messages.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, Sequence) or len(content) == 0:
+            raise ValueError(f"{at}['content'] must be a string or a non-empty list of parts")
+        parts = []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                images.extend(check_images([part.get("image")], name=f"{at}['content'][{k}]['image']"))
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"{at}['content'][{k}] must be {{'type': 'text', 'text': str}} or "
+                                 f"{{'type': 'image', 'image': PIL.Image}}")
+        messages.append({"role": message["role"], "content": parts})
+    return messages, images
+

@@ -1,0 +1,96 @@
+"""A small ViT for the Shapes world: 64x64 pixels -> 8x8 = 64 tokens, one per 8x8 patch.
+
+    pixels (B, 3, 64, 64) -> 8x8 patches + pos_embed (B, 64, C) -> pre-norm blocks -> LN
+      -> tokens (B, 64, C)                     (what BLIP3-o's DiT learns to produce)
+      -> mean over tokens -> Linear -> (B, D)  (`embed`: the image side of a SigLIP-style
+                                                sigmoid contrastive loss that trains it)
+
+No pooling and no cls token: the patch grid already is 8x8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .eva import GRID_SIDE, Attention, ClipEncoderBase, LayerNorm, Mlp, PatchEmbed
+
+# Shapes images are flat colours on a (240, 240, 240) background: map [0, 1] to [-1, 1].
+SHAPES_MEAN = (0.5, 0.5, 0.5)
+SHAPES_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class ShapesEncoderConfig:
+    kind: str = "shapes"  # dispatch key for clip_encoder_config_from_dict
+    image_size: int = 64  # Shapes images are 64x64
+    patch_size: int = 8  # 64 / 8 = 8x8 patches = the 64 tokens, no pooling
+    width: int = 192  # token width C
+    depth: int = 4  # number of pre-norm blocks
+    num_heads: int = 4  # head width 48
+    mlp_dim: int = 768  # 4 x width
+    embed_dim: int = 128  # width of the pooled contrastive embedding from `embed`
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.image_size != GRID_SIDE * self.patch_size:
+            raise ValueError(f"image_size must be {GRID_SIDE} x patch_size to give 64 tokens")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+
+class PreNormBlock(nn.Module):
+    """x = x + attn(LN(x)); x = x + mlp(LN(x)): the usual ViT block, stable to train from scratch."""
+
+    def __init__(self, c: ShapesEncoderConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(c.width, eps=c.norm_eps)
+        self.attn = Attention(c.width, c.num_heads)
+        self.norm2 = LayerNorm(c.width, eps=c.norm_eps)
+        self.mlp = Mlp(c.width, c.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ShapesEncoder(ClipEncoderBase):
+    """Small ViT, trained (later) with a sigmoid image/caption loss on Shapes images."""
+
+    MEAN = SHAPES_MEAN
+    STD = SHAPES_STD
+    CENTER_CROP = False  # Shapes images are square; anything else is squashed
+
+    def __init__(self, config: ShapesEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.width = config.width
+        self.image_size = config.image_size
+        self.patch_embed = PatchEmbed(config.patch_size, config.width)
+        self.pos_embed = nn.Parameter(torch.empty(1, GRID_SIDE * GRID_SIDE, config.width))
+        self.blocks = nn.ModuleList([PreNormBlock(config) for _ in range(config.depth)])
+        self.norm = LayerNorm(config.width, eps=config.norm_eps)
+        self.head = nn.Linear(config.width, config.embed_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x) + self.pos_embed  # (B, 64, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)  # (B, 64, C)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels (B, 3, H, W) -> pooled embedding (B, embed_dim), with gradients.
+
+        Unnormalised: the contrastive loss L2-normalises it next to the text embedding.
+        """
+        return self.head(self(pixels).mean(dim=1))  # (B, C) -> (B, D)

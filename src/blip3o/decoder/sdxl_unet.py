@@ -1,0 +1,342 @@
+"""The Emu2-Gen style decoder of the official BLIP3-o: an SDXL UNet that reads 64 CLIP tokens.
+
+The UNet has SDXL's shape, but its cross-attention reads the tokens (B, 64, C) instead of text
+and its pooled "text" embedding is their mean. As in the Emu2-Gen pipeline that BLIP3-o's
+`diffusion-decoder/` folder runs (`pipeline_llava_gen`):
+
+    encoder_hidden_states = tokens                          (B, 64, C)
+    text_embeds           = tokens.mean(1)                  (B, C)
+    time_ids              = [H, W, 0, 0, H, W]              original size, crop top-left, target size
+    noise schedule        = EulerDiscreteScheduler, SDXL's training betas, epsilon prediction
+
+(the pipeline's `original_size` defaults to 1024 x 1024 whatever the output size; we pass the
+output size, which is the same at the default 1024). Pixels reach the UNet through SDXL's VAE;
+latents are scaled by its `scaling_factor` (0.13025).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from blip3o.decoder import Decoder, draw_noise, drop_mask
+
+# BAAI/Emu2-Gen scheduler/scheduler_config.json (the schedule BLIP3-o's decoder was trained with),
+# keeping the keys an EulerDiscreteScheduler reads; it is SDXL's training schedule.
+EMU2_SCHEDULER: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "use_karras_sigmas": False,
+}
+
+# The VAE maps pixels in [-1, 1]; this module owns the [0, 1] <-> [-1, 1] conversion.
+VAE_PIXEL_SCALE = 2.0
+VAE_PIXEL_SHIFT = -1.0
+
+
+@dataclass(frozen=True)
+class SdxlUnetDecoderConfig:
+    kind: str = "sdxl-unet"
+    token_width: int = 1792  # C of the tokens (EVA-CLIP-E): cross-attention and text_embeds width
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)  # UNet channels per level; no attention at level 0
+    layers_per_block: int = 2  # resnets per down level (up levels have one more, as in diffusers)
+    transformer_layers_per_block: tuple[int, ...] = (1, 2, 10)  # transformer blocks per attention, per level
+    attention_head_dim: tuple[int, ...] = (5, 10, 20)  # diffusers' name for the number of heads per level
+    norm_num_groups: int = 32  # GroupNorm groups in the UNet
+    addition_time_embed_dim: int = 256  # sinusoidal width of each of the 6 time_ids
+    latent_channels: int = 4  # VAE latent channels = UNet in/out channels
+    sample_size: int = 128  # latent side the UNet is trained at (default_size / VAE downscale)
+    vae_block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # VAE channels; downscale 2**(len - 1)
+    vae_layers_per_block: int = 2  # resnets per VAE level
+    vae_norm_num_groups: int = 32  # GroupNorm groups in the VAE
+    vae_scaling_factor: float = 0.13025  # SDXL latents are multiplied by this to have about unit variance
+    # the noise schedule: a diffusers scheduler config (its _class_name picks the class)
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(EMU2_SCHEDULER))
+    condition_drop: float = 0.1  # training: probability of zeroing a sample's tokens (for CFG)
+    default_steps: int = 50  # sampling steps of the Emu2-Gen pipeline
+    default_guidance: float = 3.0  # CFG scale BLIP3-o's inference and GenEval scripts use
+    default_size: int = 1024  # output side in pixels
+
+    def __post_init__(self) -> None:
+        if self.kind != "sdxl-unet":
+            raise ValueError(f"SdxlUnetDecoderConfig.kind must be 'sdxl-unet', got {self.kind!r}")
+        levels = len(self.block_out_channels)
+        for name in ("transformer_layers_per_block", "attention_head_dim"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(f"{name} needs one entry per UNet level ({levels}): {getattr(self, name)}")
+        if "_class_name" not in self.scheduler:
+            raise ValueError("scheduler must be a diffusers scheduler config with a '_class_name'")
+
+
+def unet_kwargs(config: SdxlUnetDecoderConfig) -> dict[str, Any]:
+    """UNet2DConditionModel arguments: SDXL's layout at the config's sizes, widths tied to the tokens."""
+    attention_levels = len(config.block_out_channels) - 1
+    return {
+        "sample_size": config.sample_size,
+        "in_channels": config.latent_channels,
+        "out_channels": config.latent_channels,
+        "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * attention_levels,
+        "up_block_types": ("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",),
+        "block_out_channels": config.block_out_channels,
+        "layers_per_block": config.layers_per_block,
+        "transformer_layers_per_block": config.transformer_layers_per_block,
+        "attention_head_dim": config.attention_head_dim,
+        "norm_num_groups": config.norm_num_groups,
+        "use_linear_projection": True,
+        "cross_attention_dim": config.token_width,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": config.addition_time_embed_dim,
+        # text_embeds (C) and the 6 embedded time_ids are concatenated before the projection.
+        "projection_class_embeddings_input_dim": config.token_width + 6 * config.addition_time_embed_dim,
+    }
+
+
+def vae_kwargs(config: SdxlUnetDecoderConfig) -> dict[str, Any]:
+    """AutoencoderKL arguments: SDXL's VAE layout at the config's sizes."""
+    levels = len(config.vae_block_out_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "block_out_channels": config.vae_block_out_channels,
+        "layers_per_block": config.vae_layers_per_block,
+        "latent_channels": config.latent_channels,
+        "norm_num_groups": config.vae_norm_num_groups,
+        "sample_size": config.default_size,
+        "scaling_factor": config.vae_scaling_factor,
+    }
+
+
+def make_scheduler(scheduler_config: dict[str, Any]) -> SchedulerMixin:
+    """A fresh diffusers scheduler from its config (its `_class_name` picks the class)."""
+    name = scheduler_config["_class_name"]
+    scheduler_class = getattr(diffusers, name, None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ValueError(f"scheduler _class_name {name!r} is not a diffusers scheduler class")
+    return scheduler_class.from_config(scheduler_config)
+
+
+class SdxlUnetDecoder(Decoder):
+    """SDXL UNet + VAE decoding 64 CLIP tokens, sampled with a diffusers scheduler and CFG.
+
+    Attributes: `unet` (UNet2DConditionModel), `vae` (AutoencoderKL, frozen), `scheduler_config`.
+    """
+
+    def __init__(
+        self,
+        config: SdxlUnetDecoderConfig,
+        *,
+        unet: UNet2DConditionModel | None = None,
+        vae: AutoencoderKL | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.unet = unet if unet is not None else UNet2DConditionModel(**unet_kwargs(config))
+        self.vae = vae if vae is not None else AutoencoderKL(**vae_kwargs(config))
+        # The VAE is frozen: training the decoder trains the UNet only.
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+        self.scheduler_config = dict(config.scheduler)
+
+    @classmethod
+    def from_diffusers_folder(
+        cls,
+        path: str | Path,
+        *,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **defaults: Any,
+    ) -> SdxlUnetDecoder:
+        """Load `unet/`, `vae/` and `scheduler/` of a diffusers folder (e.g. BLIP3-o's `diffusion-decoder/`).
+
+        Only diffusers' own classes are used, never the folder's custom pipeline file. `variant`
+        picks weight files such as `diffusion_pytorch_model.bf16.safetensors` (the official
+        folder has only those: pass variant="bf16"). `defaults` sets default_steps,
+        default_guidance or default_size.
+        """
+        kwargs: dict[str, Any] = {"variant": variant}
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        # Any scheduler class reads scheduler_config.json; its _class_name says which one to build.
+        scheduler_config = dict(diffusers.EulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
+        # Keep the schedule's own keys; drop diffusers' bookkeeping (version, which keys were defaulted).
+        scheduler_config = {k: v for k, v in scheduler_config.items() if k == "_class_name" or k[0] != "_"}
+        config = config_from_diffusers(unet.config, vae.config, scheduler_config, **defaults)
+        return cls(config, unet=unet, vae=vae)
+
+    @property
+    def vae_downscale(self) -> int:
+        return 2 ** (len(self.config.vae_block_out_channels) - 1)
+
+    def check_size(self, size: int) -> None:
+        # The latent must halve exactly at each UNet downsampling, so the side is a multiple of
+        # VAE downscale * 2**(UNet levels - 1): 8 * 4 = 32 for SDXL.
+        multiple = self.vae_downscale * 2 ** (len(self.config.block_out_channels) - 1)
+        if size < multiple or size % multiple != 0:
+            raise ValueError(f"size must be a positive multiple of {multiple} for this decoder, got {size}")
+
+    def conditioning(self, tokens: torch.Tensor, size: int) -> dict[str, Any]:
+        """UNet conditioning for tokens (B, 64, C) at output side `size`, as Emu2-Gen builds it."""
+        batch = tokens.shape[0]
+        # original size, crop top-left, target size: an uncropped image made at its own size.
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=tokens.device)
+        return {
+            "encoder_hidden_states": tokens,
+            "added_cond_kwargs": {
+                "text_embeds": tokens.mean(dim=1),  # (B, C)
+                "time_ids": time_ids.expand(batch, 6),  # (B, 6)
+            },
+        }
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int) -> torch.Tensor:
+        """UNet output (noise for epsilon prediction) for latents x (B, 4, h, w) at scheduler timestep(s)."""
+        return self.unet(x, t, **self.conditioning(tokens, size), return_dict=False)[0]
+
+    def latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, 4, h, w) -> pixels (B, 3, H, W) float32 in [0, 1]."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        latents = latents.to(vae_dtype) / self.vae.config.scaling_factor
+        if getattr(self.vae.config, "shift_factor", None) is not None:
+            latents = latents + self.vae.config.shift_factor
+        x = self.vae.decode(latents, return_dict=False)[0]
+        return ((x.float() - VAE_PIXEL_SHIFT) / VAE_PIXEL_SCALE).clamp(0.0, 1.0)
+
+    def pixels_to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [0, 1] -> scaled latents (B, 4, H/8, W/8), a sample of the VAE posterior."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        x = (pixels * VAE_PIXEL_SCALE + VAE_PIXEL_SHIFT).to(vae_dtype)
+        with torch.no_grad():
+            posterior = self.vae.encode(x).latent_dist
+        noise = draw_noise(posterior.mean.shape, generator, x.device, x.dtype)
+        latents = posterior.mean + posterior.std * noise
+        if getattr(self.vae.config, "shift_factor", None) is not None:
+            latents = latents - self.vae.config.shift_factor
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        *,
+        negative: torch.Tensor | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, 64, C) -> pixels (B, 3, size, size) float32 in [0, 1]; see `Decoder.decode`."""
+        negative, steps, guidance, size = self.sampling_args(tokens, negative, steps, guidance, size)
+        unet_dtype = next(self.unet.parameters()).dtype
+        device = tokens.device
+        tokens = tokens.to(unet_dtype)
+        # Both CFG branches in one batch: [unconditional, conditional].
+        cond = tokens if negative is None else torch.cat([negative.to(unet_dtype), tokens])
+        scheduler = make_scheduler(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=device)
+        side = size // self.vae_downscale
+        shape = (tokens.shape[0], self.config.latent_channels, side, side)
+        latents = draw_noise(shape, generator, device, unet_dtype) * scheduler.init_noise_sigma
+        step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        extra = {"generator": generator} if step_takes_generator else {}
+        for t in scheduler.timesteps:
+            x = latents if negative is None else torch.cat([latents, latents])
+            eps = self.predict(scheduler.scale_model_input(x, t), t, cond, size)
+            if negative is not None:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents, return_dict=False, **extra)[0]
+        return self.latents_to_pixels(latents)
+
+    def loss(
+        self, tokens: torch.Tensor, pixels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """DDPM loss: MSE between the UNet output and its target (noise, or v) at a random training timestep.
+
+        x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps with a_t the scheduler's alphas_cumprod; tokens are
+        zeroed with probability `condition_drop` so the UNet also learns the unconditional branch.
+        """
+        self.check_tokens(tokens)
+        self.check_pixels(pixels, tokens.shape[0])
+        unet_dtype = next(self.unet.parameters()).dtype
+        scheduler = make_scheduler(self.scheduler_config)
+        batch, device = tokens.shape[0], tokens.device
+        x_0 = self.pixels_to_latents(pixels, generator).to(unet_dtype)  # (B, 4, h, w)
+        where = generator.device if generator is not None else torch.device("cpu")
+        t = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator, device=where)
+        a = scheduler.alphas_cumprod[t.cpu()].to(device=device, dtype=torch.float32).view(-1, 1, 1, 1)
+        eps = draw_noise(x_0.shape, generator, device, torch.float32)
+        x_t = a.sqrt() * x_0.float() + (1 - a).sqrt() * eps
+        keep = drop_mask(batch, self.config.condition_drop, generator, device)  # (B, 1, 1)
+        cond = tokens.to(unet_dtype) * keep.to(unet_dtype)
+        pred = self.predict(x_t.to(unet_dtype), t.to(device), cond, pixels.shape[-1])
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = eps
+        elif kind == "v_prediction":
+            target = a.sqrt() * eps - (1 - a).sqrt() * x_0.float()
+        else:
+            raise ValueError(f"loss supports epsilon or v_prediction schedules, not {kind!r}")
+        return F.mse_loss(pred.float(), target)
+
+
+def config_from_diffusers(
+    unet_config: Any, vae_config: Any, scheduler_config: dict[str, Any], **defaults: Any
+) -> SdxlUnetDecoderConfig:
+    """Our config for loaded diffusers components; raises if they are not the layout we build."""
+    levels = len(unet_config.block_out_channels)
+
+    def per_level(value: Any) -> tuple[int, ...]:
+        return tuple(value) if isinstance(value, list | tuple) else (value,) * levels
+
+    config = SdxlUnetDecoderConfig(
+        token_width=unet_config.cross_attention_dim,
+        block_out_channels=tuple(unet_config.block_out_channels),
+        layers_per_block=unet_config.layers_per_block,
+        transformer_layers_per_block=per_level(unet_config.transformer_layers_per_block),
+        attention_head_dim=per_level(unet_config.attention_head_dim),
+        norm_num_groups=unet_config.norm_num_groups,
+        addition_time_embed_dim=unet_config.addition_time_embed_dim,
+        latent_channels=unet_config.in_channels,
+        sample_size=unet_config.sample_size,
+        vae_block_out_channels=tuple(vae_config.block_out_channels),
+        vae_layers_per_block=vae_config.layers_per_block,
+        vae_norm_num_groups=vae_config.norm_num_groups,
+        vae_scaling_factor=vae_config.scaling_factor,
+        scheduler=scheduler_config,
+        **defaults,
+    )
+    # A config that rebuilds a different network would make saved configs lie: refuse it.
+    for name, value in unet_kwargs(config).items():
+        found = unet_config.get(name) if hasattr(unet_config, "get") else getattr(unet_config, name)
+        if name in ("transformer_layers_per_block", "attention_head_dim"):
+            found = per_level(found)
+        if _normalise(found) != _normalise(value):
+            raise ValueError(f"unet config has {name}={found!r}; this decoder builds {name}={value!r}")
+    if vae_config.latent_channels != unet_config.in_channels:
+        raise ValueError(
+            f"vae latent_channels {vae_config.latent_channels} != unet in_channels {unet_config.in_channels}"
+        )
+    return config
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_normalise(v) for v in value)
+    return value

@@ -1,0 +1,253 @@
+"""Blip3o: the whole system, and the two data flows it serves.
+
+    generate:   prompt -> backbone(prompt, [IMG], queries) -> condition (B, 64, H)
+                       -> DiT flow sampling -> CLIP tokens (B, 64, C) -> decoder -> pixels
+    understand: image + question -> backbone -> answer
+
+Parts are attributes named after the arrows: `backbone`, `queries`, `dit`, `clip_encoder`,
+`decoder`. The CLIP encoder defines the token space the DiT generates in (it is only run for
+training targets and `reconstruct`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from blip3o import checkpoint
+from blip3o.backbone import Backbone, BackboneConfig, check_prompts
+from blip3o.clip_encoder import build_clip_encoder, clip_encoder_config_from_dict
+from blip3o.decoder import build_decoder, decoder_config_from_dict
+from blip3o.dit import DiT, DiTConfig
+from blip3o.flow import guided_pair, sample, time_grid
+from blip3o.images import check_images, tensor_to_pil
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Blip3oConfig:
+    backbone: BackboneConfig
+    dit: DiTConfig
+    clip_encoder: object  # a ClipEncoderConfig (dataclass with `kind`)
+    decoder: object  # a DecoderConfig (dataclass with `kind`)
+    num_queries: int = 64  # learnable query tokens appended after [IMG]; one per CLIP token
+    query_init_std: float = 1.0  # official: torch.randn
+    steps: int = 30  # DiT sampling steps (official 30, Euler)
+    guidance: float = 3.0  # DiT classifier-free guidance scale
+    sampler: str = "euler"  # "euler" | "heun"
+    time_shift: float = 1.0  # SD3-style time shift of the sampling grid (1 = official linear grid)
+    extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
+
+    def __post_init__(self) -> None:
+        width = getattr(self.clip_encoder, "width", None)
+        problems = []
+        if self.dit.cond_size != self.backbone.hidden_size:
+            problems.append(f"dit.cond_size {self.dit.cond_size} != backbone.hidden_size {self.backbone.hidden_size}")
+        if width is not None and self.dit.in_channels != width:
+            problems.append(f"dit.in_channels {self.dit.in_channels} != clip_encoder.width {width}")
+        token_width = getattr(self.decoder, "token_width", None)
+        if token_width is not None and token_width != self.dit.in_channels:
+            problems.append(f"decoder.token_width {token_width} != dit.in_channels {self.dit.in_channels}")
+        if self.num_queries != self.dit.num_tokens:
+            problems.append(f"num_queries {self.num_queries} != DiT tokens {self.dit.num_tokens}")
+        if problems:
+            raise ValueError("inconsistent Blip3oConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Blip3oConfig:
+        d = dict(d)
+        d.pop("format_version", None)
+        try:
+            return cls(
+                backbone=BackboneConfig(**d.pop("backbone")),
+                dit=DiTConfig(**d.pop("dit")),
+                clip_encoder=clip_encoder_config_from_dict(d.pop("clip_encoder")),
+                decoder=decoder_config_from_dict(d.pop("decoder")),
+                **d,
+            )
+        except (KeyError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"config is not a blip3o config: {e}") from e
+
+
+class Blip3o(nn.Module):
+    def __init__(self, config: Blip3oConfig, tokenizer_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config.backbone, tokenizer_dir=tokenizer_dir)
+        self.queries = nn.Parameter(torch.randn(1, config.num_queries, config.backbone.hidden_size)
+                                    * config.query_init_std)
+        self.dit = DiT(config.dit)
+        self.clip_encoder = build_clip_encoder(config.clip_encoder)
+        self.decoder = build_decoder(config.decoder)
+        self._negative_cache: dict[tuple, torch.Tensor] = {}
+        self.backbone.freeze()
+
+    # ------------------------------------------------------------------ construction and persistence
+
+    @classmethod
+    def from_preset(cls, name: str, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> Blip3o:
+        """Build a preset (`debug`, `nano`, `blip3o-4b`, `blip3o-8b`); `device="meta"` allocates nothing.
+
+        Presets that ship trained weights (see `blip3o.presets`) load them; the others start random.
+        """
+        from blip3o.presets import get_preset, preset_weights
+
+        config = get_preset(name)
+        weights = preset_weights(name)
+        if weights is not None and str(device) != "meta":
+            return cls.from_pretrained(weights, device=device, dtype=dtype)
+        if str(device) == "meta":
+            with torch.device("meta"):
+                return cls(config)
+        model = cls(config)
+        return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> Blip3o:
+        """Load a folder written by `save_pretrained`: built on meta, then filled shard by shard."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise checkpoint.CheckpointError(f"{directory} is not a folder")
+        raw = checkpoint.read_json(directory / checkpoint.CONFIG_NAME)
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise checkpoint.CheckpointError(
+                f"{directory} has format_version {raw.get('format_version')!r}; this blip3o reads {FORMAT_VERSION}"
+            )
+        config = Blip3oConfig.from_dict(raw)
+        # the builtin tokenizer (debug, nano) is part of the package; others travel with the weights
+        tokenizer_dir = None if config.backbone.tokenizer == "builtin" else directory / "tokenizer"
+        with torch.device("meta"):
+            model = cls(config, tokenizer_dir=tokenizer_dir)
+        tied = frozenset(model.tied_names())
+        checkpoint.load_into(model, checkpoint.iter_tensors(directory), where=str(directory), allow_missing=tied)
+        model.backbone.model.tie_weights()
+        model.init_buffers()
+        return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = checkpoint.DEFAULT_SHARD_BYTES) -> Path:
+        """Write config.json, safetensors weights and the tokenizer, atomically."""
+        state = self.state_dict()
+        meta = [k for k, v in state.items() if v.device.type == "meta"]
+        if meta:
+            raise ValueError(f"cannot save a model with unloaded (meta) tensors, e.g. {meta[:3]}")
+
+        def fill(tmp: Path) -> None:
+            config = {"format_version": FORMAT_VERSION, **self.config.to_dict()}
+            (tmp / checkpoint.CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            checkpoint.save_weights(tmp, state, max_shard_bytes)
+            self.backbone.save_tokenizer(tmp / "tokenizer")
+
+        return checkpoint.write_folder(directory, fill)
+
+    def tied_names(self) -> list[str]:
+        """State-dict names that alias another tensor (tied lm_head) and are not stored twice."""
+        state = self.state_dict()
+        return sorted(set(state) - set(checkpoint.unique_tensors(state)))
+
+    def init_buffers(self) -> None:
+        for part in (self.backbone, self.dit, self.clip_encoder, self.decoder):
+            part.init_buffers()
+
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
+    # ------------------------------------------------------------------ generation
+
+    def condition(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> backbone hidden states at the query positions (B, 64, H)."""
+        return self.backbone.condition(check_prompts(prompts), self.queries)
+
+    @torch.no_grad()
+    def sample_tokens(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
+                      generator: torch.Generator | None = None, sampler: str | None = None,
+                      time_shift: float | None = None) -> torch.Tensor:
+        """cond (B, 64, H) -> CLIP tokens (B, 64, C) by flow sampling from noise, with CFG.
+
+        The unconditional branch is an all-zero condition (as trained with condition dropout);
+        both branches run in one batch and the condition's cross-attention K/V are computed once.
+        """
+        cfg = self.config
+        steps, guidance = steps or cfg.steps, cfg.guidance if guidance is None else guidance
+        b, dit = cond.shape[0], self.dit
+        noise = torch.randn(b, dit.config.num_tokens, dit.config.in_channels, generator=generator)  # CPU: portable
+        x_1 = noise.to(device=cond.device, dtype=cond.dtype)
+        times = time_grid(steps, time_shift or cfg.time_shift)
+        if guidance == 1.0:
+            prepared = dit.prepare_condition(cond)
+            return sample(lambda x, t: dit.velocity(x, t, prepared), x_1, times, sampler or cfg.sampler)
+        both = dit.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))
+        velocity = guided_pair(lambda x2, t2: dit.velocity(x2, t2, both), guidance)
+        return sample(velocity, x_1, times, sampler or cfg.sampler)
+
+    def negative_tokens(self, steps: int | None, guidance: float | None) -> torch.Tensor:
+        """Tokens generated for the empty prompt: the decoder's negative condition (Emu2-Gen style), cached."""
+        key = (steps, guidance, str(self.device), self.queries.dtype)
+        if key not in self._negative_cache:
+            with torch.no_grad():
+                cond = self.backbone.negative_condition(self.queries)
+            generator = torch.Generator().manual_seed(0)
+            self._negative_cache[key] = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator)
+        return self._negative_cache[key]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, num_images: int = 1, steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = None, decoder_steps: int | None = None,
+                 decoder_guidance: float | None = None, size: int | None = None,
+                 generator: torch.Generator | None = None) -> list[Image.Image]:
+        """Generate `num_images` images per prompt; returns len(prompts) * num_images PIL images,
+        grouped by prompt. `seed` (or an explicit CPU `generator`) makes the result reproducible."""
+        prompts = check_prompts(prompts)
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        cond = self.condition(prompts).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
+        tokens = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator)
+        negative = self.negative_tokens(steps, guidance)
+        pixels = self.decoder.decode(tokens, negative=negative, steps=decoder_steps, guidance=decoder_guidance,
+                                     size=size, generator=generator)
+        return tensor_to_pil(pixels)
+
+    # ------------------------------------------------------------------ understanding and reconstruction
+
+    def answer(self, images: Sequence[Image.Image | None], questions: Sequence[str], **kwargs) -> list[str]:
+        """One answer per (image, question) pair; `images[i]` may be None for a text-only question.
+        Keyword arguments (max_new_tokens, do_sample, temperature, top_p, seed) go to `Backbone.answer`."""
+        return self.backbone.answer(images, questions, **kwargs)
+
+    def chat(self, conversations: list[list[dict]], **kwargs) -> list[str]:
+        """Next assistant reply for each multi-turn conversation (see `Backbone.chat`)."""
+        return self.backbone.chat(conversations, **kwargs)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images -> the CLIP tokens (B, 64, C) the DiT learns to generate."""
+        return self.clip_encoder.encode_images(check_images(images))
+
+    @torch.no_grad()
+    def reconstruct(self, images: Sequence[Image.Image], *, seed: int | None = 0, steps: int | None = None,
+                    guidance: float | None = None, size: int | None = None) -> list[Image.Image]:
+        """encode -> decode: shows what the token space keeps of an image."""
+        tokens = self.encode_images(images).to(self.device, self.queries.dtype)
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        pixels = self.decoder.decode(tokens, steps=steps, guidance=guidance, size=size, generator=generator)
+        return tensor_to_pil(pixels)
+
+    def num_parameters(self) -> dict[str, int]:
+        parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
+                 for name in ("backbone", "dit", "clip_encoder", "decoder")}
+        return {**parts, "queries": self.queries.numel(), "total": sum(parts.values()) + self.queries.numel()}

@@ -1,0 +1,62 @@
+"""Named model configurations, in one registry.
+
+- `debug`: tiny and random; builds and samples on a CPU in seconds (CI, examples).
+- `nano`: the Shapes world model (../shared/SHAPES_WORLD.md), sized to train on a CPU; the
+  embedded default once its trained weights ship in `blip3o/assets/nano/`.
+- `blip3o-4b`, `blip3o-8b`: the official BLIP3-o configurations (Qwen2.5-VL 3B / 7B backbone,
+  1.36B Lumina-Next DiT, EVA-CLIP-E tokens, SDXL-UNet decoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from blip3o.backbone import BACKBONE_PRESETS
+from blip3o.clip_encoder import CLIP_ENCODER_PRESETS
+from blip3o.decoder import DECODER_PRESETS
+from blip3o.dit import DIT_PRESETS
+from blip3o.model import Blip3oConfig
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = "nano"
+
+
+def _presets() -> dict[str, Blip3oConfig]:
+    return {
+        "debug": Blip3oConfig(
+            backbone=BACKBONE_PRESETS["debug"], dit=DIT_PRESETS["debug"],
+            clip_encoder=CLIP_ENCODER_PRESETS["debug-eva"], decoder=DECODER_PRESETS["debug-sdxl-unet"],
+            steps=4, guidance=3.0,
+        ),
+        "nano": Blip3oConfig(
+            backbone=BACKBONE_PRESETS["nano"], dit=DIT_PRESETS["nano"],
+            clip_encoder=CLIP_ENCODER_PRESETS["shapes"],
+            decoder=replace(DECODER_PRESETS["shapes"], token_width=CLIP_ENCODER_PRESETS["shapes"].width),
+            query_init_std=0.02, steps=20,
+        ),
+        "blip3o-4b": Blip3oConfig(
+            backbone=BACKBONE_PRESETS["qwen2.5-vl-3b"], dit=DIT_PRESETS["blip3o-4b"],
+            clip_encoder=CLIP_ENCODER_PRESETS["eva-clip-e"], decoder=DECODER_PRESETS["sdxl-unet"],
+        ),
+        "blip3o-8b": Blip3oConfig(
+            backbone=BACKBONE_PRESETS["qwen2.5-vl-7b"], dit=DIT_PRESETS["blip3o-8b"],
+            clip_encoder=CLIP_ENCODER_PRESETS["eva-clip-e"], decoder=DECODER_PRESETS["sdxl-unet"],
+        ),
+    }
+
+
+PRESETS: dict[str, Blip3oConfig] = _presets()
+
+
+def get_preset(name: str) -> Blip3oConfig:
+    """The config of a named preset; unknown names raise a ValueError listing the known ones."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_weights(name: str) -> Path | None:
+    """Folder of shipped trained weights for a preset, if the package carries them."""
+    folder = ASSETS / name
+    return folder if (folder / "config.json").exists() else None

@@ -1,0 +1,296 @@
+"""The frozen image encoders: contract, EVA-CLIP-E layout vs the official checkpoint, exact math."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from blip3o.clip_encoder import (
+    CLIP_ENCODER_PRESETS,
+    OFFICIAL_PREFIX,
+    EvaClipConfig,
+    ShapesEncoderConfig,
+    SiglipEncoderConfig,
+    build_clip_encoder,
+    clip_encoder_config_from_dict,
+    pool_patch_tokens,
+)
+from blip3o.clip_encoder.eva import EVA_MEAN, EVA_STD, official_to_ours
+from blip3o.clip_encoder.siglip import patchify
+from blip3o.images import pil_to_tensor
+
+DEBUG_SIGLIP2 = dataclasses.replace(CLIP_ENCODER_PRESETS["debug-siglip"], variant="siglip2")
+SMALL = {
+    "debug-eva": CLIP_ENCODER_PRESETS["debug-eva"],
+    "debug-siglip": CLIP_ENCODER_PRESETS["debug-siglip"],
+    "debug-siglip2": DEBUG_SIGLIP2,
+    "shapes": CLIP_ENCODER_PRESETS["shapes"],
+}
+
+
+def _build(config, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_clip_encoder(config)
+
+
+def _pixels(b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract, for every small encoder
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_encode_gives_64_frozen_deterministic_tokens(name):
+    enc = _build(SMALL[name])
+    x = _pixels(2, enc.image_size, enc.image_size).requires_grad_(True)
+    a, b = enc.encode(x), enc.encode(x)
+    assert a.shape == (2, 64, enc.width) == (2, enc.num_tokens, enc.config.width)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert not a.requires_grad
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    # Batch items are independent (no cross-image leakage through the batch).
+    assert torch.allclose(enc.encode(x[1:]), a[1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_odd_input_sizes_are_resized(name):
+    enc = _build(SMALL[name])
+    for h, w in [(37, 53), (enc.image_size * 2 + 3, enc.image_size + 1), (9, 9)]:
+        assert enc.encode(_pixels(1, h, w)).shape == (1, 64, enc.width)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_encode_images_accepts_pil(name):
+    enc = _build(SMALL[name])
+    s = enc.image_size
+    rgb = Image.fromarray((_pixels(1, s, s)[0].permute(1, 2, 0) * 255).round().byte().numpy())
+    images = [rgb, Image.new("L", (s + 13, s // 2 + 5), 90), Image.new("RGBA", (20, 30), (10, 200, 30, 128))]
+    tokens = enc.encode_images(images)
+    assert tokens.shape == (3, 64, enc.width)
+    # Same pixels through the tensor path give the same tokens.
+    assert torch.allclose(tokens[:1], enc.encode(pil_to_tensor([rgb])), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_bad_inputs_get_clear_errors(name):
+    enc = _build(SMALL[name])
+    s = enc.image_size
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        enc.encode(torch.rand(3, s, s))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        enc.encode(torch.rand(1, 1, s, s))
+    with pytest.raises(TypeError, match="float"):
+        enc.encode(torch.randint(0, 255, (1, 3, s, s), dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        enc.encode(torch.rand(1, 3, s, s) * 255)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        enc.encode(torch.rand(1, 3, s, s) * 2 - 1)
+    with pytest.raises(TypeError, match="list"):
+        enc.encode_images(Image.new("RGB", (s, s)))
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_meta_build_then_assign_reproduces_outputs(name):
+    ref = _build(SMALL[name])
+    with torch.device("meta"):
+        enc = build_clip_encoder(SMALL[name])
+    enc.load_state_dict(ref.state_dict(), assign=True)
+    enc.init_buffers()
+    x = _pixels(2, 40, 40)
+    assert torch.equal(enc.encode(x), ref.encode(x))
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# EVA-CLIP-E: the official checkpoint layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _eva_e_param_count(c=1792, patch=14, grid=32, depth=64, mlp=15360) -> int:
+    """Count written out from the official eva_vit.py modules, independently of our code."""
+    patch_embed = 3 * patch * patch * c + c  # Conv2d(3, C, 14, 14) with bias
+    cls_and_pos = c + (grid * grid + 1) * c
+    norms = 2 * (2 * c)  # norm1, norm2: weight + bias
+    attn = (c * 3 * c + 3 * c) + (c * c + c)  # fused qkv with bias, proj
+    ffn = (c * mlp + mlp) + (mlp * c + c)  # fc1, fc2
+    return patch_embed + cls_and_pos + depth * (norms + attn + ffn)
+
+
+def test_eva_clip_e_meta_matches_official_layout():
+    with torch.device("meta"):
+        enc = build_clip_encoder(CLIP_ENCODER_PRESETS["eva-clip-e"])
+    sd = enc.state_dict()
+    assert len(sd) == 772 == 64 * 12 + 4
+    n = sum(t.numel() for t in sd.values())
+    assert n == _eva_e_param_count() == 4_350_208_256  # ~4.35B, ~8.7 GB in bf16
+    official_shapes = {
+        "patch_embed.proj.weight": (1792, 3, 14, 14),
+        "patch_embed.proj.bias": (1792,),
+        "cls_token": (1, 1, 1792),
+        "pos_embed": (1, 1025, 1792),
+        "blocks.0.norm1.weight": (1792,),
+        "blocks.0.attn.qkv.weight": (5376, 1792),
+        "blocks.0.attn.qkv.bias": (5376,),
+        "blocks.17.attn.proj.weight": (1792, 1792),
+        "blocks.63.norm2.bias": (1792,),
+        "blocks.63.mlp.fc1.weight": (15360, 1792),
+        "blocks.63.mlp.fc2.weight": (1792, 15360),
+    }
+    for key, shape in official_shapes.items():
+        assert tuple(sd[key].shape) == shape, key
+    block_keys = sorted(k[len("blocks.5.") :] for k in sd if k.startswith("blocks.5."))
+    assert block_keys == sorted(
+        f"{m}.{p}"
+        for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        for p in ("weight", "bias")
+    )
+    assert (enc.width, enc.image_size, enc.num_tokens) == (1792, 448, 64)
+
+
+def test_official_keys_map_onto_ours():
+    enc = _build(CLIP_ENCODER_PRESETS["debug-eva"])
+    official = {OFFICIAL_PREFIX + k: v for k, v in enc.state_dict().items()}
+    official["model.sana.transformer.x"] = torch.zeros(1)  # other parts of the checkpoint are skipped
+    theirs = official_to_ours(official)
+    assert theirs.keys() == enc.state_dict().keys()
+    enc.load_state_dict(theirs, strict=True)
+    with pytest.raises(KeyError, match="BLIP3-o"):
+        official_to_ours({"foo": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact math
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def _reference_eva_tokens(sd: dict, x: torch.Tensor, c: EvaClipConfig) -> torch.Tensor:
+    """EVA-CLIP (post-norm) + drop cls + 4x4 mean, written from the formulas, in float64."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = x.double()
+    b, p, heads = x.shape[0], c.patch_size, c.num_heads
+    patches = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)  # (B, N, 3*p*p), row-major
+    h = patches @ sd["patch_embed.proj.weight"].reshape(c.width, -1).T + sd["patch_embed.proj.bias"]
+    h = torch.cat([sd["cls_token"].expand(b, -1, -1), h], 1) + sd["pos_embed"]
+    for i in range(c.depth):
+        w = {k[len(f"blocks.{i}.") :]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
+        q, k, v = (h @ w["attn.qkv.weight"].T + w["attn.qkv.bias"]).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, -1, heads, c.width // heads).transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(c.width // heads), dim=-1)
+        a = (att @ v).transpose(1, 2).reshape(b, -1, c.width) @ w["attn.proj.weight"].T + w["attn.proj.bias"]
+        h = h + _layer_norm(a, w["norm1.weight"], w["norm1.bias"], c.norm_eps)
+        f = h @ w["mlp.fc1.weight"].T + w["mlp.fc1.bias"]
+        f = 0.5 * f * (1 + torch.erf(f / math.sqrt(2)))  # exact GELU
+        f = f @ w["mlp.fc2.weight"].T + w["mlp.fc2.bias"]
+        h = h + _layer_norm(f, w["norm2.weight"], w["norm2.bias"], c.norm_eps)
+    g = c.image_size // p
+    grid = h[:, 1:].reshape(b, g, g, c.width)
+    out = torch.stack(
+        [grid[:, 4 * r : 4 * r + 4, 4 * s : 4 * s + 4].mean((1, 2)) for r in range(8) for s in range(8)], 1
+    )
+    return out.float()
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_eva_matches_hand_written_post_norm_reference(depth):
+    cfg = dataclasses.replace(CLIP_ENCODER_PRESETS["debug-eva"], depth=depth)
+    enc = _build(cfg)
+    # Non-trivial norms and biases, so a pre-norm or missing-bias bug cannot hide.
+    with torch.no_grad():
+        for name, t in enc.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                t.copy_(torch.randn_like(t) * 0.5 + (1.0 if "norm" in name and "weight" in name else 0.0))
+    pixels = _pixels(2, cfg.image_size, cfg.image_size)
+    x = (pixels - torch.tensor(EVA_MEAN).view(1, 3, 1, 1)) / torch.tensor(EVA_STD).view(1, 3, 1, 1)
+    expected = _reference_eva_tokens(enc.state_dict(), x, cfg)
+    assert torch.allclose(enc.encode(pixels), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pool_of_constant_per_patch_grid_is_exact():
+    b, g, c = 2, 32, 3
+    r, s = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    value = (r * g + s).double()  # patch (r, s) carries its row-major index
+    x = value.reshape(1, g * g, 1).expand(b, -1, c)  # (B, 1024, C), constant over channels
+    pooled = pool_patch_tokens(x, 4)
+    assert pooled.shape == (b, 64, c)
+    # Mean of rows 4i..4i+3 and columns 4j..4j+3 of r*32+s = (4i+1.5)*32 + 4j+1.5.
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    expected = ((4 * i + 1.5) * g + 4 * j + 1.5).double().reshape(1, 64, 1).expand(b, -1, c)
+    assert torch.equal(pooled, expected)
+    with pytest.raises(ValueError, match="square grid"):
+        pool_patch_tokens(torch.zeros(1, 30, 2), 4)
+
+
+def test_eva_center_crops_non_square_inputs():
+    enc = _build(CLIP_ENCODER_PRESETS["debug-eva"])
+    s = enc.image_size
+    wide = _pixels(1, s, 2 * s)  # short side already s: the resize is the identity, then a crop
+    assert torch.allclose(enc.encode(wide), enc.encode(wide[..., s // 2 : s // 2 + s]), atol=1e-6)
+
+
+def test_siglip2_patchify_matches_siglip_conv():
+    """Siglip2's Linear patch embedding on our patchify == Siglip's Conv2d on the image."""
+    v1, v2 = _build(CLIP_ENCODER_PRESETS["debug-siglip"]), _build(DEBUG_SIGLIP2, seed=3)
+    sd = v1.model.state_dict()
+    key = next(k for k in sd if k.endswith("patch_embedding.weight"))
+    conv = sd[key]  # (C, 3, p, p) -> (C, p*p*3), channels last like patchify
+    sd[key] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1)
+    missing, unexpected = v2.model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing)
+    x = _pixels(2, 48, 48)
+    assert torch.allclose(v1.encode(x), v2.encode(x), atol=1e-5)
+    # Patch 1 is the top row's second patch; its first pixel (0, 2) has value 2 in every channel.
+    ramp = torch.arange(16.0).reshape(1, 1, 4, 4).expand(1, 3, 4, 4)
+    assert patchify(ramp, 2)[0, 1, :3].tolist() == [2.0] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes encoder extras, configs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shapes_embed_is_trainable():
+    enc = _build(CLIP_ENCODER_PRESETS["shapes"]).train().requires_grad_(True)
+    z = enc.embed(_pixels(3, 64, 64))
+    assert z.shape == (3, enc.config.embed_dim)
+    z.square().sum().backward()
+    assert enc.patch_embed.proj.weight.grad is not None and enc.head.weight.grad is not None
+
+
+def test_configs_round_trip_and_reject_unknowns():
+    for config in [*CLIP_ENCODER_PRESETS.values(), DEBUG_SIGLIP2]:
+        assert clip_encoder_config_from_dict(dataclasses.asdict(config)) == config
+    with pytest.raises(ValueError, match=r"known kinds: \['eva', 'shapes', 'siglip'\]"):
+        clip_encoder_config_from_dict({"kind": "dino"})
+    with pytest.raises(ValueError, match="widht"):
+        clip_encoder_config_from_dict({"kind": "shapes", "widht": 3})
+    with pytest.raises(ValueError, match="variant"):
+        SiglipEncoderConfig(variant="siglip3")
+    with pytest.raises(ValueError, match="64 tokens"):
+        ShapesEncoderConfig(image_size=32)
+    with pytest.raises(ValueError, match="8x8"):
+        EvaClipConfig(image_size=224)
+
+
+def test_preset_sizes():
+    counts = {}
+    for name in ("siglip-so400m", "shapes"):
+        with torch.device("meta"):
+            enc = build_clip_encoder(name)
+        counts[name] = sum(p.numel() for p in enc.parameters())
+        assert enc.encode  # built, frozen
+    assert counts["siglip-so400m"] == 412_987_248  # so400m vision tower without the unused head
+    assert 1e6 < counts["shapes"] < 3e6

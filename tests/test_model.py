@@ -1,0 +1,145 @@
+"""Blip3o end to end on the debug preset: generate, answer, reconstruct, save/load, bad input."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from blip3o import Blip3o, get_preset
+from blip3o import checkpoint as ckpt
+from blip3o.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Blip3o.from_preset("debug")
+
+
+def test_the_issue_one_liner(model, tmp_path):
+    path = tmp_path / "x.png"
+    model.generate(["a red circle"], seed=0)[0].save(path)
+    answers = model.answer([Image.open(path)], ["what is this?"])
+    assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_generate_batches_and_is_seeded(model):
+    images = model.generate(["a red circle", "two blue squares"], num_images=2, seed=1)
+    assert len(images) == 4 and all(isinstance(im, Image.Image) and im.mode == "RGB" for im in images)
+    again = model.generate(["a red circle", "two blue squares"], num_images=2, seed=1)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(images, again, strict=True))
+    other = model.generate(["a red circle"], seed=2)[0]
+    assert other.tobytes() != images[0].tobytes()
+
+
+def test_parts_are_named_and_backbone_frozen(model):
+    for part in ("backbone", "queries", "dit", "clip_encoder", "decoder"):
+        assert hasattr(model, part)
+    assert model.queries.shape == (1, 64, model.config.backbone.hidden_size)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert model.queries.requires_grad and all(p.requires_grad for p in model.dit.parameters())
+
+
+def test_sampled_tokens_live_in_the_encoder_space(model):
+    image = Image.new("RGB", (64, 64), (240, 240, 240))
+    tokens = model.encode_images([image])
+    cond = model.condition(["a red circle"])
+    sampled = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == tokens.shape == (1, 64, model.config.dit.in_channels)
+    (rec,) = model.reconstruct([image])
+    assert isinstance(rec, Image.Image)
+
+
+def test_save_load_roundtrip(model, tmp_path):
+    out = model.save_pretrained(tmp_path / "ckpt")
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    loaded = Blip3o.from_pretrained(out)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    a = model.generate(["a red circle"], seed=3)[0]
+    b = loaded.generate(["a red circle"], seed=3)[0]
+    assert a.tobytes() == b.tobytes()
+    q = ["what is this?"]
+    img = [Image.new("RGB", (32, 32), (220, 40, 40))]
+    assert model.answer(img, q) == loaded.answer(img, q)
+
+
+def test_sharded_save_loads(model, tmp_path):
+    out = model.save_pretrained(tmp_path / "sharded", max_shard_bytes=200_000)
+    index = json.loads((out / ckpt.INDEX_NAME).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = Blip3o.from_pretrained(out)
+    assert torch.equal(loaded.queries, model.queries)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(model, tmp_path, monkeypatch):
+    target = model.save_pretrained(tmp_path / "ckpt")
+    before = (target / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_weights", boom)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the partial folder was removed
+
+
+def test_mismatched_checkpoint_is_refused(model, tmp_path):
+    out = model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    config["dit"]["num_layers"] = 3  # the weights have 2 layers
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ckpt.CheckpointError, match="missing.*layers.2"):
+        Blip3o.from_pretrained(out)
+    config["dit"]["num_layers"] = 2
+    config["decoder"]["token_width"] = config["dit"]["in_channels"] = config["clip_encoder"]["width"] = 48
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ckpt.CheckpointError, match="wrong shape"):
+        Blip3o.from_pretrained(out)
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        Blip3o.from_pretrained(tmp_path)
+
+
+def test_bad_input_is_named(model):
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        Blip3o.from_preset("huge")
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        model.generate(["a red circle", "  "])
+    with pytest.raises(TypeError, match=r"prompts\[0\] must be a str"):
+        model.generate([3])
+    with pytest.raises(TypeError, match="must be a list of strings, got str"):
+        model.generate("a red circle")
+    with pytest.raises(ValueError, match="num_images"):
+        model.generate(["a red circle"], num_images=0)
+    with pytest.raises(ValueError, match="one entry .PIL image or None. per question; got 2 for 1"):
+        model.answer([Image.new("RGB", (32, 32))] * 2, ["what?"])
+    with pytest.raises(ValueError, match="mode 'I;16'"):
+        model.answer([Image.new("I;16", (32, 32))], ["what?"])
+    with pytest.raises(ValueError, match="at least 8 px"):
+        model.reconstruct([Image.new("RGB", (4, 32))])
+    with pytest.raises(ValueError, match="inconsistent Blip3oConfig"):
+        cfg = get_preset("debug")
+        type(cfg)(backbone=get_preset("nano").backbone, dit=cfg.dit, clip_encoder=cfg.clip_encoder,
+                  decoder=cfg.decoder)
+
+
+def test_official_8b_builds_on_meta():
+    model = Blip3o.from_preset("blip3o-8b", device="meta")
+    counts = model.num_parameters()
+    assert model.queries.shape == (1, 64, 3584)
+    assert 1.30e9 < counts["dit"] < 1.42e9
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_cli_demo_and_errors(tmp_path, capsys):
+    assert cli_main(["demo", "--model", "debug", "--outdir", str(tmp_path)]) == 0
+    assert (tmp_path / "generated.png").exists()
+    assert cli_main(["info", "--model", "blip3o-4b", "--meta"]) == 0
+    assert "dit" in capsys.readouterr().out
+    assert cli_main(["generate", "--model", "nope/not-here", "a circle"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
