@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from blip3o import Blip3o, get_preset
-from blip3o import checkpoint as ckpt
+from blip3o import checkpoints as ckpt
 from blip3o.cli import main as cli_main
 
 

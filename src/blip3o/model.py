@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from blip3o import checkpoint
+from blip3o import checkpoints
 from blip3o.backbone import Backbone, BackboneConfig, check_prompts
 from blip3o.clip_encoder import build_clip_encoder, clip_encoder_config_from_dict
 from blip3o.decoder import build_decoder, decoder_config_from_dict
@@ -77,7 +77,7 @@ class Blip3oConfig:
                 **d,
             )
         except (KeyError, TypeError) as e:
-            raise checkpoint.CheckpointError(f"config is not a blip3o config: {e}") from e
+            raise checkpoints.CheckpointError(f"config is not a blip3o config: {e}") from e
 
 
 class Blip3o(nn.Module):
@@ -120,10 +120,10 @@ class Blip3o(nn.Module):
         """Load a folder written by `save_pretrained`: built on meta, then filled shard by shard."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise checkpoint.CheckpointError(f"{directory} is not a folder")
-        raw = checkpoint.read_json(directory / checkpoint.CONFIG_NAME)
+            raise checkpoints.CheckpointError(f"{directory} is not a folder")
+        raw = checkpoints.read_json(directory / checkpoints.CONFIG_NAME)
         if raw.get("format_version") != FORMAT_VERSION:
-            raise checkpoint.CheckpointError(
+            raise checkpoints.CheckpointError(
                 f"{directory} has format_version {raw.get('format_version')!r}; this blip3o reads {FORMAT_VERSION}"
             )
         config = Blip3oConfig.from_dict(raw)
@@ -132,12 +132,12 @@ class Blip3o(nn.Module):
         with torch.device("meta"):
             model = cls(config, tokenizer_dir=tokenizer_dir)
         tied = frozenset(model.tied_names())
-        checkpoint.load_into(model, checkpoint.iter_tensors(directory), where=str(directory), allow_missing=tied)
+        checkpoints.load_into(model, checkpoints.iter_tensors(directory), where=str(directory), allow_missing=tied)
         model.backbone.model.tie_weights()
         model.init_buffers()
         return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
-    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = checkpoint.DEFAULT_SHARD_BYTES) -> Path:
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES) -> Path:
         """Write config.json, safetensors weights and the tokenizer, atomically."""
         state = self.state_dict()
         meta = [k for k, v in state.items() if v.device.type == "meta"]
@@ -146,16 +146,16 @@ class Blip3o(nn.Module):
 
         def fill(tmp: Path) -> None:
             config = {"format_version": FORMAT_VERSION, **self.config.to_dict()}
-            (tmp / checkpoint.CONFIG_NAME).write_text(json.dumps(config, indent=2))
-            checkpoint.save_weights(tmp, state, max_shard_bytes)
+            (tmp / checkpoints.CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            checkpoints.save_weights(tmp, state, max_shard_bytes)
             self.backbone.save_tokenizer(tmp / "tokenizer")
 
-        return checkpoint.write_folder(directory, fill)
+        return checkpoints.write_folder(directory, fill)
 
     def tied_names(self) -> list[str]:
         """State-dict names that alias another tensor (tied lm_head) and are not stored twice."""
         state = self.state_dict()
-        return sorted(set(state) - set(checkpoint.unique_tensors(state)))
+        return sorted(set(state) - set(checkpoints.unique_tensors(state)))
 
     def init_buffers(self) -> None:
         for part in (self.backbone, self.dit, self.clip_encoder, self.decoder):

@@ -194,7 +194,7 @@ class ShapesDecoder(Decoder):
 
     def check_size(self, size: int) -> None:
         if size != IMAGE_SIZE:
-            raise ValueError(f"the shapes decoder makes {IMAGE_SIZE} x {IMAGE_SIZE} images only, got {size}")
+            raise ValueError(f"size must be {IMAGE_SIZE} (the shapes decoder's only image size), got {size}")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Velocity v (B, 3, 64, 64) at x_t (B, 3, 64, 64), times t (B,) in [0, 1], tokens (B, 64, C)."""
