@@ -254,7 +254,9 @@ class ShapesDecoder(Decoder):
         dtype = next(self.parameters()).dtype
         x_0 = to_model_space(pixels.to(dtype))
         x_1 = draw_noise(x_0.shape, generator, device, dtype)
-        t = sample_t(batch, generator=generator, device=generator.device if generator else None).to(device)
-        cond = tokens.to(dtype) * drop_mask(batch, self.config.condition_drop, generator, device).to(dtype)
+        where = generator.device if generator is not None else None  # draw where the generator lives
+        t = sample_t(batch, generator=generator, device=where).to(device)  # (B,)
+        keep = drop_mask(batch, self.config.condition_drop, generator, device)  # (B, 1, 1)
+        cond = tokens.to(dtype) * keep.to(dtype)
         path = sample_path(x_0, x_1, t)
         return flow_matching_loss(self(path.x_t, t, cond), path)

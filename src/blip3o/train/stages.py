@@ -1,0 +1,248 @@
+"""The four training stages of the recipe; each names what it trains and freezes the rest.
+
+    clip           the CLIP encoder (+ a text tower kept only for training), sigmoid contrastive
+    understanding  the backbone, next-token loss on answers and captions in the chat template
+    decoder        the decoder: frozen encoder tokens -> pixels (its own diffusion loss)
+    generation     queries + DiT: flow matching on the frozen encoder's tokens, backbone frozen
+
+A dataset item is {"image": PIL.Image, "json": dict} (the Shapes shards' layout: `prompts`,
+`questions`, `caption`) or {"image", "text"} for plain image-text data. All randomness of a
+sample comes from `sample_generator(seed, index)`.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip3o.flow import flow_matching_loss, sample_path, sample_t
+from blip3o.images import pil_to_tensor
+from blip3o.model import Blip3o
+
+CAPTION_REQUEST = "describe the image."
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator that owns all randomness of global sample `index` of a run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+
+
+def captions_of(item: dict) -> list[str]:
+    meta = item.get("json") or {}
+    caps = [meta["caption"]] if meta.get("caption") else []
+    caps += [p["prompt"] for p in meta.get("prompts", [])]
+    if item.get("text"):
+        caps.append(item["text"])
+    if not caps:
+        raise ValueError("sample has no caption, prompt or text to train on")
+    return caps
+
+
+class Stage:
+    name = ""
+    trains: tuple[str, ...] = ()  # attributes of Blip3o this stage trains
+
+    def __init__(self, model: Blip3o, options: dict) -> None:
+        self.model = model
+        self.options = dict(options)
+
+    def trainable(self, model: Blip3o) -> list[tuple[str, nn.Parameter]]:
+        """Freeze every part but `trains` (frozen parts also go to eval mode); return what trains."""
+        model.requires_grad_(False)
+        for part in ("backbone", "dit", "clip_encoder", "decoder"):
+            getattr(model, part).train(part in self.trains).requires_grad_(part in self.trains)
+        model.queries.requires_grad_("queries" in self.trains)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return named + [(f"aux.{n}", p) for n, p in self.aux_parameters()]
+
+    def aux_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return []
+
+    def collate(self, items: list[dict], indices: list[int], seed: int, device: torch.device) -> dict:
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+class GenerationStage(Stage):
+    """Backbone frozen; the queries and the DiT learn to flow from noise to the encoder's tokens."""
+
+    name, trains = "generation", ("queries", "dit")
+
+    def collate(self, items, indices, seed, device):
+        c = self.model.config.dit
+        prompts, x_1, t, keep = [], [], [], []
+        for item, i in zip(items, indices, strict=True):
+            g = sample_generator(seed, i)
+            prompts.append(random.Random(seed * 7919 + i).choice(captions_of(item)))
+            x_1.append(torch.randn(c.num_tokens, c.in_channels, generator=g))
+            t.append(sample_t(1, self.options.get("time_sampling", "uniform"), generator=g))
+            keep.append(torch.rand(1, generator=g) >= self.options.get("condition_drop", 0.1))
+        return {
+            "prompts": prompts,
+            "pixels": pil_to_tensor([it["image"] for it in items]).to(device),
+            "x_1": torch.stack(x_1).to(device),  # (B, 64, C)
+            "t": torch.cat(t).to(device),  # (B,)
+            "keep": torch.cat(keep).to(device),  # (B,) False = condition dropped (CFG)
+        }
+
+    def loss(self, batch):
+        model = self.model
+        x_0 = model.clip_encoder.encode(batch["pixels"])  # (B, 64, C) frozen targets
+        cond = model.condition(batch["prompts"])  # (B, 64, H), gradients reach the queries
+        cond = cond * batch["keep"].view(-1, 1, 1).to(cond.dtype)
+        path = sample_path(x_0, batch["x_1"].to(x_0.dtype), batch["t"])
+        return flow_matching_loss(model.dit(path.x_t, batch["t"], cond), path)
+
+
+# ---------------------------------------------------------------------------- decoder
+
+
+class DecoderStage(Stage):
+    """The decoder learns pixels from the frozen encoder's tokens (its own loss and noise)."""
+
+    name, trains = "decoder", ("decoder",)
+
+    def collate(self, items, indices, seed, device):
+        return {"pixels": pil_to_tensor([it["image"] for it in items]).to(device),
+                "generator": sample_generator(seed, indices[0])}
+
+    def loss(self, batch):
+        tokens = self.model.clip_encoder.encode(batch["pixels"])
+        return self.model.decoder.loss(tokens, batch["pixels"], generator=batch["generator"])
+
+
+# ---------------------------------------------------------------------------- understanding
+
+
+class UnderstandingStage(Stage):
+    """Next-token loss on the answer (and its end token) of one question or caption per image."""
+
+    name, trains = "understanding", ("backbone",)
+
+    def collate(self, items, indices, seed, device):
+        backbone = self.model.backbone
+        texts, answers, images = [], [], []
+        for item, i in zip(items, indices, strict=True):
+            question, answer = self.pick(item, random.Random(seed * 7919 + i))
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                        {"role": "assistant", "content": answer}]
+            texts.append(backbone.tokenizer.apply_chat_template(messages, tokenize=False))
+            answers.append(answer)
+            images.append(item["image"])
+        inputs = backbone.processor(text=texts, images=images, padding=True, padding_side="left",
+                                    return_tensors="pt")
+        inputs["labels"] = self.answer_labels(inputs["input_ids"], answers)
+        return dict(inputs.to(device))
+
+    @staticmethod
+    def pick(item: dict, rng: random.Random) -> tuple[str, str]:
+        meta = item.get("json") or {}
+        pairs = [(q["question"], q["answer"]) for q in meta.get("questions", [])]
+        pairs += [(CAPTION_REQUEST, c) for c in captions_of(item)[:1]]
+        return rng.choice(pairs)
+
+    def answer_labels(self, input_ids: torch.Tensor, answers: list[str]) -> torch.Tensor:
+        """Labels = the answer tokens and <|im_end|>; -100 elsewhere (prompt, image, padding).
+
+        The chat template ends a turn with `<|im_end|>\\n`, so the answer is the n + 1 tokens before
+        the final newline; checked against the tokenized answer, never assumed.
+        """
+        tok = self.model.backbone.tokenizer
+        labels = torch.full_like(input_ids, -100)
+        for row, answer in enumerate(answers):
+            target = tok(answer + "<|im_end|>", add_special_tokens=False).input_ids
+            span = input_ids[row, -1 - len(target):-1]
+            if span.tolist() != target:
+                raise RuntimeError(f"cannot locate the answer {answer!r} in its tokenized conversation")
+            labels[row, -1 - len(target):-1] = span
+        return labels
+
+    def loss(self, batch):
+        labels = batch.pop("labels")
+        logits = self.model.backbone.model(**batch).logits[:, :-1].float()  # (B, L-1, V)
+        targets = labels[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        mask = (targets != -100).float()
+        # mean per sample, then over samples: splitting the batch over ranks changes nothing
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
+# ---------------------------------------------------------------------------- clip
+
+
+class TextTower(nn.Module):
+    """A small transformer over the backbone's tokenizer ids, mean-pooled: the contrastive partner."""
+
+    def __init__(self, vocab: int, width: int, embed_dim: int, layers: int = 2, heads: int = 4, max_len: int = 48):
+        super().__init__()
+        self.max_len = max_len
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, L) -> embeddings (B, embed_dim)."""
+        x = self.tokens(ids) + self.positions[: ids.shape[1]]
+        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        m = mask.float()[..., None]
+        return self.proj((x * m).sum(1) / m.sum(1).clamp_min(1))
+
+
+class ClipStage(Stage):
+    """SigLIP: sigmoid loss on every image-caption pair of the global batch."""
+
+    name, trains = "clip", ("clip_encoder",)
+
+    def __init__(self, model, options):
+        super().__init__(model, options)
+        enc = model.clip_encoder.config
+        self.text = TextTower(len(model.backbone.tokenizer), options.get("text_width", 128), enc.embed_dim)
+        self.text.to(model.device)
+        # SigLIP's initialisation: t = log 10, b = -10
+        self.logit_scale = nn.Parameter(torch.tensor(2.302585, device=model.device))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0, device=model.device))
+
+    def aux_parameters(self):
+        return [(f"text.{n}", p) for n, p in self.text.named_parameters()] + [
+            ("logit_scale", self.logit_scale), ("logit_bias", self.logit_bias)]
+
+    def collate(self, items, indices, seed, device):
+        pairs = zip(items, indices, strict=True)
+        caps = [random.Random(seed * 7919 + i).choice(captions_of(item)) for item, i in pairs]
+        tok = self.model.backbone.tokenizer(caps, padding="max_length", truncation=True, max_length=self.text.max_len,
+                                            padding_side="right", return_tensors="pt")
+        return {"pixels": pil_to_tensor([it["image"] for it in items]).to(device),
+                "ids": tok.input_ids.to(device), "mask": tok.attention_mask.bool().to(device)}
+
+    def loss(self, batch):
+        img = F.normalize(self.model.clip_encoder.embed(batch["pixels"]), dim=-1)  # (b, E)
+        txt = F.normalize(self.text(batch["ids"], batch["mask"]), dim=-1)
+        img, txt = gather(img), gather(txt)  # (B, E): the whole global batch on every rank
+        logits = img @ txt.T * self.logit_scale.exp() + self.logit_bias  # (B, B)
+        labels = 2 * torch.eye(len(img), device=img.device) - 1
+        return -F.logsigmoid(labels * logits).sum() / len(img)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x over ranks with gradients flowing back to each rank's own part."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (ClipStage, UnderstandingStage, DecoderStage, GenerationStage)}

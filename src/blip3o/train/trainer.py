@@ -1,0 +1,241 @@
+"""One trainer for every stage: AdamW, warm-up + cosine, clipping, EMA, exact resume, torchrun.
+
+Determinism is by construction: global sample i of the run is `dataset[i]` and all of its
+randomness (noise, time, condition dropout, which prompt) comes from a generator seeded by
+(seed, i). So the same global batch gives the same update on 1 or N processes, and a resumed
+run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from blip3o import checkpoints
+from blip3o.distributed import World, all_mean, average_gradients, barrier, init_world
+from blip3o.model import Blip3o
+from blip3o.train.stages import STAGES, Stage
+
+STATE_NAME = "trainer_state.pt"
+# fields that may change between a run and its resume without changing what is computed
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    stage: str  # clip | understanding | decoder | generation
+    init: str = "nano"  # preset name or checkpoint folder the stage starts from
+    out_dir: str = "runs/stage"  # gets checkpoint/ (resumable state) and model/ (the trained Blip3o)
+    data: list[str] = field(default_factory=list)  # webdataset shards: paths, globs, brace patterns or URLs
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 32  # global batch (split evenly over torchrun ranks)
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables EMA; the exported model carries the EMA weights
+    precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    checkpoint_every: int = 200
+    progress: bool = True
+    stage_options: dict = field(default_factory=dict)  # stage-specific knobs (see stages.py)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        raw = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown train config fields {unknown}; known: {sorted(names)}")
+        if "betas" in raw:
+            raw["betas"] = tuple(raw["betas"])
+        return cls(**raw)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_ok else None
+
+
+def load_init(init: str, device: torch.device) -> Blip3o:
+    if Path(init).is_dir():
+        return Blip3o.from_pretrained(init, device=device)
+    torch.manual_seed(0)  # a fresh preset starts from the same random weights on every rank
+    return Blip3o.from_preset(init, device=device)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dataset, *, model: Blip3o | None = None, world: World | None = None):
+        if config.stage not in STAGES:
+            raise ValueError(f"unknown stage {config.stage!r}; stages: {', '.join(STAGES)}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.world = world or init_world(self.device)
+        if config.batch_size % self.world.size:
+            raise ValueError(f"batch_size {config.batch_size} does not split over {self.world.size} processes")
+        self.dataset = dataset
+        self.model = model if model is not None else load_init(config.init, self.device)
+        self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
+        self.named_params = self.stage.trainable(self.model)
+        self.params = [p for _, p in self.named_params]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio))
+        self.ema = {n: p.detach().clone() for n, p in self.named_params} if config.ema_decay > 0 else None
+        self.step = 0
+        self.out = Path(config.out_dir)
+
+    # ------------------------------------------------------------------ state
+
+    def describe(self) -> str:
+        trained = sum(p.numel() for p in self.params)
+        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        parts = ", ".join(self.stage.trains)
+        return (f"stage {self.config.stage}: trains {trained:,} parameters ({parts}); "
+                f"{frozen:,} frozen; {self.world.size} process(es) on {self.device}")
+
+    def _comparable(self) -> dict:
+        cfg = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUMABLE_CHANGES}
+        cfg["betas"] = list(cfg["betas"])
+        return {"train": cfg, "model": json.loads(json.dumps(self.model.config.to_dict()))}
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "params": {n: p.detach().cpu().clone() for n, p in self.named_params},
+            "ema": None if self.ema is None else {n: t.cpu().clone() for n, t in self.ema.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "identity": self._comparable(),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes checkpoint/ atomically; the others wait, so all resume from the same step."""
+        if self.world.is_main:
+            state = self.state_dict()
+            checkpoints.write_folder(self.out / "checkpoint", lambda tmp: torch.save(state, tmp / STATE_NAME))
+        barrier(self.world)
+
+    def resume(self) -> bool:
+        """Continue from out_dir/checkpoint if it exists; refuse one written for another config."""
+        path = self.out / "checkpoint" / STATE_NAME
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        mine, theirs = self._comparable(), state["identity"]
+        if mine != theirs:
+            diff = [f"{part}.{k}: checkpoint {theirs[part].get(k)!r} vs now {mine[part].get(k)!r}"
+                    for part in mine for k in sorted(set(mine[part]) | set(theirs[part]))
+                    if mine[part].get(k) != theirs[part].get(k)]
+            raise ValueError(f"refusing to resume {path}: it was written for a different config ({'; '.join(diff)}); "
+                             "use another out_dir or restore the config")
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(state["params"][n])
+        if self.ema is not None:
+            self.ema = {n: t.to(self.device) for n, t in state["ema"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        self.step = state["step"]
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def local_indices(self, step: int) -> list[int]:
+        """Global sample indices of this rank's share of the global batch at `step`."""
+        b, per_rank = self.config.batch_size, self.config.batch_size // self.world.size
+        start = step * b + self.world.rank * per_rank
+        return list(range(start, start + per_rank))
+
+    def train_step(self) -> float:
+        indices = self.local_indices(self.step)
+        batch = self.stage.collate([self.dataset[i] for i in indices], indices, self.config.seed, self.device)
+        dtype = autocast_dtype(self.config.precision, self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = self.stage.loss(batch)
+        loss.backward()
+        average_gradients(self.params, self.world)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.named_params:
+                    self.ema[n].lerp_(p.detach(), 1 - self.config.ema_decay)
+        self.step += 1
+        return loss.item()
+
+    def fit(self) -> Path:
+        """Train to config.steps (resuming if possible), then export the model; returns its folder."""
+        resumed = self.resume()
+        if self.world.is_main:
+            print(self.describe() + (f"; resumed at step {self.step}" if resumed else ""), flush=True)
+        show = self.config.progress and self.world.is_main
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not show, desc=self.config.stage,
+                   dynamic_ncols=True)
+        started, done_at_start = time.perf_counter(), self.step
+        while self.step < self.config.steps:
+            loss = self.train_step()
+            bar.update(1)
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                loss = all_mean(loss, self.world)
+                rate = (self.step - done_at_start) * self.config.batch_size / (time.perf_counter() - started)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}", lr=f"{lr:.2e}")
+            if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        return self.export()
+
+    def export(self) -> Path:
+        """Write the trained Blip3o (EMA weights where kept) to out_dir/model."""
+        target = self.out / "model"
+        if self.world.is_main:
+            live = {n: p.detach().clone() for n, p in self.named_params}
+            with torch.no_grad():
+                if self.ema is not None:
+                    for n, p in self.named_params:
+                        p.copy_(self.ema[n])
+                self.model.save_pretrained(target)
+                for n, p in self.named_params:
+                    p.copy_(live[n])
+        barrier(self.world)
+        return target

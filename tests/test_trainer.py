@@ -1,0 +1,119 @@
+"""The trainer: frozen parts stay frozen, a killed run resumes exactly, 2 processes match 1."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip3o import Blip3o
+from blip3o.train import TrainConfig, Trainer
+from blip3o.train.trainer import lr_factor
+from train_helpers import tiny_dataset
+
+DATA = tiny_dataset()
+
+
+def config(tmp_path, stage="generation", **kw) -> TrainConfig:
+    base = dict(stage=stage, init="debug", out_dir=str(tmp_path / stage), steps=4, batch_size=4, lr=1e-3,
+                warmup_steps=2, checkpoint_every=2, progress=False, device="cpu", ema_decay=0.9)
+    return TrainConfig(**{**base, **kw})
+
+
+def states(model: Blip3o, part: str) -> dict:
+    module = getattr(model, part)
+    if isinstance(module, torch.nn.Parameter):
+        return {"": module.detach().clone()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, after: dict) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("stage, trained", [("generation", {"queries", "dit"}), ("decoder", {"decoder"}),
+                                            ("understanding", {"backbone"})])
+def test_stage_trains_only_its_parts(tmp_path, stage, trained, capsys):
+    # adaLN-zero: the DiT's gates open one layer of zeros per step, so the queries move from step 5
+    trainer = Trainer(config(tmp_path, stage, steps=6 if stage == "generation" else 2), DATA)
+    parts = ("backbone", "queries", "dit", "clip_encoder", "decoder")
+    before = {p: states(trainer.model, p) for p in parts}
+    trainer.fit()
+    for p in parts:
+        assert changed(before[p], states(trainer.model, p)) == (p in trained), p
+    out = capsys.readouterr().out
+    n = sum(p.numel() for _, p in trainer.named_params)
+    assert f"stage {stage}: trains {n:,} parameters" in out
+    exported = Blip3o.from_pretrained(tmp_path / stage / "model")
+    assert exported.num_parameters() == trainer.model.num_parameters()
+
+
+def test_clip_stage_runs_on_nano(tmp_path):
+    trainer = Trainer(config(tmp_path, "clip", init="nano", steps=2, ema_decay=0.0), DATA)
+    before = states(trainer.model, "clip_encoder")
+    trainer.fit()
+    assert changed(before, states(trainer.model, "clip_encoder"))
+    assert not changed(states(trainer.model, "dit"), states(Blip3o.from_pretrained(tmp_path / "clip" / "model"), "dit"))
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    straight = Trainer(config(tmp_path / "a", steps=6), DATA)
+    straight.fit()
+
+    cfg = config(tmp_path / "b", steps=6)
+    interrupted = Trainer(cfg, DATA)
+    original = Trainer.train_step
+
+    def dies_at_step_5(self):
+        if self.step == 4:
+            raise KeyboardInterrupt("killed")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = Trainer(cfg, DATA)  # a fresh process: new model from the preset, state from checkpoint/
+    resumed.fit()
+    assert resumed.step == 6
+    for (n, a), (_, b) in zip(straight.named_params, resumed.named_params, strict=True):
+        assert torch.equal(a, b), n
+    for n in straight.ema:
+        assert torch.equal(straight.ema[n], resumed.ema[n]), n
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    Trainer(config(tmp_path, steps=2), DATA).fit()
+    with pytest.raises(ValueError, match="refusing to resume.*lr"):
+        Trainer(config(tmp_path, steps=4, lr=5e-4), DATA).fit()
+    Trainer(config(tmp_path, steps=3), DATA).fit()  # more steps of the same run is fine
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_two_processes_match_one(tmp_path):
+    one = config(tmp_path / "one", steps=3)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"))
+    results = []
+    for cfg, nproc in ((one, 1), (two, 2)):
+        path = tmp_path / f"{nproc}.json"
+        path.write_text(json.dumps(dataclasses.asdict(cfg)))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + nproc + os.getpid() % 1000), str(Path(__file__).parent / "train_helpers.py"), str(path)]
+        subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+        results.append(Blip3o.from_pretrained(Path(cfg.out_dir) / "model"))
+    a, b = results
+    for part in ("queries", "dit"):
+        sa, sb = states(a, part), states(b, part)
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-4, msg=f"{part}.{k}")
