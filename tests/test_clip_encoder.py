@@ -293,4 +293,6 @@ def test_preset_sizes():
         counts[name] = sum(p.numel() for p in enc.parameters())
         assert enc.encode  # built, frozen
     assert counts["siglip-so400m"] == 412_987_248  # so400m vision tower without the unused head
-    assert 1e6 < counts["shapes"] < 3e6
+    w, m = 128, 512  # shapes: patch 8 conv, 64 positions, 4 pre-norm blocks, final LN, embed head
+    block = 4 * w + (w * 3 * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w)
+    assert counts["shapes"] == (3 * 64 * w + w) + 64 * w + 4 * block + 2 * w + (w * 128 + 128)

@@ -27,10 +27,10 @@ class ShapesEncoderConfig:
     kind: str = "shapes"  # dispatch key for clip_encoder_config_from_dict
     image_size: int = 64  # Shapes images are 64x64
     patch_size: int = 8  # 64 / 8 = 8x8 patches = the 64 tokens, no pooling
-    width: int = 192  # token width C
+    width: int = 128  # token width C
     depth: int = 4  # number of pre-norm blocks
-    num_heads: int = 4  # head width 48
-    mlp_dim: int = 768  # 4 x width
+    num_heads: int = 4  # head width 32
+    mlp_dim: int = 512  # 4 x width
     embed_dim: int = 128  # width of the pooled contrastive embedding from `embed`
     norm_eps: float = 1e-6
 

@@ -36,7 +36,7 @@ TIME_SCALE = 1000.0  # t in [0, 1] is scaled inside the sinusoidal embedding onl
 @dataclass(frozen=True)
 class ShapesDecoderConfig:
     kind: str = "shapes"
-    token_width: int = 192  # C of the tokens (the shapes CLIP encoder's width)
+    token_width: int = 128  # C of the tokens (the shapes CLIP encoder's width)
     channels: tuple[int, ...] = (32, 64, 96, 128)  # UNet channels at 64, 32, 16, 8 px
     attention_levels: tuple[int, ...] = (2, 3)  # levels with self- and cross-attention (16 and 8 px)
     head_dim: int = 32  # attention head width
