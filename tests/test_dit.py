@@ -124,3 +124,33 @@ def test_bad_inputs_are_named():
         dit(torch.randn(2, 64, cfg.in_channels), torch.rand(1), torch.randn(2, 4, cfg.cond_size))
     with pytest.raises(ValueError, match="head_dim"):
         DiTConfig(hidden_size=60, num_heads=6)
+
+
+def test_dtype_cast_keeps_rope_complex():
+    # Module.to(dtype) must not touch the RoPE table (a complex buffer would lose its sine half)
+    cfg = DIT_PRESETS["debug"]
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    x, t, c = torch.randn(2, 64, cfg.in_channels), torch.rand(2), torch.randn(2, 5, cfg.cond_size)
+    with torch.no_grad():
+        ref = dit(x, t, c)
+        dit.to(torch.float64).to(torch.float32)
+        torch.testing.assert_close(dit(x, t, c), ref)
+        low = dit.to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16()).float()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_fused_projections_match_and_follow_weight_updates():
+    cfg = DIT_PRESETS["debug"]
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    x, t, c = torch.randn(2, 64, cfg.in_channels), torch.rand(2), torch.randn(2, 5, cfg.cond_size)
+    with torch.no_grad():
+        ref = dit(x, t, c)
+        dit.fuse_projections()
+        torch.testing.assert_close(dit(x, t, c), ref, atol=1e-5, rtol=1e-5)
+        dit.layers[0].feed_forward.linear_1.weight.mul_(2)  # an in-place update must refresh the copies
+        changed = dit(x, t, c)
+        dit.fuse_projections(False)
+        torch.testing.assert_close(changed, dit(x, t, c), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed, ref)

@@ -177,15 +177,18 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(d, d, bias=False)]) if with_out else None
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
 
-    def query(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D) -> rotated, normed queries (B, heads, N, hd)."""
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, self.head_dim))
+    def query(self, x: torch.Tensor, rope: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) (or its projection q) -> rotated, normed queries (B, heads, N, hd)."""
+        q = self.norm_q(self.to_q(x) if q is None else q).unflatten(-1, (self.heads, self.head_dim))
         return apply_rope(q, rope).transpose(1, 2)
 
-    def key_value(self, x: torch.Tensor, rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, L, D) -> keys, values (B, kv_heads, L, hd); keys rotated only for self-attention."""
-        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = self.to_v(x).unflatten(-1, (self.kv_heads, self.head_dim))
+    def key_value(self, x: torch.Tensor, rope: torch.Tensor | None,
+                  kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, D) (or its projections) -> keys, values (B, kv_heads, L, hd); keys rotated only for
+        self-attention."""
+        k, v = (self.to_k(x), self.to_v(x)) if kv is None else kv
+        k = self.norm_k(k).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.kv_heads, self.head_dim))
         if rope is not None:
             k = apply_rope(k, rope)
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -237,19 +240,52 @@ class DiTBlock(nn.Module):
         self.norm2 = RMSNorm(d, cfg.norm_eps)
         self.ffn_norm2 = RMSNorm(d, cfg.norm_eps)
         self.norm1_context = RMSNorm(d, cfg.norm_eps)
+        self._fused: tuple | None = None  # see DiT.fuse_projections
 
     def cross_key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The condition's keys and values; they do not depend on x or t, so samplers compute them once."""
         return self.attn2.key_value(self.norm1_context(context), rope=None)
 
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Concatenated [q1; k1; v1; q2] and [w1; w3] weights (inference only), rebuilt when a source
+        weight changed (replaced or updated in place)."""
+        if self._fused is None:
+            return None
+        sources = self._fusion_sources()
+        key = tuple((id(w), w._version) for w in sources)
+        if self._fused[0] != key:
+            a1, a2, ff = self.attn1, self.attn2, self.feed_forward
+            w_in = torch.cat([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight, a2.to_q.weight])
+            w_ffn = torch.cat([ff.linear_1.weight, ff.linear_3.weight])
+            self._fused = (key, w_in, w_ffn)
+        return self._fused[1], self._fused[2]
+
+    def _fusion_sources(self) -> list[torch.Tensor]:
+        a1, a2, ff = self.attn1, self.attn2, self.feed_forward
+        return [a1.to_q.weight, a1.to_k.weight, a1.to_v.weight, a2.to_q.weight, ff.linear_1.weight,
+                ff.linear_3.weight]
+
     def forward(self, x, c, rope, cross_kv, cross_mask):
         h, gate_attn, scale_mlp, gate_mlp = self.norm1(x, c)  # (B, N, D)
-        k, v = self.attn1.key_value(h, rope)
-        self_out = attend(self.attn1.query(h, rope), k, v, None)  # (B, N, heads, hd)
-        cross_out = attend(self.attn2.query(h, rope), *cross_kv, cross_mask)  # RoPE on q only
+        fused = None if torch.is_grad_enabled() else self.fused_weights()
+        if fused is None:
+            k, v = self.attn1.key_value(h, rope)
+            q_self, q_cross = self.attn1.query(h, rope), self.attn2.query(h, rope)
+        else:  # one GEMM for the four input projections
+            d, kv = self.attn1.to_q.out_features, self.attn1.to_k.out_features
+            q1, k1, v1, q2 = F.linear(h, fused[0]).split([d, kv, kv, d], dim=-1)
+            k, v = self.attn1.key_value(h, rope, (k1, v1))
+            q_self, q_cross = self.attn1.query(h, rope, q1), self.attn2.query(h, rope, q2)
+        self_out = attend(q_self, k, v, None)  # (B, N, heads, hd)
+        cross_out = attend(q_cross, *cross_kv, cross_mask)  # RoPE on q only
         mixed = (self_out + cross_out * self.gate.tanh().view(1, 1, -1, 1)).flatten(-2)  # (B, N, D)
         x = x + gate_attn[:, None].tanh() * self.norm2(self.attn2.to_out[0](mixed))
-        ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
+        ffn_in = self.ffn_norm1(x) * (1 + scale_mlp[:, None])
+        if fused is None:
+            ffn_out = self.feed_forward(ffn_in)
+        else:
+            a, b = F.linear(ffn_in, fused[1]).chunk(2, dim=-1)
+            ffn_out = self.feed_forward.linear_2(F.silu(a) * b)
         return x + gate_mlp[:, None].tanh() * self.ffn_norm2(ffn_out)
 
 
@@ -290,17 +326,29 @@ class DiT(nn.Module):
         self.time_caption_embed = TimeCaptionEmbed(d, config.time_dim)
         self.layers = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_out = NormOut(d, config.time_dim, config.in_channels)
-        self.register_buffer("rope", torch.empty(config.num_tokens, config.head_dim // 2, dtype=torch.complex64),
-                             persistent=False)
-        self.init_buffers()
+        # The RoPE table is complex fp32 whatever the model's dtype, so it is a per-device cache, not a
+        # buffer: Module.to(dtype) would cast a complex buffer to real and silently drop its sine half.
+        self._rope: dict[torch.device, torch.Tensor] = {}
         self.initialize_weights()
 
+    def fuse_projections(self, enabled: bool = True) -> DiT:
+        """Opt-in inference speed-up: run the four input projections of each block and the two SwiGLU
+        input projections as one GEMM each, from concatenated copies of the weights (extra memory:
+        about half the DiT). Only used without autograd; copies refresh when weights change."""
+        for block in self.layers:
+            block._fused = ((), None, None) if enabled else None
+        return self
+
     def init_buffers(self) -> None:
-        """(Re)compute the RoPE table on the parameters' device (after a meta-device build)."""
-        device = self.patch_embedder.proj.weight.device
-        if device.type == "meta":
-            return
-        self.rope = rope_2d(self.config.grid_size, self.config.head_dim, self.config.rope_theta).to(device)
+        """Nothing to recompute: the RoPE table is built on first use on each device."""
+        self._rope.clear()
+
+    def rope(self, device: torch.device) -> torch.Tensor:
+        """Complex RoPE table (N, head_dim / 2) for `device`, computed once."""
+        if device not in self._rope:
+            table = rope_2d(self.config.grid_size, self.config.head_dim, self.config.rope_theta)
+            self._rope[device] = table.to(device)
+        return self._rope[device]
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -335,8 +383,9 @@ class DiT(nn.Module):
             t = torch.floor(t * 1000) / 1000
         c = self.time_caption_embed(t, cond.context, cond.mask)  # (B, T)
         x = self.patch_embedder.proj(x_t)  # (B, N, D)
+        rope = self.rope(x.device)
         for block, kv in zip(self.layers, cond.cross_kv, strict=True):
-            x = block(x, c, self.rope, kv, cond.mask)
+            x = block(x, c, rope, kv, cond.mask)
         return self.norm_out(x, c)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,

@@ -1,0 +1,118 @@
+"""Our DiT vs diffusers' LuminaNextDiT2DModel: same config, same weights, same device, one run.
+
+Measures (1) one forward pass at the CFG batch and (2) the official sampling loop (30 Euler steps,
+CFG 3, both branches in one batch). diffusers gets what BLIP3-o's code gives it: the projected
+condition, an all-ones mask, the 384x384 RoPE table, timesteps x1000. Checks the outputs agree
+before timing. Last line: `ratio=<ours/theirs>` for the sampling loop (lower is faster).
+
+    python benchmarks/dit_vs_diffusers.py                  # D=1792, 28 heads, 6 layers, fp32, CPU
+    python benchmarks/dit_vs_diffusers.py --layers 24      # the full official 8B DiT
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from diffusers import LuminaNextDiT2DModel
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+from blip3o.dit import DiT, DiTConfig
+from blip3o.flow import guided_pair, sample, time_grid
+
+
+def build(cfg: DiTConfig, device, dtype):
+    ours = DiT(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # open the zero-initialised gates and modulations: no branch skipped
+            if not p.any():
+                p.normal_(0, 0.02)
+    theirs = LuminaNextDiT2DModel(
+        sample_size=cfg.grid_size, patch_size=1, in_channels=cfg.in_channels, hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads,
+        multiple_of=cfg.multiple_of, norm_eps=cfg.norm_eps, learn_sigma=False, qk_norm=True,
+        cross_attention_dim=cfg.hidden_size,
+    ).eval()
+    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("caption_projection.")}
+    theirs.load_state_dict(state, strict=False)
+    return ours.to(device, dtype).fuse_projections(), theirs.to(device, dtype)
+
+
+def their_velocity(theirs, ours, cfg, rope):
+    def v(x, t, cond):  # x (B, 64, C) tokens, t (B,) in [0, 1], cond (B, L, H)
+        grid = x.transpose(1, 2).reshape(x.shape[0], cfg.in_channels, cfg.grid_size, cfg.grid_size)
+        mask = torch.ones(cond.shape[:2], device=x.device)
+        out = theirs(hidden_states=grid, timestep=1000 * t, encoder_hidden_states=ours.caption_projection(cond),
+                     encoder_mask=mask, image_rotary_emb=rope, cross_attention_kwargs={}).sample
+        return out.flatten(2).transpose(1, 2)
+
+    return v
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=1, help="images; the CFG batch is twice this")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--cond-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    cfg = DiTConfig(num_layers=args.layers)
+    ours, theirs = build(cfg, device, dtype)
+    rope = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
+    theirs_v = their_velocity(theirs, ours, cfg, rope)
+    b = args.batch
+    cond = torch.randn(b, args.cond_len, cfg.cond_size, device=device, dtype=dtype)
+    x = torch.randn(b, 64, cfg.in_channels, device=device, dtype=dtype)
+    both, t2 = torch.cat([torch.zeros_like(cond), cond]), torch.full((2 * b,), 0.5, device=device)
+    x2 = torch.cat([x, x])
+
+    with torch.no_grad():
+        err = (ours(x2, t2, both) - theirs_v(x2, t2, both)).abs().max().item()
+        fwd_ours = timed(lambda: ours(x2, t2, both), args.repeats)
+        fwd_theirs = timed(lambda: theirs_v(x2, t2, both), args.repeats)
+
+        times = time_grid(args.steps)
+
+        def sample_ours():
+            prepared = ours.prepare_condition(both)  # condition K/V once per sample, not per step
+            return sample(guided_pair(lambda xx, tt: ours.velocity(xx, tt, prepared), 3.0), x, times)
+
+        def sample_theirs():
+            return sample(guided_pair(lambda xx, tt: theirs_v(xx, tt, both), 3.0), x, times)
+
+        loop_ours = timed(sample_ours, max(1, args.repeats // 2))
+        loop_theirs = timed(sample_theirs, max(1, args.repeats // 2))
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, " \
+                                                                        f"{torch.get_num_threads()} threads)"
+    print(f"device: {name}  torch {torch.__version__}  dtype {args.dtype}")
+    print(f"config: D={cfg.hidden_size} layers={cfg.num_layers} heads={cfg.num_heads} ffn={cfg.ffn_dim} "
+          f"batch={b} (CFG {2 * b}) cond_len={args.cond_len}")
+    print(f"max |ours - diffusers| = {err:.2e}")
+    print(f"forward:  ours {fwd_ours * 1e3:8.1f} ms   diffusers {fwd_theirs * 1e3:8.1f} ms   "
+          f"ratio {fwd_ours / fwd_theirs:.3f}")
+    print(f"{args.steps}-step CFG sample: ours {loop_ours:8.3f} s   diffusers {loop_theirs:8.3f} s")
+    print(f"ratio={loop_ours / loop_theirs:.3f}")
+
+
+if __name__ == "__main__":
+    main()
