@@ -107,6 +107,13 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args) -> int:
+    from blip3o.checkpoints.official import convert
+
+    print(convert(args.directory, args.out, clip_encoder_weights=args.clip_encoder_weights))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip3o", description="BLIP3-o: understand and generate images.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default="how many circles are there?")
     p.add_argument("--outdir", default="demo_out")
     p.add_argument("--seed", type=int, default=0)
+
+    help_ = "convert an official BLIP3-o folder (BLIP3o/BLIP3o-Model-8B, -4B) to this library's format"
+    p = sub.add_parser("convert", help=help_, description=help_)
+    p.set_defaults(func=cmd_convert)
+    p.add_argument("directory", help="the official folder, as downloaded")
+    p.add_argument("out", help="where to write the converted checkpoint")
+    p.add_argument("--clip-encoder-weights", default=None,
+                   help="folder with the EVA-CLIP tower's safetensors, if the official folder lacks it")
     return parser
 
 

@@ -117,11 +117,25 @@ class Blip3o(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> Blip3o:
-        """Load a folder written by `save_pretrained`: built on meta, then filled shard by shard."""
+        """Load a folder written by `save_pretrained`: built on meta, then filled shard by shard.
+
+        An official BLIP3-o folder (BLIP3o/BLIP3o-Model-8B, -4B) is recognised and converted on load
+        (`blip3o.checkpoints.official`); `blip3o convert DIR OUT` does that once.
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise checkpoints.CheckpointError(f"{directory} is not a folder")
         raw = checkpoints.read_json(directory / checkpoints.CONFIG_NAME)
+        if "format_version" not in raw:
+            from blip3o.checkpoints import official
+
+            if official.is_official_config(raw):
+                return official.load_official(directory, device=device, dtype=dtype)
+            raise checkpoints.CheckpointError(
+                f"{directory} is neither a blip3o checkpoint (its config.json has no format_version) nor an "
+                f"official BLIP3-o folder (model_type {raw.get('model_type')!r}, expected one of "
+                f"{official.OFFICIAL_MODEL_TYPES})"
+            )
         if raw.get("format_version") != FORMAT_VERSION:
             raise checkpoints.CheckpointError(
                 f"{directory} has format_version {raw.get('format_version')!r}; this blip3o reads {FORMAT_VERSION}"
