@@ -6,7 +6,7 @@
     generation     queries + DiT: flow matching on the frozen encoder's tokens, backbone frozen
 
 A dataset item is {"image": PIL.Image, "json": dict} (the Shapes shards' layout: `prompts`,
-`questions`, `caption`) or {"image", "text"} for plain image-text data. All randomness of a
+`questions`, `caption`; or `text` for plain image-text shards). All randomness of a
 sample comes from `sample_generator(seed, index)`.
 """
 
@@ -34,8 +34,8 @@ def captions_of(item: dict) -> list[str]:
     meta = item.get("json") or {}
     caps = [meta["caption"]] if meta.get("caption") else []
     caps += [p["prompt"] for p in meta.get("prompts", [])]
-    if item.get("text"):
-        caps.append(item["text"])
+    if meta.get("text"):  # plain image-text shards (txt member)
+        caps.append(meta["text"])
     if not caps:
         raise ValueError("sample has no caption, prompt or text to train on")
     return caps

@@ -1,0 +1,137 @@
+"""The Shapes world (SHAPES_WORLD.md): a procedural world where every answer is checkable.
+
+    sample_scene -> render -> image -> detect -> objects
+    scene -> prompts / questions / describe        check(prompt, objects), score_answer(...)
+    write_shards / iter_samples: webdataset shards of (image, json)
+
+| module         | what it owns                                                        |
+|----------------|---------------------------------------------------------------------|
+| `world.py`     | constants, `Obj`/`Scene`, relations, the scene sampler              |
+| `render.py`    | scene -> 64x64 RGB, five rasterisers (aliased and anti-aliased)     |
+| `detect.py`    | the reference detector: image -> `DetectedObj`s                     |
+| `prompts.py`   | the six GenEval families, free descriptions, `check`                |
+| `questions.py` | the six question types, the caption request, `score_answer`         |
+| `data.py`      | shard writing and robust shard reading                              |
+"""
+
+from .data import ReadStats, decode_sample, iter_samples, make_sample, shard_urls, write_shards
+from .detect import DetectedObj, classify, detect, palette_index
+from .prompts import (
+    TAGS,
+    Group,
+    Prompt,
+    Relation,
+    Requirement,
+    check,
+    describe,
+    evaluation_prompts,
+    geneval_scores,
+    make_prompt,
+    parse_description,
+    prompt_from_scene,
+    prompts_from_scene,
+    sample_prompt,
+    scene_for,
+)
+from .questions import (
+    CAPTION,
+    CAPTION_QUESTION,
+    QUESTION_TYPES,
+    Question,
+    answer_question,
+    ask,
+    caption_question,
+    normalize_answer,
+    questions_for_scene,
+    score_answer,
+)
+from .render import ANTIALIASED, RASTERISERS, choose_rasteriser, coverage, render
+from .world import (
+    BACKGROUND,
+    COLORS,
+    IMAGE_SIZE,
+    MAX_SIZE,
+    MIN_SIZE,
+    NUMBER_WORDS,
+    PALETTE,
+    RELATIONS,
+    SHAPES,
+    Obj,
+    ObjSpec,
+    Scene,
+    above,
+    below,
+    left_of,
+    plural,
+    position_safe,
+    relation_holds,
+    relation_margin,
+    right_of,
+    sample_scene,
+    scene_errors,
+)
+
+__all__ = [
+    "ANTIALIASED",
+    "BACKGROUND",
+    "CAPTION",
+    "CAPTION_QUESTION",
+    "COLORS",
+    "IMAGE_SIZE",
+    "MAX_SIZE",
+    "MIN_SIZE",
+    "NUMBER_WORDS",
+    "PALETTE",
+    "QUESTION_TYPES",
+    "RASTERISERS",
+    "RELATIONS",
+    "SHAPES",
+    "TAGS",
+    "DetectedObj",
+    "Group",
+    "Obj",
+    "ObjSpec",
+    "Prompt",
+    "Question",
+    "ReadStats",
+    "Relation",
+    "Requirement",
+    "Scene",
+    "above",
+    "answer_question",
+    "ask",
+    "below",
+    "caption_question",
+    "check",
+    "choose_rasteriser",
+    "classify",
+    "coverage",
+    "decode_sample",
+    "describe",
+    "detect",
+    "evaluation_prompts",
+    "geneval_scores",
+    "iter_samples",
+    "left_of",
+    "make_prompt",
+    "make_sample",
+    "normalize_answer",
+    "palette_index",
+    "parse_description",
+    "plural",
+    "position_safe",
+    "prompt_from_scene",
+    "prompts_from_scene",
+    "questions_for_scene",
+    "relation_holds",
+    "relation_margin",
+    "render",
+    "right_of",
+    "sample_prompt",
+    "sample_scene",
+    "scene_errors",
+    "scene_for",
+    "score_answer",
+    "shard_urls",
+    "write_shards",
+]

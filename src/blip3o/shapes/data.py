@@ -1,0 +1,161 @@
+"""Shapes-world training data as webdataset tar shards, and a reader for any image-text shards.
+
+A shard `shapes-000000.tar` holds samples `{key}.png` + `{key}.json`, the json being
+`{scene, rasteriser, prompts: [{tag, prompt}], questions: [{type, question, answer}], caption}`
+(`caption` answers `describe the image.`). Sample `i` of seed `s` depends only on (s, i), so
+shards are byte-identical for a seed however they are split.
+
+`iter_samples` reads these or any webdataset-style image-text shards (`jpg`/`png`/`webp` +
+`txt`/`json`, local paths, URLs or brace patterns) and skips broken data instead of failing,
+counting what it skipped in a `ReadStats`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from .prompts import describe, prompts_from_scene
+from .questions import questions_for_scene
+from .render import choose_rasteriser, render
+from .world import sample_scene
+
+SHARD_NAME = "shapes-{:06d}.tar"
+IMAGE_KEYS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
+MAX_ERRORS_KEPT = 20  # ReadStats keeps the first messages only
+
+
+def make_sample(seed: int, index: int) -> tuple[Image.Image, dict]:
+    """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict)."""
+    rng = random.Random(f"shapes-{seed}-{index}")  # str seeds hash with sha512: stable across runs
+    scene = sample_scene(rng)
+    rasteriser = choose_rasteriser(rng)
+    questions = questions_for_scene(scene, rng)
+    meta = {
+        "scene": scene.to_dict(),
+        "rasteriser": rasteriser,
+        "prompts": [{"tag": p.tag, "prompt": p.text} for p in prompts_from_scene(scene, rng)],
+        "questions": [{"type": q.type, "question": q.text, "answer": q.answer} for q in questions],
+        "caption": describe(scene, rng),
+    }
+    return render(scene, rasteriser=rasteriser), meta
+
+
+def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: int = 1000) -> list[Path]:
+    """Write `num` samples as `shapes-000000.tar`, ... in `out_dir`; returns the shard paths.
+
+    Each shard is written to a temporary name and renamed, so a reader never sees half a shard.
+    """
+    if num < 1 or shard_size < 1:
+        raise ValueError(f"num and shard_size must be positive, got num={num}, shard_size={shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard, start in enumerate(range(0, num, shard_size)):
+        path = out / SHARD_NAME.format(shard)
+        tmp = path.with_name(path.name + ".tmp")
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(start, min(start + shard_size, num)):
+                image, meta = make_sample(seed, index)
+                png = io.BytesIO()
+                image.save(png, format="PNG")
+                key = f"{index:09d}"
+                _add(tar, f"{key}.png", png.getvalue())
+                _add(tar, f"{key}.json", json.dumps(meta, separators=(",", ":")).encode())
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # mtime, owner etc. stay 0: the bytes depend on the content only
+    info.size, info.mode = len(data), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass
+class ReadStats:
+    """What `iter_samples` read and what it skipped."""
+
+    samples: int = 0  # samples yielded
+    bad_samples: int = 0  # skipped: image or text missing or undecodable
+    bad_shards: int = 0  # shards that failed to open or broke off (their earlier samples still count)
+    errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_KEPT messages
+
+    def _note(self, message: str) -> None:
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(message)
+
+
+def shard_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Expand a directory (its *.tar files), a brace pattern (`shapes-{000000..000009}.tar`), or a list."""
+    if isinstance(urls, (str, os.PathLike)):
+        if Path(urls).is_dir():
+            return [str(p) for p in sorted(Path(urls).glob("*.tar"))]
+        return wds.shardlists.expand_urls(str(urls))
+    return [str(u) for u in urls]
+
+
+def iter_samples(
+    urls: str | os.PathLike | Iterable[str | os.PathLike], *, stats: ReadStats | None = None
+) -> Iterator[tuple[Image.Image, dict]]:
+    """Yield (RGB PIL image, metadata) from webdataset shards, in order, skipping broken data.
+
+    Metadata is the sample's json (a dict), plus `text` from a `txt` member, plus `__key__`
+    and `__url__`. Pass a `ReadStats` to learn how many samples and shards were skipped.
+    """
+    stats = stats if stats is not None else ReadStats()
+    for url in shard_urls(urls):
+        failures: list[Exception] = []
+
+        def keep_going(exn: Exception, failures: list[Exception] = failures) -> bool:
+            failures.append(exn)
+            return True
+
+        opened = list(url_opener([{"url": url}], handler=keep_going))  # [] if it cannot be opened
+        try:
+            members = tar_file_expander(iter(opened), handler=keep_going)
+            for raw in group_by_keys(members, handler=keep_going):
+                try:
+                    sample = decode_sample(raw)
+                except Exception as exn:  # a broken sample must not stop a training run
+                    stats.bad_samples += 1
+                    stats._note(f"{url}: sample {raw.get('__key__')!r}: {exn}")
+                    continue
+                stats.samples += 1
+                yield sample
+        finally:
+            for source in opened:  # webdataset leaves its streams open
+                source["stream"].close()
+        if failures:
+            stats.bad_shards += 1
+            stats._note(f"{url}: {failures[0]!r}")
+
+
+def decode_sample(raw: dict) -> tuple[Image.Image, dict]:
+    """A webdataset sample dict (member suffix -> bytes) -> (RGB image, metadata); raises if broken."""
+    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if image_key is None:
+        raise ValueError(f"no image member (one of {IMAGE_KEYS}) among {sorted(raw)}")
+    if "json" not in raw and "txt" not in raw:
+        raise ValueError(f"no text member (json or txt) among {sorted(raw)}")
+    with Image.open(io.BytesIO(raw[image_key])) as image:
+        image = image.convert("RGB")  # forces a full decode: truncated files fail here
+    meta = {}
+    if "json" in raw:
+        value = json.loads(raw["json"])
+        meta.update(value if isinstance(value, dict) else {"json": value})
+    if "txt" in raw:
+        meta["text"] = raw["txt"].decode("utf-8")
+    meta["__key__"], meta["__url__"] = raw.get("__key__"), raw.get("__url__")
+    return image, meta

@@ -1,0 +1,188 @@
+"""Understanding: the six question types, the caption request, and answer scoring.
+
+| type        | question                               | answer (one word)  | asked only if         |
+|-------------|----------------------------------------|--------------------|-----------------------|
+| count       | how many {shape}s are there?           | zero..four         |                       |
+| count_color | how many {color} objects are there?    | zero..four         |                       |
+| color       | what color is the {shape}?             | a colour           | exactly one {shape}   |
+| shape       | what shape is the {color} object?      | a shape            | exactly one {color}   |
+| exist       | is there a {color} {shape}?            | yes / no           |                       |
+| position    | is the {shape1} {rel} the {shape2}?    | yes / no           | one of each, and the  |
+|             |                                        |                    | scene position-safe   |
+
+`answer_question` computes the answer of any question text from objects (a scene's, or
+those `detect` read from an image), so generated data and scoring share one definition.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .prompts import check, describe, parse_description
+from .world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES, Located, Scene, plural, position_safe, relation_holds
+
+QUESTION_TYPES: tuple[str, ...] = ("count", "count_color", "color", "shape", "exist", "position")
+CAPTION_QUESTION = "describe the image."
+CAPTION = "caption"  # the Question.type of the caption request
+
+_SHAPE = "(" + "|".join(SHAPES) + ")"
+_PLURAL = "(" + "|".join(plural(s) for s in SHAPES) + ")"
+_COLOR = "(" + "|".join(COLORS) + ")"
+_REL = "(" + "|".join(RELATIONS) + ")"
+_PATTERNS = {
+    "count": re.compile(rf"how many {_PLURAL} are there\?"),
+    "count_color": re.compile(rf"how many {_COLOR} objects are there\?"),
+    "color": re.compile(rf"what color is the {_SHAPE}\?"),
+    "shape": re.compile(rf"what shape is the {_COLOR} object\?"),
+    "exist": re.compile(rf"is there a {_COLOR} {_SHAPE}\?"),
+    "position": re.compile(rf"is the {_SHAPE} {_REL} the {_SHAPE}\?"),
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    type: str  # one of QUESTION_TYPES, or CAPTION
+    text: str
+    answer: str
+
+
+def _number(n: int) -> str:
+    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+
+
+def _yes_no(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def answer_question(text: str, objects: Sequence[Located]) -> str | None:
+    """The answer to a question of one of the six types, or None if it is not one of them or
+    its precondition fails (e.g. `what color is the circle?` with two circles)."""
+    text = " ".join(text.lower().split())
+    for qtype, pattern in _PATTERNS.items():
+        if m := pattern.fullmatch(text):
+            return _ANSWERERS[qtype](objects, *m.groups())
+    return None
+
+
+def _count(objects: Sequence[Located], shapes: str) -> str:
+    shape = next(s for s in SHAPES if plural(s) == shapes)
+    return _number(sum(o.shape == shape for o in objects))
+
+
+def _count_color(objects: Sequence[Located], color: str) -> str:
+    return _number(sum(o.color == color for o in objects))
+
+
+def _color(objects: Sequence[Located], shape: str) -> str | None:
+    hits = [o for o in objects if o.shape == shape]
+    return hits[0].color if len(hits) == 1 else None
+
+
+def _shape(objects: Sequence[Located], color: str) -> str | None:
+    hits = [o for o in objects if o.color == color]
+    return hits[0].shape if len(hits) == 1 else None
+
+
+def _exist(objects: Sequence[Located], color: str, shape: str) -> str:
+    return _yes_no(any(o.color == color and o.shape == shape for o in objects))
+
+
+def _position(objects: Sequence[Located], shape1: str, rel: str, shape2: str) -> str | None:
+    a = [o for o in objects if o.shape == shape1]
+    b = [o for o in objects if o.shape == shape2]
+    if shape1 == shape2 or len(a) != 1 or len(b) != 1:
+        return None
+    return _yes_no(relation_holds(rel, a[0], b[0]))
+
+
+_ANSWERERS = {
+    "count": _count,
+    "count_color": _count_color,
+    "color": _color,
+    "shape": _shape,
+    "exist": _exist,
+    "position": _position,
+}
+
+
+def ask(scene: Scene, qtype: str, rng: random.Random) -> Question | None:
+    """A random question of type `qtype` whose precondition holds for `scene`, or None if none can be asked.
+
+    Subjects are biased toward what is in the image (and yes/no toward balance), so answers
+    are not mostly `zero` and `no`.
+    """
+    objs = scene.objects
+    present_shapes = sorted({o.shape for o in objs}, key=SHAPES.index)
+    present_colors = sorted({o.color for o in objs}, key=COLORS.index)
+    if qtype == "count":
+        shape = rng.choice(present_shapes if rng.random() < 0.75 else SHAPES)
+        text = f"how many {plural(shape)} are there?"
+    elif qtype == "count_color":
+        color = rng.choice(present_colors if rng.random() < 0.75 else COLORS)
+        text = f"how many {color} objects are there?"
+    elif qtype == "color":
+        single = [s for s in present_shapes if sum(o.shape == s for o in objs) == 1]
+        text = f"what color is the {rng.choice(single)}?" if single else None
+    elif qtype == "shape":
+        single = [c for c in present_colors if sum(o.color == c for o in objs) == 1]
+        text = f"what shape is the {rng.choice(single)} object?" if single else None
+    elif qtype == "exist":
+        o = rng.choice(objs)
+        color, shape = (o.color, o.shape) if rng.random() < 0.5 else (rng.choice(COLORS), rng.choice(SHAPES))
+        text = f"is there a {color} {shape}?"
+    elif qtype == "position":
+        text = _position_question(scene, rng)
+    else:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+    if text is None:
+        return None
+    return Question(qtype, text, answer_question(text, objs))
+
+
+def _position_question(scene: Scene, rng: random.Random) -> str | None:
+    objs = scene.objects
+    if not position_safe(objs):
+        return None
+    single = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    pairs = [(a, b) for a in single for b in single if a is not b]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    true = [r for r in RELATIONS if relation_holds(r, a, b)]
+    rel = rng.choice(true) if true and rng.random() < 0.5 else rng.choice(RELATIONS)
+    return f"is the {a.shape} {rel} the {b.shape}?"
+
+
+def questions_for_scene(scene: Scene, rng: random.Random, types: Sequence[str] = QUESTION_TYPES) -> list[Question]:
+    """One random question of each type in `types` that can be asked about `scene`."""
+    return [q for t in types if (q := ask(scene, t, rng)) is not None]
+
+
+def caption_question(scene: Scene, rng: random.Random | None = None) -> Question:
+    """`describe the image.`, answered by a scene description (see prompts.describe)."""
+    return Question(CAPTION, CAPTION_QUESTION, describe(scene, rng))
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip spaces and one final period: ` Yes. ` -> `yes`."""
+    text = text.lower().strip()
+    return text[:-1].strip() if text.endswith(".") else text
+
+
+def score_answer(question: Question, predicted: str, scene: Scene | Sequence[Located] | None = None) -> bool:
+    """Whether `predicted` answers `question`.
+
+    Ordinary questions: exact match after `normalize_answer`. The caption request: the
+    prediction is parsed back (words outside the grammar fail it) and must list exactly the
+    scene's objects, with any stated relation true; `scene` is required for it.
+    """
+    if question.type != CAPTION:
+        return normalize_answer(predicted) == normalize_answer(question.answer)
+    if scene is None:
+        raise ValueError("scoring a caption needs the scene (or its objects) to compare against")
+    objects = scene.objects if isinstance(scene, Scene) else scene
+    req = parse_description(predicted, warn=False)
+    return not req.unknown_words and check(replace(req, complete=True), objects)
