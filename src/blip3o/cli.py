@@ -114,6 +114,39 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
+def cmd_data(args) -> int:
+    from blip3o.shapes import write_shards
+
+    paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size)
+    print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from blip3o.train.recipe import train_nano, train_stage
+
+    if args.what == "nano":
+        final = train_nano(args.out, data=args.data, num_samples=args.num_samples, seed=args.seed,
+                           device=args.device, scale=args.scale, stages=args.stages)
+    else:
+        if not args.config:
+            raise ValueError(f"`blip3o train {args.what}` needs --config FILE (a TrainConfig JSON)")
+        final = train_stage(args.config)
+    print(f"trained model: {final}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from blip3o.evaluate import evaluate_shapes, format_results
+
+    model = load_model(args.model, args.device, args.dtype)
+    results = evaluate_shapes(model, args.out, per_tag=args.per_tag, num_images=args.num_images,
+                              num_scenes=args.num_scenes)
+    print(format_results(results))
+    print(f"results: {Path(args.out) / 'results.json'}  samples: {Path(args.out) / 'samples.png'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip3o", description="BLIP3-o: understand and generate images.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +196,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="where to write the converted checkpoint")
     p.add_argument("--clip-encoder-weights", default=None,
                    help="folder with the EVA-CLIP tower's safetensors, if the official folder lacks it")
+
+    help_ = "write Shapes-world training data as webdataset shards"
+    p = sub.add_parser("data", help=help_, description=help_)
+    p.set_defaults(func=cmd_data)
+    p.add_argument("world", choices=["shapes"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=40_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=1000)
+
+    help_ = "train: `nano` runs the whole recipe (data + 4 stages); a stage name runs one stage from --config"
+    p = sub.add_parser("train", help=help_, description=help_)
+    p.set_defaults(func=cmd_train)
+    p.add_argument("what", choices=["nano", "clip", "understanding", "decoder", "generation"])
+    p.add_argument("--config", help="TrainConfig JSON (for a single stage)")
+    p.add_argument("--out", default="runs/nano")
+    p.add_argument("--data", default=None, help="Shapes shards folder (default: OUT/data, written if missing)")
+    p.add_argument("--num-samples", type=int, default=40_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (quick runs)")
+    p.add_argument("--stages", nargs="*", default=None, help="only these stages (the others are reused)")
+
+    p = add("eval", cmd_eval, "evaluate in the Shapes world: GenEval-style generation accuracy and VQA")
+    p.add_argument("world", choices=["shapes"])
+    p.add_argument("--out", default="eval_out")
+    p.add_argument("--per-tag", type=int, default=25)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-scenes", type=int, default=200)
     return parser
 
 

@@ -44,6 +44,9 @@ class Blip3oConfig:
     guidance: float = 3.0  # DiT classifier-free guidance scale
     sampler: str = "euler"  # "euler" | "heun"
     time_shift: float = 1.0  # SD3-style time shift of the sampling grid (1 = official linear grid)
+    # the decoder's CFG negative: "empty_prompt" = tokens generated for "" (Emu2-Gen / official), or
+    # "zeros" = the all-zero condition the decoder saw under condition dropout in training
+    decoder_negative: str = "empty_prompt"
     extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
 
     def __post_init__(self) -> None:
@@ -56,6 +59,8 @@ class Blip3oConfig:
         token_width = getattr(self.decoder, "token_width", None)
         if token_width is not None and token_width != self.dit.in_channels:
             problems.append(f"decoder.token_width {token_width} != dit.in_channels {self.dit.in_channels}")
+        if self.decoder_negative not in ("empty_prompt", "zeros"):
+            problems.append(f"decoder_negative must be 'empty_prompt' or 'zeros', got {self.decoder_negative!r}")
         if self.num_queries != self.dit.num_tokens:
             problems.append(f"num_queries {self.num_queries} != DiT tokens {self.dit.num_tokens}")
         if problems:
@@ -231,7 +236,7 @@ class Blip3o(nn.Module):
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
         cond = self.condition(prompts).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
         tokens = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator)
-        negative = self.negative_tokens(steps, guidance)
+        negative = self.negative_tokens(steps, guidance) if self.config.decoder_negative == "empty_prompt" else None
         pixels = self.decoder.decode(tokens, negative=negative, steps=decoder_steps, guidance=decoder_guidance,
                                      size=size, generator=generator)
         return tensor_to_pil(pixels)

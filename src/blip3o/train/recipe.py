@@ -1,0 +1,71 @@
+"""The nano recipe: Shapes data, then the four stages in order, each starting from the last.
+
+    data -> clip -> understanding -> decoder -> generation -> OUT/model (the nano model)
+
+Each stage is one TrainConfig (below); `blip3o train nano` runs them all, `blip3o train STAGE
+--config FILE` one. Every stage writes OUT/<stage>/checkpoint (resumable) and OUT/<stage>/model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from blip3o.train.data import ShardDataset
+from blip3o.train.trainer import TrainConfig, Trainer
+
+NANO_STAGES: list[TrainConfig] = [
+    TrainConfig(stage="clip", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.0),
+    TrainConfig(stage="understanding", steps=2500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998),
+    TrainConfig(stage="decoder", steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998),
+    TrainConfig(stage="generation", steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998),
+]
+NANO_SAMPLES = 40_000
+
+
+def ensure_shapes_data(data_dir: Path, num: int, seed: int) -> Path:
+    """Write the Shapes shards once; a folder that already has them is reused."""
+    from blip3o.shapes import write_shards
+
+    if not sorted(data_dir.glob("shapes-*.tar")):
+        print(f"writing {num} Shapes samples to {data_dir}", flush=True)
+        write_shards(data_dir, num, seed)
+    return data_dir
+
+
+def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: int = NANO_SAMPLES, seed: int = 0,
+               device: str = "auto", scale: float = 1.0, stages: list[str] | None = None) -> Path:
+    """Run the recipe; returns OUT/model. `scale` multiplies every stage's steps (for quick runs)."""
+    out = Path(out)
+    data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed)
+    dataset = ShardDataset(data_dir, seed=seed)
+    print(f"data: {dataset.describe()}", flush=True)
+    init, timings = "nano", {}
+    for base in NANO_STAGES:
+        cfg = dataclasses.replace(base, init=init, out_dir=str(out / base.stage), data=[str(data_dir)], seed=seed,
+                                  device=device, steps=max(1, round(base.steps * scale)))
+        if stages is None or cfg.stage in stages:
+            started = time.perf_counter()
+            Trainer(cfg, dataset).fit()
+            timings[cfg.stage] = time.perf_counter() - started
+        init = str(out / cfg.stage / "model")
+    final = out / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(init, final)
+    (out / "timings.json").write_text(json.dumps({**timings, "total_s": sum(timings.values()),
+                                                  "threads": torch.get_num_threads()}, indent=2))
+    return final
+
+
+def train_stage(config_path: str | Path) -> Path:
+    """One stage from a TrainConfig JSON file (its `data` lists the shards)."""
+    cfg = TrainConfig.from_json(config_path)
+    if not cfg.data:
+        raise ValueError(f"{config_path}: `data` must list the training shards")
+    return Trainer(cfg, ShardDataset(cfg.data, seed=cfg.seed)).fit()
