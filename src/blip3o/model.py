@@ -112,7 +112,8 @@ class Blip3o(nn.Module):
         config = get_preset(name)
         weights = preset_weights(name)
         if weights is not None and str(device) != "meta":
-            return cls.from_pretrained(weights, device=device, dtype=dtype)
+            # shipped weights are stored in fp16 to stay small; compute in fp32 unless asked otherwise
+            return cls.from_pretrained(weights, device=device, dtype=dtype or torch.float32)
         if str(device) == "meta":
             with torch.device("meta"):
                 return cls(config)

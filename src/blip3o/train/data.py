@@ -15,12 +15,15 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-from blip3o.shapes.data import ReadStats, iter_samples
+from blip3o.shapes.data import ReadStats, iter_samples, shard_urls
 
 
 class ShardDataset:
     def __init__(self, urls: str | os.PathLike | Iterable[str | os.PathLike], seed: int = 0) -> None:
         self.stats = ReadStats()
+        # each entry may be a folder of shards, a brace pattern, a path or a URL
+        entries = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+        urls = [u for entry in entries for u in shard_urls(entry)]
         self.images: list[bytes] = []
         self.meta: list[dict] = []
         for image, meta in iter_samples(urls, stats=self.stats):
