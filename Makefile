@@ -1,4 +1,4 @@
-# The two commands a newcomer needs: `make demo` and `make test`.
+# The two commands a newcomer needs: `make demo` and `make test` (and `make serve` for the web page).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # diffusers is pinned: the DiT parity test compares against its Lumina-Next (<=0.32 has the 2/3 FFN).
 DIFFUSERS_SPEC ?= diffusers==0.32.2
 
-.PHONY: install demo test lint clean
+.PHONY: install demo serve test lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ install: $(VENV)/.installed
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/blip3o demo --outdir demo_out
+
+serve: install  # the web page and the OpenAI-compatible API at http://127.0.0.1:8000/
+	HF_HUB_OFFLINE=1 $(VENV)/bin/blip3o serve
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,0 +1,56 @@
+"""An OpenAI-compatible HTTP server for a Blip3o model, with a web page.
+
+    service = Blip3oService(model, "debug", ServerConfig())   # owns the model and the micro-batcher
+    app = create_app(service)                                  # FastAPI: routes only parse and delegate
+    serve(app, host="127.0.0.1", port=8000)                    # uvicorn, in the foreground
+    with BackgroundServer(app) as server: ...                  # uvicorn in a thread, on a free port
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from blip3o.server.app import create_app
+from blip3o.server.config import ServerConfig
+from blip3o.server.service import Blip3oService
+
+__all__ = ["BackgroundServer", "Blip3oService", "ServerConfig", "create_app", "serve"]
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run `app` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class BackgroundServer:
+    """uvicorn serving `app` from a thread, on `port` (0: a free one); `url` once entered."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.host = host
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._socket.bind((host, port))  # bound here, so the port is known and cannot be taken meanwhile
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        for _ in range(600):
+            if self._server.started:
+                return self
+            if not self._thread.is_alive():
+                break
+            threading.Event().wait(0.05)
+        self.__exit__()
+        raise RuntimeError(f"the server at {self.url} did not start")
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+        self._socket.close()

@@ -1,0 +1,41 @@
+"""Everything an operator may tune about the server: limits, batching, timeouts. One dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    # --- request limits (each breach is a 4xx with an OpenAI-shaped error naming the limit) ---
+    max_prompt_chars: int = 1000  # an image prompt's length in characters (OpenAI's dall-e-2 limit)
+    max_n: int = 8  # images per generation request
+    max_size: int = 2048  # largest image side a request may ask for (the decoder may allow fewer)
+    max_steps: int = 200  # DiT sampling steps a request may ask for
+    max_messages: int = 64  # messages in one chat request
+    max_chat_chars: int = 32_000  # all text of one chat request, in characters
+    max_images_per_request: int = 8  # images in one chat request
+    max_image_bytes: int = 10 * MIB  # one image, encoded (after base64 decoding)
+    max_image_pixels: int = 4096 * 4096  # one image's width * height: decompression bombs stop here
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # PIL format names accepted
+    max_body_bytes: int = 48 * MIB  # one HTTP request body (base64 images inflate by 4/3)
+    max_tokens: int = 2048  # the largest `max_tokens` a chat request may ask for
+    default_max_tokens: int = 256  # reply length when a chat request names none
+    # Local image files (`file://` URLs or absolute paths) are read only under these folders.
+    allow_dirs: list[Path] = field(default_factory=list)
+    # --- scheduling ---
+    max_batch_images: int = 16  # images in one `model.generate` call (micro-batch)
+    batch_window_ms: float = 10.0  # how long the worker waits for more compatible requests
+    max_queue: int = 64  # requests waiting for the model; past this, 429 with Retry-After
+    retry_after_s: int = 1  # the Retry-After a 429 suggests
+    request_timeout_s: float = 120.0  # a request not answered by then gets 504
+
+    def __post_init__(self) -> None:
+        self.allow_dirs = [Path(d).expanduser().resolve() for d in self.allow_dirs]
+        if self.max_batch_images < self.max_n:
+            raise ValueError(f"max_batch_images ({self.max_batch_images}) must be >= max_n ({self.max_n})")
+        if self.max_queue < 1 or self.request_timeout_s <= 0 or self.batch_window_ms < 0:
+            raise ValueError("max_queue must be >= 1, request_timeout_s > 0 and batch_window_ms >= 0")

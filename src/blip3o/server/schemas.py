@@ -1,0 +1,51 @@
+"""Request bodies, in OpenAI's schema (plus a few named extensions). Unknown fields are ignored,
+as OpenAI's own clients send some (`user`, `quality`, ...) that mean nothing here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageGenerationRequest(_Body):
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None  # "WxH" with W == H, or "auto" (the decoder's default)
+    response_format: Literal["b64_json", "url"] | None = None  # url: a data: URL (nothing is stored)
+    seed: int | None = None  # extension: reproducible images (see the service's seed semantics)
+    steps: int | None = None  # extension: DiT sampling steps
+    guidance: float | None = None  # extension: DiT classifier-free guidance scale
+
+
+class ImageURL(_Body):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Body):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # newer clients' name for max_tokens
+    temperature: float | None = None  # omitted or 0: greedy decoding
+    top_p: float | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False

@@ -1,0 +1,177 @@
+"""The `blip3o` command line end to end on the debug model: layouts, files, exit codes, help."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from blip3o import Blip3o
+from blip3o.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved debug model: a folder gives every command the same weights (a preset is random each load)."""
+    torch.manual_seed(0)
+    return Blip3o.from_preset("debug").save_pretrained(tmp_path_factory.mktemp("cli") / "debug-model")
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "circle.png"
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(path)
+    return path
+
+
+def same_pixels(a: Path, b: Path) -> bool:
+    return Image.open(a).tobytes() == Image.open(b).tobytes()
+
+
+def test_help_names_every_command_examples_and_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("generate", "ask", "chat", "reconstruct", "serve", "info", "train", "eval", "data", "convert"):
+        assert command in out
+    assert "examples:" in out and "exit codes:" in out and "2 bad usage or bad input" in out
+    for command in ("generate", "ask", "chat", "serve"):
+        assert main([command, "--help"]) == 0
+        assert "example" in capsys.readouterr().out
+    assert main(["generate", "--no-such-flag"]) == 2
+    assert main([]) == 2
+
+
+def test_generate_one_prompt_writes_pngs_and_a_grid(checkpoint, tmp_path, capsys):
+    out = tmp_path / "one"
+    args = ["generate", "--model", str(checkpoint), "a red circle", "--num-images", "2", "--seed", "3"]
+    assert main([*args, "--outdir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "grid.png"]
+    assert Image.open(out / "grid.png").size == (64, 32)
+    assert main([*args, "--outdir", str(tmp_path / "again")]) == 0  # same seed, same images
+    assert same_pixels(out / "0001.png", tmp_path / "again" / "0001.png")
+
+
+def test_generate_prompts_file_writes_genevals_layout(checkpoint, tmp_path):
+    records = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a red circle"},
+               {"tag": "two_object", "prompt": "a red circle and a blue square"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    out = tmp_path / "geneval"
+    code = main(["generate", "--model", str(checkpoint), "--prompts-file", str(prompts), "--outdir", str(out),
+                 "--num-images", "2", "--seed", "3"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001"]
+    for index, record in enumerate(records):
+        folder = out / f"{index:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == record
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+        assert (folder / "grid.png").exists()
+    # each prompt folder holds what the one-prompt command makes with the same seed
+    assert main(["generate", "--model", str(checkpoint), "a red circle", "--num-images", "2", "--seed", "3",
+                 "--outdir", str(tmp_path / "single")]) == 0
+    assert same_pixels(out / "00000" / "samples" / "0001.png", tmp_path / "single" / "0001.png")
+
+
+def test_ask_one_and_a_questions_file(checkpoint, image_path, tmp_path, capsys):
+    assert main(["ask", "--model", str(checkpoint), str(image_path), "what is this?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()  # an answer (gibberish: the model is random)
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    Image.new("RGB", (40, 24), (20, 40, 220)).save(folder / "square.png")
+    questions = [{"image": str(image_path), "question": "what color?", "id": 1},
+                 {"image": "square.png", "question": "what shape?", "id": 2},  # relative to the file's folder
+                 {"image": str(image_path), "question": "how many?", "id": 3}]
+    qfile = folder / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    answers = tmp_path / "answers.jsonl"
+    assert main(["ask", "--model", str(checkpoint), "--questions-file", str(qfile), "--out", str(answers),
+                 "--batch-size", "2", "--max-new-tokens", "4"]) == 0
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [{k: v for k, v in line.items() if k != "answer"} for line in lines] == questions
+    assert all(isinstance(line["answer"], str) for line in lines)
+
+
+def test_chat_in_the_terminal(checkpoint, image_path, monkeypatch, capsys):
+    script = f"/image {image_path}\nwhat is this?\nand now?\n/image /no/such.png\n/reset\nhello\n/quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("blip3o> ") == 3
+    assert "attached" in out and "no image file" in out and "new conversation" in out
+
+
+def test_reconstruct_and_info(checkpoint, image_path, tmp_path, capsys):
+    assert main(["reconstruct", "--model", str(checkpoint), str(image_path), "--outdir", str(tmp_path)]) == 0
+    assert (tmp_path / "circle_reconstructed.png").exists()
+    assert main(["info", "--model", "debug"]) == 0
+    out = capsys.readouterr().out
+    assert "device: cpu" in out and "dit" in out and "decoder" in out and "total" in out
+
+
+def test_bad_input_exits_2_with_a_message(checkpoint, image_path, tmp_path, capsys):
+    def fails(args, expected):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert expected in err, err
+
+    fails(["generate", "--model", "BLIP3o/BLIP3o-Model-8B", "a circle"], "downloads nothing")
+    fails(["generate", "--model", "BLIP3o/BLIP3o-Model-8B", "a circle"], "neither a preset")
+    fails(["generate", "--model", str(image_path), "a circle"], "is a file")
+    fails(["generate", "--model", "debug"], "give a prompt")
+    fails(["generate", "--model", "debug", "--prompts-file", str(tmp_path / "missing.jsonl")], "no such file")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a circle"}\n{"prompt": \n')
+    fails(["generate", "--model", "debug", "--prompts-file", str(bad)], "bad.jsonl:2: not valid JSON")
+    bad.write_text('{"tag": "single_object"}\n')
+    fails(["generate", "--model", "debug", "--prompts-file", str(bad)], "bad.jsonl:1: needs 'prompt'")
+    fails(["generate", "--model", "debug", "a circle", "--num-images", "0"], "--num-images must be positive")
+    fails(["generate", "--model", str(checkpoint), "a circle", "--size", "33"], "size must be")
+    fails(["ask", "--model", "debug", str(tmp_path / "nope.png"), "what?"], "no image file")
+    fails(["ask", "--model", "debug", str(bad), "what?"], "not an image")
+    fails(["ask", "--model", "debug", str(image_path)], "give an image and a question")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"image": "gone.png", "question": "what?"}\n')
+    fails(["ask", "--model", "debug", "--questions-file", str(questions)], "record 1: no image file gone.png")
+    fails(["serve", "--model", "debug", "--allow-dir", str(tmp_path / "nowhere")], "no such folder")
+
+
+def test_runtime_failure_exits_1(monkeypatch, capsys):
+    class Broken:
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr("blip3o.cli.load_model", lambda *args: Broken())
+    assert main(["generate", "--model", "debug", "a circle"]) == 1
+    assert "failed (RuntimeError): CUDA out of memory" in capsys.readouterr().err
+
+
+def test_serve_command_answers_until_interrupted(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "blip3o.cli", "serve", "--model", "debug", "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, health = time.monotonic() + 90, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert health is not None and health["status"] == "ok" and health["model"] == "debug", proc.stdout.read1()
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        output = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, output
+    assert f"http://127.0.0.1:{port}/" in output

@@ -1,0 +1,86 @@
+"""The web page at `/` in a real headless Chromium (Debian's, driven by selenium): type a prompt and
+see images; attach an image, ask, see the answer. The debug model serves it."""
+
+import shutil
+import tempfile
+
+import pytest
+import torch
+from PIL import Image
+
+from blip3o import Blip3o
+from blip3o.server import BackgroundServer, Blip3oService, ServerConfig, create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: make install adds it")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Chromium is not installed (apt-get install -y chromium chromium-driver; .ci/run does this)",
+)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1200,900"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    torch.manual_seed(0)
+    service = Blip3oService(Blip3o.from_preset("debug"), "debug", ServerConfig())
+    with BackgroundServer(create_app(service)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    profile = tempfile.mkdtemp(prefix="blip3o-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_type_a_prompt_and_see_images(server, browser):
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "model: debug")
+    browser.find_element(By.ID, "prompt").send_keys("a red circle left of a blue square")
+    count = browser.find_element(By.ID, "num-images")
+    count.clear()
+    count.send_keys("2")
+    browser.find_element(By.ID, "generate").click()
+    images = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#images img.generated") or None)
+    assert len(images) == 2
+    assert wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 32)"))
+    assert "2 image(s)" in browser.find_element(By.ID, "generate-status").text
+
+
+def test_attach_an_image_ask_and_see_the_answer(server, browser, tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(path)
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    browser.find_element(By.ID, "image-file").send_keys(str(path))
+    wait.until(lambda d: d.find_element(By.ID, "attachment").is_displayed())
+    for turn, question in enumerate(["what is in the picture?", "and what color is it?"], start=1):
+        browser.find_element(By.ID, "question").send_keys(question)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d, n=turn: len(d.find_elements(By.CSS_SELECTOR, ".message.assistant.done")) == n)
+    answers = browser.find_elements(By.CSS_SELECTOR, ".message.assistant.done")
+    assert all(a.text.strip() for a in answers)
+    users = browser.find_elements(By.CSS_SELECTOR, ".message.user")
+    assert [u.text for u in users] == ["what is in the picture?", "and what color is it?"]
+    assert users[0].find_elements(By.TAG_NAME, "img") and not users[1].find_elements(By.TAG_NAME, "img")
+    assert browser.find_element(By.ID, "chat-status").get_attribute("class") != "error"
+    assert not browser.find_element(By.ID, "attachment").is_displayed()  # it went with the first question
+    browser.save_screenshot(str(tmp_path / "page.png"))
