@@ -84,7 +84,20 @@ def default_model() -> str:
 
 def _load(args):
     note(f"loading model {args.model}...")
-    return load_model(args.model, args.device, args.dtype)
+    offload = getattr(args, "offload", False)
+    model = load_model(args.model, None if offload else args.device, args.dtype)
+    if offload:  # weights stay in CPU memory; each part visits the device only while it runs
+        model.enable_offload(args.device or "cuda")
+    if getattr(args, "compile", False):
+        model.accelerate(compile=True)
+    return model
+
+
+def _add_speed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", action="store_true", help="keep the model in CPU memory and move each part to "
+                                                          "--device only while it runs (big models, small GPUs)")
+    p.add_argument("--compile", action="store_true", help="GPU fast paths: the DiT loop and UNet step as CUDA "
+                                                          "graphs, torch.compile, static KV cache (slow first call)")
 
 
 def note(message: str) -> None:
@@ -425,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="DiT CFG scale (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels, where the decoder allows it")
+    _add_speed_flags(p)
 
     p = add("ask", cmd_ask, "answer questions about images", epilog=(
         "--questions-file: JSON lines with `image` (a path: relative to the working folder, else to the file's\n"
@@ -465,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="time to gather a batch (default 10)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 504 (default 120)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_speed_flags(p)
 
     p = add("info", cmd_info, "show a model's parts, parameter counts and device")
     p.add_argument("--meta", action="store_true", help="build on the meta device (no memory; any size)")

@@ -11,6 +11,7 @@ training targets and `reconstruct`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -97,6 +98,8 @@ class Blip3o(nn.Module):
         self.decoder = build_decoder(config.decoder)
         self._negative_cache: dict[tuple, torch.Tensor] = {}
         self.backbone.freeze()
+        self.fast_sampler = None  # a blip3o.accel.DiTSampler once `accelerate()` ran; same results, faster
+        self._offload = None  # a blip3o.offload.Offload once `enable_offload()` ran
 
     # ------------------------------------------------------------------ construction and persistence
 
@@ -185,6 +188,36 @@ class Blip3o(nn.Module):
     def device(self) -> torch.device:
         return self.queries.device
 
+    # ------------------------------------------------------------------ speed and memory (opt-in)
+
+    def accelerate(self, **options) -> Blip3o:
+        """Turn on the GPU fast paths (`blip3o.accel.AccelOptions`): the DiT loop as one CUDA graph, fused
+        projections, a channels-last and CUDA-graphed UNet step, a static KV cache, and with
+        `compile=True` torch.compile. Same results as the eager code; graphs apply on CUDA devices only."""
+        from blip3o import accel
+
+        return accel.accelerate(self, **options)
+
+    def enable_offload(self, device: str | torch.device = "cuda", *, pin_memory: bool = False) -> Blip3o:
+        """Keep every part in CPU memory and move each to `device` only while it runs (`blip3o.offload`):
+        peak device memory becomes that of the largest part, at the cost of one host-to-device copy a stage."""
+        from blip3o.offload import Offload
+
+        self.disable_offload()
+        self._offload = Offload(self, device, pin_memory=pin_memory)
+        return self
+
+    def disable_offload(self) -> Blip3o:
+        """Undo `enable_offload`: every part stays on the offload device."""
+        if self._offload is not None:
+            self._offload.remove()
+            self._offload = None
+        return self
+
+    def _on_device(self, *parts: str):
+        """Context in which `parts` are on the compute device (a no-op without offload)."""
+        return self._offload.use(*parts) if self._offload is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ generation
 
     def condition(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -217,10 +250,12 @@ class Blip3o(nn.Module):
         """Tokens generated for the empty prompt: the decoder's negative condition (Emu2-Gen style), cached."""
         key = (steps, guidance, str(self.device), self.queries.dtype)
         if key not in self._negative_cache:
-            with torch.no_grad():
+            with torch.no_grad(), self._on_device("backbone"):
                 cond = self.backbone.negative_condition(self.queries)
             generator = torch.Generator().manual_seed(0)
-            self._negative_cache[key] = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator)
+            with self._on_device("dit"):
+                self._negative_cache[key] = self.sample_tokens(cond, steps=steps, guidance=guidance,
+                                                               generator=generator)
         return self._negative_cache[key]
 
     @torch.no_grad()
@@ -235,11 +270,15 @@ class Blip3o(nn.Module):
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
-        cond = self.condition(prompts).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
-        tokens = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator)
+        with self._on_device("backbone"):
+            cond = self.condition(prompts).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
+        with self._on_device("dit"):
+            tokens = (self.fast_sampler or self.sample_tokens)(cond, steps=steps, guidance=guidance,
+                                                               generator=generator)
         negative = self.negative_tokens(steps, guidance) if self.config.decoder_negative == "empty_prompt" else None
-        pixels = self.decoder.decode(tokens, negative=negative, steps=decoder_steps, guidance=decoder_guidance,
-                                     size=size, generator=generator)
+        with self._on_device("decoder"):
+            pixels = self.decoder.decode(tokens, negative=negative, steps=decoder_steps, guidance=decoder_guidance,
+                                         size=size, generator=generator)
         return tensor_to_pil(pixels)
 
     # ------------------------------------------------------------------ understanding and reconstruction
@@ -247,16 +286,19 @@ class Blip3o(nn.Module):
     def answer(self, images: Sequence[Image.Image | None], questions: Sequence[str], **kwargs) -> list[str]:
         """One answer per (image, question) pair; `images[i]` may be None for a text-only question.
         Keyword arguments (max_new_tokens, do_sample, temperature, top_p, seed) go to `Backbone.answer`."""
-        return self.backbone.answer(images, questions, **kwargs)
+        with self._on_device("backbone"):
+            return self.backbone.answer(images, questions, **kwargs)
 
     def chat(self, conversations: list[list[dict]], **kwargs) -> list[str]:
         """Next assistant reply for each multi-turn conversation (see `Backbone.chat`)."""
-        return self.backbone.chat(conversations, **kwargs)
+        with self._on_device("backbone"):
+            return self.backbone.chat(conversations, **kwargs)
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images -> the CLIP tokens (B, 64, C) the DiT learns to generate."""
-        return self.clip_encoder.encode_images(check_images(images))
+        with self._on_device("clip_encoder"):
+            return self.clip_encoder.encode_images(check_images(images))
 
     @torch.no_grad()
     def reconstruct(self, images: Sequence[Image.Image], *, seed: int | None = 0, steps: int | None = None,
@@ -264,7 +306,8 @@ class Blip3o(nn.Module):
         """encode -> decode: shows what the token space keeps of an image."""
         tokens = self.encode_images(images).to(self.device, self.queries.dtype)
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
-        pixels = self.decoder.decode(tokens, steps=steps, guidance=guidance, size=size, generator=generator)
+        with self._on_device("decoder"):
+            pixels = self.decoder.decode(tokens, steps=steps, guidance=guidance, size=size, generator=generator)
         return tensor_to_pil(pixels)
 
     def num_parameters(self) -> dict[str, int]:

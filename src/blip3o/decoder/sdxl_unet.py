@@ -17,6 +17,7 @@ latents are scaled by its `scaling_factor` (0.13025).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,10 @@ class SdxlUnetDecoder(Decoder):
         self.vae.requires_grad_(False)
         self.vae.eval()
         self.scheduler_config = dict(config.scheduler)
+        # Inference fast paths (blip3o.accel): an optional replacement of `predict` (a CUDA-graphed UNet
+        # step), used only without autograd, and the channels-last layout (`set_channels_last`).
+        self.fast_predict: Callable[..., torch.Tensor] | None = None
+        self.channels_last = False
 
     @classmethod
     def from_diffusers_folder(
@@ -205,8 +210,19 @@ class SdxlUnetDecoder(Decoder):
             },
         }
 
+    def set_channels_last(self, enabled: bool = True) -> SdxlUnetDecoder:
+        """Keep the UNet's conv weights and its input latents in NHWC (channels-last), the layout cuDNN's
+        fastest bf16 convolutions use; results are the same up to floating-point summation order."""
+        self.unet.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = enabled
+        return self
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int) -> torch.Tensor:
         """UNet output (noise for epsilon prediction) for latents x (B, 4, h, w) at scheduler timestep(s)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.fast_predict is not None and not torch.is_grad_enabled():
+            return self.fast_predict(x, t, tokens, size)
         return self.unet(x, t, **self.conditioning(tokens, size), return_dict=False)[0]
 
     def latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
