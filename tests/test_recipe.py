@@ -54,3 +54,11 @@ def test_single_stage_from_config(nano_run, tmp_path):
     config["batch_size"] = 3
     (tmp_path / "decoder.json").write_text(json.dumps(config))
     assert cli_main(["train", "decoder", "--config", str(tmp_path / "decoder.json")]) == 2  # refused resume
+
+
+def test_unknown_words_still_draw_and_warn(nano_run):
+    _, final = nano_run
+    model = Blip3o.from_pretrained(final)
+    with pytest.warns(UserWarning, match="no words .*'giraffe'"):
+        images = model.generate(["a photo of a giraffe left of a red circle"], seed=0)
+    assert len(images) == 1 and images[0].size == (64, 64)

@@ -89,10 +89,11 @@ DIT_PRESETS: dict[str, DiTConfig] = {
 
 
 def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Lumina's 2D RoPE as complex rotations (N, head_dim / 2), fp32; N = grid_size**2, row-major.
+    """Lumina's 2D RoPE as (cos, sin) of the rotation angles: (N, head_dim / 2, 2) fp32, N = grid_size**2.
 
     Rotation pair i turns with the row index if i is even and the column index if i is odd, at
-    frequency theta ** (-2 (i // 2) / (head_dim / 2)).
+    frequency theta ** (-2 (i // 2) / (head_dim / 2)). Real-valued (not complex) so that compilers
+    and CUDA graphs handle it like any other tensor.
     """
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float64) / (2 * quarter))  # (hd/4,)
@@ -100,13 +101,16 @@ def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> torch.Tens
     rows = torch.outer(pos, freqs)[:, None, :].expand(grid_size, grid_size, quarter)  # (G, G, hd/4)
     cols = torch.outer(pos, freqs)[None, :, :].expand(grid_size, grid_size, quarter)
     angles = torch.stack([rows, cols], dim=-1).reshape(grid_size * grid_size, 2 * quarter)  # (N, hd/2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, N, heads, hd) by freqs (N, hd/2), in fp32."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, N, heads, hd/2)
-    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs (x0, x1) of x (B, N, heads, hd) by the angles of table
+    (N, hd/2, 2): (x0 cos - x1 sin, x0 sin + x1 cos), in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, N, heads, hd/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = table[:, None, :, 0], table[:, None, :, 1]  # (N, 1, hd/2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -326,8 +330,8 @@ class DiT(nn.Module):
         self.time_caption_embed = TimeCaptionEmbed(d, config.time_dim)
         self.layers = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_out = NormOut(d, config.time_dim, config.in_channels)
-        # The RoPE table is complex fp32 whatever the model's dtype, so it is a per-device cache, not a
-        # buffer: Module.to(dtype) would cast a complex buffer to real and silently drop its sine half.
+        # The RoPE table stays fp32 whatever the model's dtype, so it is a per-device cache, not a buffer
+        # (Module.to(dtype) would cast a buffer; bf16 angles lose too much).
         self._rope: dict[torch.device, torch.Tensor] = {}
         self.initialize_weights()
 
@@ -344,7 +348,7 @@ class DiT(nn.Module):
         self._rope.clear()
 
     def rope(self, device: torch.device) -> torch.Tensor:
-        """Complex RoPE table (N, head_dim / 2) for `device`, computed once."""
+        """RoPE (cos, sin) table (N, head_dim / 2, 2) for `device`, computed once."""
         if device not in self._rope:
             table = rope_2d(self.config.grid_size, self.config.head_dim, self.config.rope_theta)
             self._rope[device] = table.to(device)

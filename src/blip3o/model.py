@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,8 @@ class Blip3o(nn.Module):
         """Generate `num_images` images per prompt; returns len(prompts) * num_images PIL images,
         grouped by prompt. `seed` (or an explicit CPU `generator`) makes the result reproducible."""
         prompts = check_prompts(prompts)
+        if self.config.extra.get("world") == "shapes":
+            warn_unknown_shapes_words(prompts)
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if generator is None:
@@ -314,3 +317,14 @@ class Blip3o(nn.Module):
         parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
                  for name in ("backbone", "dit", "clip_encoder", "decoder")}
         return {**parts, "queries": self.queries.numel(), "total": sum(parts.values()) + self.queries.numel()}
+
+
+def warn_unknown_shapes_words(prompts: Sequence[str]) -> None:
+    """A Shapes-world model still draws a prompt with words outside the world's grammar, but says so."""
+    from blip3o.shapes import parse_description
+
+    for prompt in prompts:
+        unknown = parse_description(prompt, warn=False).unknown_words
+        if unknown:
+            warnings.warn(f"the Shapes world has no words {list(unknown)} (in {prompt!r}); they are ignored by "
+                          "the model's training and the image may not show them", UserWarning, stacklevel=3)
