@@ -16,9 +16,8 @@ import platform
 import time
 
 import torch
-from diffusers import LuminaNextDiT2DModel
-from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
+from _common import reference_dit, reference_velocity
 from blip3o.dit import DiT, DiTConfig
 from blip3o.flow import guided_pair, sample, time_grid
 
@@ -29,26 +28,8 @@ def build(cfg: DiTConfig, device, dtype):
         for p in ours.parameters():  # open the zero-initialised gates and modulations: no branch skipped
             if not p.any():
                 p.normal_(0, 0.02)
-    theirs = LuminaNextDiT2DModel(
-        sample_size=cfg.grid_size, patch_size=1, in_channels=cfg.in_channels, hidden_size=cfg.hidden_size,
-        num_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads,
-        multiple_of=cfg.multiple_of, norm_eps=cfg.norm_eps, learn_sigma=False, qk_norm=True,
-        cross_attention_dim=cfg.hidden_size,
-    ).eval()
-    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("caption_projection.")}
-    theirs.load_state_dict(state, strict=False)
-    return ours.to(device, dtype).fuse_projections(), theirs.to(device, dtype)
-
-
-def their_velocity(theirs, ours, cfg, rope):
-    def v(x, t, cond):  # x (B, 64, C) tokens, t (B,) in [0, 1], cond (B, L, H)
-        grid = x.transpose(1, 2).reshape(x.shape[0], cfg.in_channels, cfg.grid_size, cfg.grid_size)
-        mask = torch.ones(cond.shape[:2], device=x.device)
-        out = theirs(hidden_states=grid, timestep=1000 * t, encoder_hidden_states=ours.caption_projection(cond),
-                     encoder_mask=mask, image_rotary_emb=rope, cross_attention_kwargs={}).sample
-        return out.flatten(2).transpose(1, 2)
-
-    return v
+    ours = ours.to(device, dtype)
+    return ours.fuse_projections(), reference_dit(ours).eval()
 
 
 def timed(fn, repeats: int) -> float:
@@ -77,8 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = DiTConfig(num_layers=args.layers)
     ours, theirs = build(cfg, device, dtype)
-    rope = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
-    theirs_v = their_velocity(theirs, ours, cfg, rope)
+    theirs_v = reference_velocity(theirs, ours)
     b = args.batch
     cond = torch.randn(b, args.cond_len, cfg.cond_size, device=device, dtype=dtype)
     x = torch.randn(b, 64, cfg.in_channels, device=device, dtype=dtype)
