@@ -32,8 +32,8 @@ def test_understanding_stage_learns_colours_from_pixels(tmp_path):
                       lr=1e-3, warmup_steps=30, ema_decay=0.0, progress=False, checkpoint_every=10_000)
     trainer = Trainer(cfg, Looping(one_shape(i) for i in range(4000)))
     # ask the colour question every time (the stage otherwise also picks the caption)
-    trainer.stage.pick = lambda item, rng: (item["json"]["questions"][0]["question"],
-                                            item["json"]["questions"][0]["answer"])
+    trainer.stage.pick = lambda item, rng: [(item["json"]["questions"][0]["question"],
+                                             item["json"]["questions"][0]["answer"])]
     for _ in range(cfg.steps):
         trainer.train_step()
     test = [one_shape(10**6 + i) for i in range(48)]

@@ -143,6 +143,53 @@ def test_openai_client_streams(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
 
+def sse_request(server, text: str) -> urllib.request.Request:
+    return urllib.request.Request(server.url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                  data=json.dumps(chat_body(text, stream=True)).encode())
+
+
+def next_event(response) -> dict | str:
+    line = ""
+    while not line.strip():
+        line = response.readline().decode()
+    payload = line.removeprefix("data: ").strip()
+    return payload if payload == "[DONE]" else json.loads(payload)
+
+
+def test_stream_arrives_while_the_model_writes(model, monkeypatch):
+    """Token streaming: the client holds the first words while the model is still writing."""
+    release = threading.Event()
+
+    def chat(conversations, *, on_text=None, **kwargs):
+        on_text(" the first ")
+        assert release.wait(30), "the first piece never reached the client"
+        on_text(" ")
+        on_text("words")
+        return ["the first  words"]
+
+    monkeypatch.setattr(model, "chat", chat)
+    with running(model) as server, urllib.request.urlopen(sse_request(server, "hi"), timeout=60) as response:
+        assert next_event(response)["choices"][0]["delta"]["role"] == "assistant"
+        assert next_event(response)["choices"][0]["delta"]["content"] == "the first"  # edges stripped
+        release.set()
+        assert next_event(response)["choices"][0]["delta"]["content"] == "  words"
+        assert next_event(response)["choices"][0]["finish_reason"] in ("stop", "length")
+        assert next_event(response) == "[DONE]"
+
+
+def test_stream_failure_after_the_first_piece_is_an_error_event(model, monkeypatch):
+    def chat(conversations, *, on_text=None, **kwargs):
+        on_text("partial ")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "chat", chat)
+    with running(model) as server, urllib.request.urlopen(sse_request(server, "hi"), timeout=60) as response:
+        events = [next_event(response) for _ in range(4)]
+    assert events[1]["choices"][0]["delta"]["content"] == "partial"
+    assert events[2]["error"]["code"] == "model_error" and "out of memory" in events[2]["error"]["message"]
+    assert events[3] == "[DONE]"
+
+
 def test_sse_wire_format_ends_with_done(server):
     req = urllib.request.Request(server.url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
                                  data=json.dumps(chat_body("hello", stream=True)).encode())

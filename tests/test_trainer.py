@@ -117,3 +117,42 @@ def test_two_processes_match_one(tmp_path):
         sa, sb = states(a, part), states(b, part)
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-4, msg=f"{part}.{k}")
+
+
+def test_understanding_conversation_labels_every_answer(tmp_path):
+    """Multi-turn conversations: every assistant answer (and only those) is a target, in order."""
+    from blip3o.shapes import make_sample
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(3, i) for i in range(6))]
+    trainer = Trainer(config(tmp_path, "understanding", stage_options={"max_turns": 8}), items)
+    batch = trainer.stage.collate(items, list(range(6)), 0, torch.device("cpu"))
+    tok = trainer.model.backbone.tokenizer
+    for row, item in enumerate(items):
+        meta = item["json"]
+        expected = sorted([q["answer"] for q in meta["questions"]] + [meta["caption"]])
+        labels = batch["labels"][row]
+        spans, current = [], []
+        for token in labels.tolist():  # contiguous runs of labelled tokens = the answers
+            if token != -100:
+                current.append(token)
+            elif current:
+                spans.append(current)
+                current = []
+        spans += [current] if current else []
+        decoded = [tok.decode(span) for span in spans]
+        assert all(d.endswith("<|im_end|>") for d in decoded), decoded
+        assert sorted(d.removesuffix("<|im_end|>") for d in decoded) == expected
+        # the image sits in the first user turn only
+        image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+        ids = batch["input_ids"][row].tolist()
+        first_answer = next(i for i, t in enumerate(labels.tolist()) if t != -100)
+        assert image_pad in ids[:first_answer] and image_pad not in ids[first_answer:]
+    loss = trainer.stage.loss(batch)
+    assert torch.isfinite(loss)
+
+
+def test_understanding_one_turn_by_default(tmp_path):
+    trainer = Trainer(config(tmp_path, "understanding"), DATA)
+    batch = trainer.stage.collate(DATA[:4], list(range(4)), 0, torch.device("cpu"))
+    runs = [(row != -100).int().diff().eq(1).sum().item() + int(row[0] != -100) for row in batch["labels"]]
+    assert runs == [1, 1, 1, 1]

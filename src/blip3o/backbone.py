@@ -11,7 +11,7 @@ backbone is frozen, but gradients flow through it into the queries, which stage 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 import transformers
 from PIL import Image
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, TextStreamer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from blip3o.images import check_images
@@ -172,6 +172,18 @@ class BackboneProcessor(Qwen2_5_VLProcessor):
         return super().check_argument_for_proper_class(argument_name, argument)
 
 
+class _CallbackStreamer(TextStreamer):
+    """transformers' incremental detokenizer (prompt skipped, text at word boundaries) into a callback."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
 class Backbone(nn.Module):
     """Qwen2.5-VL wrapped for BLIP3-o: `condition` for generation, `answer`/`chat` for understanding."""
 
@@ -293,9 +305,16 @@ class Backbone(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> list[str]:
-        """The next assistant reply of each conversation (batched, left padded)."""
+        """The next assistant reply of each conversation (batched, left padded).
+
+        `on_text` (one conversation only) receives the reply as it is generated, in pieces of whole
+        words where possible; their concatenation is the reply before stripping.
+        """
         self._require_tokenizer()
+        if on_text is not None and len(conversations) != 1:
+            raise ValueError(f"on_text streams one conversation; got {len(conversations)}")
         texts, images = self._render(conversations)
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
                                 return_tensors="pt").to(self.device)
@@ -308,6 +327,7 @@ class Backbone(nn.Module):
             out = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens, eos_token_id=stop,
                 pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                streamer=None if on_text is None else _CallbackStreamer(self.tokenizer, on_text),
             )  # (B, L + new)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

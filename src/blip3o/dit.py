@@ -39,6 +39,10 @@ class DiTConfig:
     cond_size: int = 3584  # H, width of the backbone hidden states that condition the DiT
     rope_theta: float = 10000.0
     quantize_timesteps: bool = False  # official inference casts 1000*t to an integer; True reproduces that
+    # initial value of the per-head cross-attention gates (tanh(gate) scales cross-attention). Lumina-Next
+    # starts at 0, made for adding text to a pretrained model; from scratch an open gate lets the DiT use
+    # its condition from the first steps (a shut gate and untrained cross-attention are a slow saddle).
+    cross_gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -79,7 +83,8 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "blip3o-8b": DiTConfig(),
     "blip3o-4b": DiTConfig(cond_size=2048),
     # small enough that the whole nano model ships in 25 MB (fp16)
-    "nano": DiTConfig(in_channels=128, hidden_size=192, num_layers=4, num_heads=4, cond_size=256, multiple_of=64),
+    "nano": DiTConfig(in_channels=128, hidden_size=192, num_layers=4, num_heads=4, cond_size=256, multiple_of=64,
+                      cross_gate_init=1.0),
     "debug": DiTConfig(in_channels=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, cond_size=64,
                        multiple_of=32),
 }
@@ -367,6 +372,7 @@ class DiT(nn.Module):
         for block in self.layers:
             nn.init.zeros_(block.norm1.linear.weight)
             nn.init.zeros_(block.norm1.linear.bias)
+            block.gate.fill_(self.config.cross_gate_init)
         nn.init.zeros_(self.norm_out.linear_1.weight)
         nn.init.zeros_(self.norm_out.linear_2.weight)
 

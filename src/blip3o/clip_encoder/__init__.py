@@ -15,7 +15,7 @@ Large towers are built on the meta device and filled from a checkpoint:
 
 from __future__ import annotations
 
-import dataclasses
+from blip3o.configs import config_from_dict
 
 from .eva import OFFICIAL_PREFIX, ClipEncoderBase, EvaClipConfig, EvaClipEncoder, pool_patch_tokens
 from .shapes import ShapesEncoder, ShapesEncoderConfig
@@ -48,15 +48,7 @@ CLIP_ENCODER_PRESETS: dict[str, ClipEncoderConfig] = {
 
 def clip_encoder_config_from_dict(d: dict) -> ClipEncoderConfig:
     """Config from a plain dict (e.g. a saved JSON); `d["kind"]` picks the encoder."""
-    kind = d.get("kind")
-    if kind not in _KINDS:
-        raise ValueError(f"unknown clip encoder kind {kind!r}; known kinds: {sorted(_KINDS)}")
-    config_class = _KINDS[kind][0]
-    names = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown fields {unknown} for clip encoder kind {kind!r}; known: {sorted(names)}")
-    return config_class(**d)
+    return config_from_dict({kind: classes[0] for kind, classes in _KINDS.items()}, d, "clip encoder")
 
 
 def build_clip_encoder(config: ClipEncoderConfig | str) -> ClipEncoderBase:

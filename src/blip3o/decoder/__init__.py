@@ -14,13 +14,13 @@ Kinds:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from blip3o.configs import config_from_dict
 from blip3o.flow import drop_condition
 
 NUM_TOKENS = 64  # the CLIP tokens of one image: an 8 x 8 grid of pooled patches, raster order
@@ -202,22 +202,8 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
 
 
 def decoder_config_from_dict(d: dict[str, Any]) -> DecoderConfig:
-    """Config of the kind named by d["kind"]; fields left out keep that kind's defaults.
-
-    Lists (as JSON gives them) become tuples. Unknown kinds or fields raise ValueError.
-    """
-    if not isinstance(d, dict) or "kind" not in d:
-        raise ValueError(f"a decoder config is a dict with a 'kind' (one of {sorted(_KINDS)}), got {d!r}")
-    kind = d["kind"]
-    if kind not in _KINDS:
-        raise ValueError(f"unknown decoder kind {kind!r}: use one of {sorted(_KINDS)}")
-    config_class = _KINDS[kind][0]
-    names = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown fields {unknown} for decoder kind {kind!r}; its fields: {sorted(names)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    return config_class(**values)
+    """Config of the kind named by d["kind"]; fields left out keep that kind's defaults."""
+    return config_from_dict({kind: classes[0] for kind, classes in _KINDS.items()}, d, "decoder")
 
 
 def build_decoder(config: DecoderConfig) -> Decoder:

@@ -62,11 +62,10 @@ def create_app(service: Blip3oService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
-        completion = await service.chat_completion(body)
         if body.stream:
-            return StreamingResponse(service.stream(completion), media_type="text/event-stream",
+            return StreamingResponse(await service.chat_stream(body), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return completion
+        return await service.chat_completion(body)
 
     return app
 

@@ -18,8 +18,8 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -48,6 +48,7 @@ class ChatTask:
     temperature: float  # 0: greedy
     top_p: float
     seed: int | None
+    on_text: Callable[[str], None] | None = None  # streaming: receives the reply as it is generated
 
 
 @dataclass(frozen=True)
@@ -104,24 +105,63 @@ class Blip3oService:
                          "finish_reason": reply.finish_reason, "logprobs": None}],
         }
 
-    async def stream(self, completion: dict) -> AsyncIterator[str]:
-        """A finished completion as server-sent `chat.completion.chunk` events, then `data: [DONE]`.
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        """The reply as server-sent `chat.completion.chunk` events, token by token as the model writes
+        it, then `data: [DONE]`.
 
-        The reply is computed before the first event (so errors are plain JSON answers); the
-        events carry it word by word.
+        Validation and queueing happen before this returns, so a bad request or a full queue is a
+        plain JSON error with its status; a failure after the stream began arrives as an `error` event.
         """
-        choice = completion["choices"][0]
-        base = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
-                "model": completion["model"]}
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        task = await asyncio.to_thread(self._chat_task, request)
+        task = replace(task, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        future = self._enqueue(("chat",), task, batchable=False)
+        return self._chat_events(future, pieces)
+
+    async def _chat_events(self, future, pieces: asyncio.Queue) -> AsyncIterator[str]:
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self.model_id}
 
         def event(delta: dict, finish: str | None = None) -> str:
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
             return f"data: {json.dumps(chunk)}\n\n"
 
+        # whitespace is held back until text follows it: the streamed text is exactly the stripped
+        # reply that chat_completion returns
+        started, held = False, ""
+
+        def content(piece: str) -> str:
+            nonlocal started, held
+            text = held + piece
+            text = text if started else text.lstrip()
+            body = text.rstrip()
+            held, started = text[len(body):], started or bool(body)
+            return body
+
         yield event({"role": "assistant", "content": ""})
-        for piece in re.findall(r"\s*\S+\s*", choice["message"]["content"]):
-            yield event({"content": piece})
-        yield event({}, choice["finish_reason"])
+        done = asyncio.ensure_future(self._result(future))
+        try:
+            while not done.done() or not pieces.empty():
+                if pieces.empty():
+                    piece = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({piece, done}, return_when=asyncio.FIRST_COMPLETED)
+                    if not piece.done():
+                        piece.cancel()
+                        continue
+                    text = content(piece.result())
+                else:  # pieces queued before the reply was handed over
+                    text = content(pieces.get_nowait())
+                if text:
+                    yield event({"content": text})
+            reply: ChatReply = done.result()
+        except APIError as e:
+            error = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        else:
+            yield event({}, reply.finish_reason)
+        finally:
+            done.cancel()
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ validation (before queueing)
@@ -221,14 +261,21 @@ class Blip3oService:
     # ------------------------------------------------------------------ queueing
 
     async def _submit(self, key: Hashable, payload, *, weight: int = 1, batchable: bool = True):
+        return await self._result(self._enqueue(key, payload, weight=weight, batchable=batchable))
+
+    def _enqueue(self, key: Hashable, payload, *, weight: int = 1, batchable: bool = True):
+        """Queue a job (its concurrent Future); a full queue is 429, a stopping server 503."""
         try:
-            future = self.batcher.submit(key, payload, weight=weight, batchable=batchable)
+            return self.batcher.submit(key, payload, weight=weight, batchable=batchable)
         except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}); retry after {self.config.retry_after_s} s",
                            type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(self.config.retry_after_s)}) from e
         except ShuttingDown as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from e
+
+    async def _result(self, future):
+        """A queued job's result, every failure turned into the APIError a client should see."""
         timeout = self.config.request_timeout_s
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
@@ -278,7 +325,7 @@ class Blip3oService:
     def _run_chat(self, task: ChatTask) -> ChatReply:
         sampling = dict(do_sample=True, temperature=task.temperature, top_p=task.top_p) if task.temperature else {}
         (text,) = self.model.chat([task.conversation], max_new_tokens=task.max_new_tokens, seed=task.seed,
-                                  **sampling)
+                                  on_text=task.on_text, **sampling)
         tokenizer = getattr(self.model.backbone, "tokenizer", None)
         used = len(tokenizer.encode(text, add_special_tokens=False)) if tokenizer is not None else 0
         return ChatReply(text, "length" if used >= task.max_new_tokens else "stop")

@@ -1,8 +1,11 @@
 """Shapes-world training data as webdataset tar shards, and a reader for any image-text shards.
 
 A shard `shapes-000000.tar` holds samples `{key}.png` + `{key}.json`, the json being
-`{scene, rasteriser, prompts: [{tag, prompt}], questions: [{type, question, answer}], caption}`
-(`caption` answers `describe the image.`). Sample `i` of seed `s` depends only on (s, i), so
+`{scene, rasteriser, prompt, prompts: [{tag, prompt}], questions: [{type, question, answer}], caption}`
+(`caption` answers `describe the image.` and lists every object). Half the samples are drawn
+prompt-first: `prompt` ({tag, prompt}) is a random prompt of a random GenEval family and the scene
+holds exactly the objects it names, so it describes the image whole (generation pairs with a
+sharp target); the other half are random scenes (`prompt` null). Sample `i` of seed `s` depends only on (s, i), so
 shards are byte-identical for a seed however they are split.
 
 `iter_samples` reads these or any webdataset-style image-text shards (`jpg`/`png`/`webp` +
@@ -25,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from .prompts import describe, prompts_from_scene
+from .prompts import describe, prompts_from_scene, sample_prompt, scene_for
 from .questions import questions_for_scene
 from .render import choose_rasteriser, render
 from .world import sample_scene
@@ -33,17 +36,20 @@ from .world import sample_scene
 SHARD_NAME = "shapes-{:06d}.tar"
 IMAGE_KEYS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 MAX_ERRORS_KEPT = 20  # ReadStats keeps the first messages only
+PROMPT_FIRST = 0.5  # share of samples whose scene is drawn for a random prompt
 
 
 def make_sample(seed: int, index: int) -> tuple[Image.Image, dict]:
     """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict)."""
     rng = random.Random(f"shapes-{seed}-{index}")  # str seeds hash with sha512: stable across runs
-    scene = sample_scene(rng)
+    prompt = sample_prompt(rng) if rng.random() < PROMPT_FIRST else None
+    scene = scene_for(prompt, rng, extras=False) if prompt else sample_scene(rng)
     rasteriser = choose_rasteriser(rng)
     questions = questions_for_scene(scene, rng)
     meta = {
         "scene": scene.to_dict(),
         "rasteriser": rasteriser,
+        "prompt": {"tag": prompt.tag, "prompt": prompt.text} if prompt else None,
         "prompts": [{"tag": p.tag, "prompt": p.text} for p in prompts_from_scene(scene, rng)],
         "questions": [{"type": q.type, "question": q.text, "answer": q.answer} for q in questions],
         "caption": describe(scene, rng),

@@ -210,13 +210,18 @@ def geneval_scores(tags: Sequence[str], passed: Sequence[bool]) -> dict[str, flo
     return scores
 
 
-def scene_for(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 10_000) -> Scene:
-    """A random scene that satisfies `spec` (position-safe if it has relations), with random extras."""
+def scene_for(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 10_000, *,
+              extras: bool = True) -> Scene:
+    """A random scene that satisfies `spec` (position-safe if it has relations).
+
+    With `extras` it may hold random further objects (up to the scene limit) unless the spec is
+    complete; without, it holds exactly the objects the spec names, so the spec describes it whole.
+    """
     req = spec.requirement if isinstance(spec, Prompt) else spec
     needed = [ObjSpec(g.shape, g.color) for g in req.groups for _ in range(g.count)]
     if len(needed) > MAX_OBJECTS:
         raise ValueError(f"the requirement needs {len(needed)} objects; a scene holds at most {MAX_OBJECTS}")
-    n = len(needed) if req.complete else None
+    n = len(needed) if req.complete or not extras else None
 
     def ok(scene: Scene) -> bool:
         return check(req, scene.objects) and (not req.relations or position_safe(scene.objects))
