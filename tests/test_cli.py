@@ -105,6 +105,13 @@ def test_chat_in_the_terminal(checkpoint, image_path, monkeypatch, capsys):
     assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert out.count("blip3o> ") == 3
+    replies = [line.split("blip3o> ", 1)[1] for line in out.splitlines() if "blip3o> " in line]
+    model = Blip3o.from_pretrained(checkpoint)  # the streamed words are the reply chat returns
+    image = Image.open(image_path).convert("RGB")
+    (first,) = model.chat([[{"role": "user", "content": [{"type": "image", "image": image},
+                                                         {"type": "text", "text": "what is this?"}]}]],
+                          max_new_tokens=4)
+    assert replies[0].rstrip() == first
     assert "attached" in out and "no image file" in out and "new conversation" in out
 
 

@@ -495,3 +495,28 @@ def test_reads_generic_image_text_shards(tmp_path):
     got = list(iter_samples(str(path), stats=stats))
     assert [(im.size, meta["text"]) for im, meta in got] == [((32, 24), "a red thing"), ((32, 24), "a blue thing")]
     assert (stats.samples, stats.bad_samples, stats.bad_shards) == (2, 1, 0)
+
+
+def test_prompt_first_samples_are_described_whole():
+    """Half the samples are drawn for a prompt: exactly its objects, so the prompt names every one."""
+    drawn = 0
+    for i in range(200):
+        _, meta = make_sample(11, i)
+        scene = Scene.from_dict(meta["scene"])
+        if meta["prompt"] is None:
+            continue
+        drawn += 1
+        requirement = parse_description(meta["prompt"]["prompt"])
+        assert check(requirement, scene.objects)
+        assert len(scene.objects) == sum(g.count for g in requirement.groups), meta
+    assert 70 <= drawn <= 130
+
+
+def test_scene_for_without_extras_holds_only_what_is_named():
+    rng = random.Random(0)
+    for tag in TAGS:
+        for _ in range(20):
+            prompt = sample_prompt(rng, tag)
+            scene = scene_for(prompt, rng, extras=False)
+            assert check(prompt, scene.objects)
+            assert len(scene.objects) == sum(g.count for g in prompt.requirement.groups)

@@ -156,3 +156,14 @@ def test_understanding_one_turn_by_default(tmp_path):
     batch = trainer.stage.collate(DATA[:4], list(range(4)), 0, torch.device("cpu"))
     runs = [(row != -100).int().diff().eq(1).sum().item() + int(row[0] != -100) for row in batch["labels"]]
     assert runs == [1, 1, 1, 1]
+
+
+def test_decoder_token_noise_option(tmp_path):
+    plain = Trainer(config(tmp_path / "a", "decoder"), DATA).stage.collate(DATA[:8], list(range(8)), 0,
+                                                                           torch.device("cpu"))
+    assert not plain["token_noise"].any()
+    noisy = Trainer(config(tmp_path / "b", "decoder", stage_options={"token_noise": 0.3}), DATA)
+    batch = noisy.stage.collate(DATA[:8], list(range(8)), 0, torch.device("cpu"))
+    per_sample = batch["token_noise"].std(dim=(1, 2))
+    assert (per_sample > 0).all() and (per_sample < 0.35).all() and per_sample.max() - per_sample.min() > 0.02
+    assert torch.isfinite(noisy.stage.loss(batch))
