@@ -54,7 +54,7 @@ def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: i
 def evaluate_understanding(model: Blip3o, *, num_scenes: int, seed: int, batch: int = 32) -> dict:
     items = []
     for i in range(num_scenes):
-        image, meta = make_sample(seed, i)
+        image, meta = make_sample(seed, i, prompt_first=0.0)  # random scenes of 1-4 objects, none drawn for a prompt
         scene = Scene.from_dict(meta["scene"])
         for q in meta["questions"]:
             items.append((image, Question(q["type"], q["question"], q["answer"]), scene))

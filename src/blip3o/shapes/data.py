@@ -39,10 +39,14 @@ MAX_ERRORS_KEPT = 20  # ReadStats keeps the first messages only
 PROMPT_FIRST = 0.5  # share of samples whose scene is drawn for a random prompt
 
 
-def make_sample(seed: int, index: int) -> tuple[Image.Image, dict]:
-    """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict)."""
+def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST) -> tuple[Image.Image, dict]:
+    """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict).
+
+    `prompt_first` is the chance that the scene is drawn for a random prompt (0: always a random
+    scene of 1 to 4 objects, as the evaluation's questions use).
+    """
     rng = random.Random(f"shapes-{seed}-{index}")  # str seeds hash with sha512: stable across runs
-    prompt = sample_prompt(rng) if rng.random() < PROMPT_FIRST else None
+    prompt = sample_prompt(rng) if rng.random() < prompt_first else None
     scene = scene_for(prompt, rng, extras=False) if prompt else sample_scene(rng)
     rasteriser = choose_rasteriser(rng)
     questions = questions_for_scene(scene, rng)
