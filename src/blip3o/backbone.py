@@ -184,6 +184,22 @@ class _CallbackStreamer(TextStreamer):
             self.on_text(text)
 
 
+def stripped_stream(on_text: Callable[[str], None]) -> Callable[[str], None]:
+    """Wrap a streaming callback so that the pieces it receives concatenate to the stripped reply
+    `chat` returns: leading whitespace is dropped, other whitespace held back until text follows it."""
+    started, held = False, ""
+
+    def forward(piece: str) -> None:
+        nonlocal started, held
+        text = held + piece if started else (held + piece).lstrip()
+        body = text.rstrip()
+        held, started = text[len(body):], started or bool(body)
+        if body:
+            on_text(body)
+
+    return forward
+
+
 class Backbone(nn.Module):
     """Qwen2.5-VL wrapped for BLIP3-o: `condition` for generation, `answer`/`chat` for understanding."""
 
@@ -310,7 +326,8 @@ class Backbone(nn.Module):
         """The next assistant reply of each conversation (batched, left padded).
 
         `on_text` (one conversation only) receives the reply as it is generated, in pieces of whole
-        words where possible; their concatenation is the reply before stripping.
+        words where possible; their concatenation is the reply before stripping (wrap the callback
+        in `stripped_stream` to receive exactly the returned reply).
         """
         self._require_tokenizer()
         if on_text is not None and len(conversations) != 1:

@@ -262,20 +262,9 @@ def _ask_file(args) -> int:
 CHAT_HELP = "type a message; /image PATH attaches an image to your next message, /reset starts over, /quit leaves"
 
 
-def _terminal_printer():
-    """A callback printing streamed text to stdout as it comes, leading whitespace dropped."""
-    started = False
-
-    def show(piece: str) -> None:
-        nonlocal started
-        piece = piece if started else piece.lstrip()
-        started = started or bool(piece)
-        print(piece, end="", flush=True)
-
-    return show
-
-
 def cmd_chat(args) -> int:
+    from blip3o.backbone import stripped_stream
+
     attached = [open_image(Path(p), "--image") for p in args.image]
     model = _load(args)
     interactive = sys.stdin.isatty()
@@ -311,7 +300,7 @@ def cmd_chat(args) -> int:
         attached = []
         print("blip3o> ", end="", flush=True)  # the reply follows word by word as the model writes it
         (reply,) = model.chat([history], max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              on_text=_terminal_printer(), **sampling)
+                              on_text=stripped_stream(lambda piece: print(piece, end="", flush=True)), **sampling)
         history.append({"role": "assistant", "content": reply})
         print(flush=True)
 

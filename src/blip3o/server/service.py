@@ -112,10 +112,13 @@ class Blip3oService:
         Validation and queueing happen before this returns, so a bad request or a full queue is a
         plain JSON error with its status; a failure after the stream began arrives as an `error` event.
         """
+        from blip3o.backbone import stripped_stream
+
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         task = await asyncio.to_thread(self._chat_task, request)
-        task = replace(task, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        # pieces arrive stripped at the edges: together they are exactly the reply chat_completion returns
+        task = replace(task, on_text=stripped_stream(lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)))
         future = self._enqueue(("chat",), task, batchable=False)
         return self._chat_events(future, pieces)
 
@@ -127,18 +130,6 @@ class Blip3oService:
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
             return f"data: {json.dumps(chunk)}\n\n"
 
-        # whitespace is held back until text follows it: the streamed text is exactly the stripped
-        # reply that chat_completion returns
-        started, held = False, ""
-
-        def content(piece: str) -> str:
-            nonlocal started, held
-            text = held + piece
-            text = text if started else text.lstrip()
-            body = text.rstrip()
-            held, started = text[len(body):], started or bool(body)
-            return body
-
         yield event({"role": "assistant", "content": ""})
         done = asyncio.ensure_future(self._result(future))
         try:
@@ -149,11 +140,9 @@ class Blip3oService:
                     if not piece.done():
                         piece.cancel()
                         continue
-                    text = content(piece.result())
+                    yield event({"content": piece.result()})
                 else:  # pieces queued before the reply was handed over
-                    text = content(pieces.get_nowait())
-                if text:
-                    yield event({"content": text})
+                    yield event({"content": pieces.get_nowait()})
             reply: ChatReply = done.result()
         except APIError as e:
             error = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
