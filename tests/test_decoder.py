@@ -282,3 +282,46 @@ def test_decode_is_device_independent(decoder):
     on_gpu = decoder.to("cuda").decode(tokens.cuda(), steps=2, generator=seeded(12))
     decoder.to("cpu")
     torch.testing.assert_close(on_gpu.cpu(), expected, atol=2e-3, rtol=0)
+
+
+def test_shapes_sample_prediction_ends_on_the_clean_image():
+    """prediction="sample": the loss is the x_0 error, and the last Euler step returns the network's x_0."""
+    torch.manual_seed(0)
+    config = ShapesDecoderConfig(token_width=16, channels=(16, 16, 32, 32), head_dim=16, embed_dim=32,
+                                 prediction="sample")
+    decoder = build_decoder(config).eval()
+    torch.nn.init.normal_(decoder.conv_out.weight, std=0.05)
+    tokens = torch.randn(2, 64, 16, generator=seeded(1))
+    x_1 = torch.randn(2, 3, 64, 64, generator=seeded(2))
+    with torch.no_grad():
+        t = torch.tensor([1.0, 0.5])
+        x_0 = decoder.network(x_1, t, tokens)
+        torch.testing.assert_close(decoder(x_1, t, tokens), (x_1 - x_0) / t.view(-1, 1, 1, 1))
+        # one step from t = 1: x_1 - 1 * v = x_0, the network's clean image
+        pixels = decoder.decode(tokens, steps=1, guidance=1.0, generator=seeded(2))
+        torch.testing.assert_close(pixels, from_model_space(decoder.network(x_1, torch.ones(2), tokens)),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        ShapesDecoderConfig(prediction="epsilon")
+
+
+def test_shapes_sample_prediction_learns_a_tiny_batch():
+    torch.manual_seed(0)
+    config = ShapesDecoderConfig(token_width=16, channels=(16, 16, 32, 32), head_dim=16, embed_dim=32,
+                                 prediction="sample", condition_drop=0.0)
+    decoder = build_decoder(config)
+    tokens, pixels = torch.randn(4, 64, 16, generator=seeded(11)), toy_scenes(4)
+
+    def one_step_error() -> float:  # decode in one step (from pure noise) against the true pixels
+        with torch.no_grad():
+            return (decoder.decode(tokens, steps=1, guidance=1.0, generator=seeded(5)) - pixels).abs().mean().item()
+
+    before = one_step_error()
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
+    for step in range(100):
+        loss = decoder.loss(tokens, pixels, generator=seeded(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = one_step_error()
+    assert after < 0.5 * before, (before, after)

@@ -154,3 +154,24 @@ def test_fused_projections_match_and_follow_weight_updates():
         dit.fuse_projections(False)
         torch.testing.assert_close(changed, dit(x, t, c), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(changed, ref)
+
+
+def test_sample_prediction_reads_the_output_as_clean_tokens():
+    """prediction="sample": the network outputs x_0 and velocity() is (x_t - x_0) / t, so one Euler step
+    from t to 0 lands exactly on the network's clean tokens."""
+    cfg = DiTConfig(**{**DIT_PRESETS["debug"].__dict__, "prediction": "sample"})
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    x, t, c = torch.randn(3, 64, cfg.in_channels), torch.tensor([1.0, 0.5, 0.25]), torch.randn(3, 5, cfg.cond_size)
+    with torch.no_grad():
+        cond = dit.prepare_condition(c)
+        x_0 = dit.predict(x, t, cond)
+        v = dit.velocity(x, t, cond)
+        torch.testing.assert_close(v, (x - x_0) / t.view(-1, 1, 1))
+        torch.testing.assert_close(x - t.view(-1, 1, 1) * v, x_0, rtol=1e-5, atol=1e-5)
+        # the default reads the same output as the velocity itself
+        velocity_dit = DiT(DIT_PRESETS["debug"]).eval()
+        velocity_dit.load_state_dict(dit.state_dict())
+        torch.testing.assert_close(velocity_dit.velocity(x, t, velocity_dit.prepare_condition(c)), x_0)
+    with pytest.raises(ValueError, match="prediction"):
+        DiTConfig(prediction="noise")

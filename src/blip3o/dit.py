@@ -7,6 +7,7 @@ One forward pass, as the figure reads (B batch, N = 64 tokens on an 8x8 grid, L 
     x       = patch_embedder(x_t)                              # (B, N, C) -> (B, N, D)
     x       = block(x, c, context) for each of the layers      # RMSNorm-zero, self + gated cross attention
     v       = norm_out(x, c)                                   # AdaLN-continuous, final linear -> (B, N, C)
+              (or x_0 = norm_out(x, c), v = (x_t - x_0) / t with `prediction="sample"`)
 
 Parameter names follow diffusers' `LuminaNextDiT2DModel` (plus BLIP3-o's `caption_projection`), so
 official checkpoints and the parity test load without renaming. The module is written for one
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MIN_T = 0.02  # sample prediction: v = (x_t - x_0) / t divides by at least this
 
 @dataclass
 class DiTConfig:
@@ -43,12 +45,18 @@ class DiTConfig:
     # starts at 0, made for adding text to a pretrained model; from scratch an open gate lets the DiT use
     # its condition from the first steps (a shut gate and untrained cross-attention are a slow saddle).
     cross_gate_init: float = 0.0
+    # What the network outputs: "velocity" (v = x_1 - x_0, official BLIP3-o) or "sample" (the clean tokens
+    # x_0, read as v = (x_t - x_0) / t). Tokens of a small world lie on a low-dimensional manifold, where
+    # predicting the clean point is far easier than predicting noise (Li & He 2025, "Back to Basics").
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
             raise ValueError(f"2D RoPE needs head_dim % 4 == 0, got head_dim {self.head_dim}")
+        if self.prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction must be 'velocity' or 'sample', got {self.prediction!r}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
 
@@ -389,6 +397,13 @@ class DiT(nn.Module):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """x_t (B, N, C), t (B,) in [0, 1], a prepared Condition -> v (B, N, C)."""
+        out = self.predict(x_t, t, cond)
+        if self.config.prediction == "velocity":
+            return out
+        return (x_t - out) / t.clamp_min(MIN_T).view(-1, 1, 1).to(out.dtype)  # out is x_0
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """The network's raw output (B, N, C): v, or x_0 with `prediction="sample"`."""
         if self.config.quantize_timesteps:
             t = torch.floor(t * 1000) / 1000
         c = self.time_caption_embed(t, cond.context, cond.mask)  # (B, T)
