@@ -130,12 +130,12 @@ def test_chat_template_matches_qwen_format(backbone):
     )
 
 
-def test_nano_processor_keeps_shapes_images_at_16_tokens():
+def test_nano_processor_keeps_shapes_images_at_64_tokens():
     backbone = Backbone(BACKBONE_PRESETS["nano"])
     out = backbone.processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[shapes_image()],
                              return_tensors="pt")
-    assert out["image_grid_thw"].tolist() == [[1, 8, 8]]  # 64 px / 8 px patches, not resized
-    assert (out["input_ids"] == backbone.model.config.image_token_id).sum() == 16
+    assert out["image_grid_thw"].tolist() == [[1, 16, 16]]  # 64 px / 4 px patches, not resized
+    assert (out["input_ids"] == backbone.model.config.image_token_id).sum() == 64  # 2x2 patches merged
 
 
 # --- errors ------------------------------------------------------------------------------------
