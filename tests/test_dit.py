@@ -1,11 +1,14 @@
 """DiT: parity with diffusers' Lumina-Next on the shared structure, shapes, conditions, errors."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
 from blip3o.dit import DIT_PRESETS, DiT, DiTConfig, rope_2d
+from blip3o.flow import sample_path
 
 torch.manual_seed(0)
 
@@ -159,7 +162,7 @@ def test_fused_projections_match_and_follow_weight_updates():
 def test_sample_prediction_reads_the_output_as_clean_tokens():
     """prediction="sample": the network outputs x_0 and velocity() is (x_t - x_0) / t, so one Euler step
     from t to 0 lands exactly on the network's clean tokens."""
-    cfg = DiTConfig(**{**DIT_PRESETS["debug"].__dict__, "prediction": "sample"})
+    cfg = dataclasses.replace(DIT_PRESETS["debug"], prediction="sample")
     dit = DiT(cfg).eval()
     _randomize(dit)
     x, t, c = torch.randn(3, 64, cfg.in_channels), torch.tensor([1.0, 0.5, 0.25]), torch.randn(3, 5, cfg.cond_size)
@@ -175,3 +178,17 @@ def test_sample_prediction_reads_the_output_as_clean_tokens():
         torch.testing.assert_close(velocity_dit.velocity(x, t, velocity_dit.prepare_condition(c)), x_0)
     with pytest.raises(ValueError, match="prediction"):
         DiTConfig(prediction="noise")
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+def test_loss_compares_the_output_with_its_own_target(prediction):
+    cfg = dataclasses.replace(DIT_PRESETS["debug"], prediction=prediction)
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    x_0, x_1, t, c = (torch.randn(3, 64, cfg.in_channels), torch.randn(3, 64, cfg.in_channels),
+                      torch.tensor([0.9, 0.5, 0.1]), torch.randn(3, 5, cfg.cond_size))
+    path = sample_path(x_0, x_1, t)
+    with torch.no_grad():
+        out = dit.predict(path.x_t, t, dit.prepare_condition(c))
+        target = path.v if prediction == "velocity" else x_0
+        torch.testing.assert_close(dit.loss(path, c), ((out - target) ** 2).mean())

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip3o.flow import PathSample, flow_matching_loss
+
 MIN_T = 0.02  # sample prediction: v = (x_t - x_0) / t divides by at least this
+
 
 @dataclass
 class DiTConfig:
@@ -424,3 +427,11 @@ class DiT(nn.Module):
         if t.shape != (b,) or cond.shape[0] != b:
             raise ValueError(f"t {tuple(t.shape)} and cond batch {cond.shape[0]} must match x_t batch {b}")
         return self.velocity(x_t, t, self.prepare_condition(cond, cond_mask))
+
+    def loss(self, path: PathSample, cond: torch.Tensor) -> torch.Tensor:
+        """Training loss at a path sample, in fp32: the velocity error, or the x_0 error with
+        `prediction="sample"` (the network's own output against its target)."""
+        if self.config.prediction == "velocity":
+            return flow_matching_loss(self(path.x_t, path.t, cond), path)
+        x_0 = self.predict(path.x_t, path.t, self.prepare_condition(cond))
+        return torch.mean((x_0.float() - path.x_0.float()) ** 2)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o.flow import flow_matching_loss, sample_path, sample_t
+from blip3o.flow import sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
 
@@ -110,10 +110,7 @@ class GenerationStage(Stage):
         cond = model.condition(batch["prompts"])  # (B, 64, H), gradients reach the queries
         cond = cond * batch["keep"].view(-1, 1, 1).to(cond.dtype)
         path = sample_path(x_0, batch["x_1"].to(x_0.dtype), batch["t"])
-        if model.dit.config.prediction == "sample":  # the x_0 error (the network outputs x_0)
-            x_pred = model.dit.predict(path.x_t, batch["t"], model.dit.prepare_condition(cond))
-            return torch.mean((x_pred.float() - x_0.float()) ** 2)
-        return flow_matching_loss(model.dit(path.x_t, batch["t"], cond), path)
+        return model.dit.loss(path, cond)
 
 
 # ---------------------------------------------------------------------------- decoder
