@@ -93,3 +93,19 @@ def test_condition_dropout_and_time_sampling():
     assert ((ln - 0.5).abs() < 0.25).float().mean() > 0.6  # concentrated in the middle
     with pytest.raises(ValueError, match="unknown time sampling"):
         sample_t(2, "beta")
+
+
+def test_draw_noise_gives_each_generator_group_its_solo_draw():
+    from blip3o.flow import draw_noise, per_row
+
+    solo = [torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(s)) for s in (3, 4, 5)]
+    grouped = draw_noise((6, 5, 7), [torch.Generator().manual_seed(s) for s in (3, 4, 5)])
+    assert torch.equal(grouped, torch.cat(solo))
+    assert torch.equal(draw_noise((2, 5, 7), torch.Generator().manual_seed(3)), solo[0])
+    assert draw_noise((2, 3), None, dtype=torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="equal groups"):
+        draw_noise((5, 2), [torch.Generator(), torch.Generator()])
+    with pytest.raises(TypeError, match="Generator"):
+        draw_noise((2, 2), [0, 1])
+    g = [torch.Generator(), torch.Generator()]
+    assert per_row(g, 4) == [g[0], g[0], g[1], g[1]] and per_row(g[0], 4) is g[0]

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,6 +32,36 @@ def test_generate_batches_and_is_seeded(model):
     assert all(a.tobytes() == b.tobytes() for a, b in zip(images, again, strict=True))
     other = model.generate(["a red circle"], seed=2)[0]
     assert other.tobytes() != images[0].tobytes()
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.int16))
+
+
+def test_per_prompt_seeds_give_each_prompt_its_solo_images(model):
+    prompts, seeds = ["a red circle", "two blue squares", "a green triangle"], [5, 6, 7]
+    batched = model.generate(prompts, num_images=2, seed=seeds)
+    assert len(batched) == 6
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        solo = model.generate([prompt], num_images=2, seed=seed)
+        for a, b in zip(batched[2 * i:2 * i + 2], solo, strict=True):  # equal up to rounding between batch sizes
+            assert (pixels(a) - pixels(b)).abs().max() <= 2
+        assert (pixels(solo[0]) - pixels(solo[1])).abs().max() > 10  # a prompt's images still differ
+    # one seed in a list is the plain seed, bit for bit
+    one, plain = model.generate(prompts[:1], num_images=2, seed=[5]), model.generate(prompts[:1], num_images=2, seed=5)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(one, plain, strict=True))
+
+
+@pytest.mark.parametrize("seed, match", [([1], "one int per prompt"), ([1, "2"], "integers"), ("12", "one int"),
+                                         (1.5, "one int per prompt")])
+def test_bad_seeds_are_named(model, seed, match):
+    with pytest.raises(ValueError, match=match):
+        model.generate(["a red circle", "a blue square"], seed=seed)
+
+
+def test_a_generator_per_prompt_must_match_the_prompts(model):
+    with pytest.raises(ValueError, match="one per prompt"):
+        model.generate(["a red circle", "a blue square"], generator=[torch.Generator().manual_seed(0)])
 
 
 def test_parts_are_named_and_backbone_frozen(model):

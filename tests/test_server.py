@@ -13,6 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import numpy as np
 import openai
 import pytest
 import torch
@@ -294,6 +295,37 @@ def test_a_failing_batch_fails_only_the_request_at_fault(model, monkeypatch):
     assert [status for status, _, _ in results] == [200, 500, 200, 200]
     assert "cannot draw poison" in results[1][1]["error"]["message"]
     assert results[1][1]["error"]["type"] == "server_error"
+
+
+def test_seeded_requests_share_calls_and_keep_their_solo_images(model, monkeypatch):
+    gate, calls = Gate(model, monkeypatch), []
+    gated = model.generate
+
+    def logged(prompts, **kwargs):
+        calls.append((list(prompts), kwargs.get("seed"), kwargs.get("num_images", 1)))
+        return gated(prompts, **kwargs)
+
+    monkeypatch.setattr(model, "generate", logged)
+    bodies = [{"prompt": "a red circle", "seed": 11}, {"prompt": "a blue square", "seed": 12},
+              {"prompt": "two green circles", "seed": 13, "n": 2}, {"prompt": "a red square", "seed": 14, "n": 2},
+              {"prompt": "an unseeded one"}]
+    with running(model, batch_window_ms=50) as server, ThreadPoolExecutor(8) as pool:
+        pool.submit(request, server, "/v1/images/generations", {"prompt": "warm up"})
+        assert gate.entered.wait(20)
+        futures = [pool.submit(request, server, "/v1/images/generations", b) for b in bodies]
+        wait_for(lambda: server.service.batcher.depth == 5)
+        gate.opened.set()
+        results = [f.result(timeout=60) for f in futures]
+    assert [status for status, _, _ in results] == [200] * 5
+    batched = sorted((prompts, seed, n) for prompts, seed, n in calls[1:] if isinstance(seed, list))
+    assert batched == [(["a red circle", "a blue square"], [11, 12], 1),
+                       (["two green circles", "a red square"], [13, 14], 2)]
+    for body, (_, result, _) in zip(bodies[:4], results, strict=False):
+        got = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB") for d in result["data"]]
+        solo = model.generate([body["prompt"]], num_images=body.get("n", 1), seed=body["seed"])
+        for a, b in zip(got, solo, strict=True):  # the solo call's images, up to rounding between batch sizes
+            diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+            assert diff.max() <= 2, body
 
 
 # ------------------------------------------------------------------ bad input

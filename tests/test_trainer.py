@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from blip3o import Blip3o
 from blip3o.train import TrainConfig, Trainer
@@ -58,6 +59,39 @@ def test_clip_stage_runs_on_nano(tmp_path):
     trainer.fit()
     assert changed(before, states(trainer.model, "clip_encoder"))
     assert not changed(states(trainer.model, "dit"), states(Blip3o.from_pretrained(tmp_path / "clip" / "model"), "dit"))
+
+
+def test_clip_patch_reconstruction_adds_a_patch_read_out_that_learns(tmp_path):
+    from blip3o.train.stages import ClipStage
+
+    trainer = Trainer(config(tmp_path, "clip", init="nano", steps=12, batch_size=8, ema_decay=0.0, lr=3e-3,
+                             stage_options={"patch_reconstruction": 5.0}), DATA * 2)
+    stage, enc = trainer.stage, trainer.model.clip_encoder
+    assert {n for n, _ in trainer.named_params} >= {"aux.patch_head.weight", "aux.patch_head.bias"}
+    batch = stage.collate(DATA[:8], list(range(8)), 0, torch.device("cpu"))
+
+    def read_out_error():
+        with torch.no_grad():
+            return F.mse_loss(stage.patch_head(enc(batch["pixels"])), enc.patches(batch["pixels"])).item()
+
+    plain = ClipStage(trainer.model, {})
+    plain.text.load_state_dict(stage.text.state_dict())
+    with torch.no_grad():  # the loss is SigLIP's plus the weighted read-out error
+        torch.testing.assert_close(stage.loss(batch).item(), plain.loss(batch).item() + 5.0 * read_out_error(),
+                                   rtol=1e-4, atol=1e-4)
+    before = read_out_error()
+    trainer.fit()
+    assert read_out_error() < 0.5 * before
+
+
+def test_clip_patch_reconstruction_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="patch_reconstruction must be >= 0"):
+        Trainer(config(tmp_path, "clip", init="nano", stage_options={"patch_reconstruction": -1}), DATA)
+    from blip3o.train.stages import ClipStage
+
+    model = Blip3o.from_preset("debug")  # its encoder is EVA-style: no patch grid of its own
+    with pytest.raises(ValueError, match="Shapes encoder"):
+        ClipStage(model, {"patch_reconstruction": 1.0})
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blip3o.flow import guided_pair, sample, time_grid
+from blip3o.flow import Generators, draw_noise, guided_pair, sample, time_grid
 
 if TYPE_CHECKING:
     from blip3o.backbone import Backbone
@@ -136,14 +136,14 @@ class DiTSampler:
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
-                 generator: torch.Generator | None = None, sampler: str | None = None,
+                 generator: Generators = None, sampler: str | None = None,
                  time_shift: float | None = None) -> torch.Tensor:
         """cond (B, L, H) -> CLIP tokens (B, N, C); see `Blip3o.sample_tokens`."""
         cfg, dit = self.model.config, self.model.dit
         steps, guidance = steps or cfg.steps, cfg.guidance if guidance is None else guidance
         method = sampler or cfg.sampler
-        noise = torch.randn(cond.shape[0], dit.config.num_tokens, dit.config.in_channels, generator=generator)
-        x_1 = noise.to(device=cond.device, dtype=cond.dtype)
+        x_1 = draw_noise((cond.shape[0], dit.config.num_tokens, dit.config.in_channels), generator, cond.device,
+                         cond.dtype)
         times = time_grid(steps, time_shift or cfg.time_shift)
         factory = self.graph or (default_graph(cond.device) if self.cuda_graph else None)
         if factory is None:

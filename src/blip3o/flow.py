@@ -16,6 +16,38 @@ from dataclasses import dataclass
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> v
+# Where sampling noise comes from: one generator for the whole batch, or one per group of rows
+# (a prompt's images), so that each group's noise is what that generator alone would draw.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape`, drawn on the generator's device (CPU by default) and moved.
+
+    Drawing on the CPU and moving makes a seed give the same image on every device. With a list of
+    k generators, the rows split into k equal consecutive groups and generator i draws group i as if
+    alone: a batch of several seeded requests gets, row for row, the noise of each request's own call.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        where = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(shape, generator=generator, device=where, dtype=torch.float32)
+        return noise.to(device=device, dtype=dtype)
+    generators = list(generator)
+    if not generators or not all(isinstance(g, torch.Generator) for g in generators):
+        raise TypeError("generator must be a torch.Generator or a non-empty sequence of them")
+    if shape[0] % len(generators):
+        raise ValueError(f"{len(generators)} generators cannot split a batch of {shape[0]} rows into equal groups")
+    rows = (shape[0] // len(generators), *shape[1:])
+    return torch.cat([draw_noise(rows, g, device, dtype) for g in generators])
+
+
+def per_row(generator: Generators, batch: int) -> Generators:
+    """A list of k group generators as one generator per row (what diffusers' schedulers take)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    generators = list(generator)
+    return [g for g in generators for _ in range(batch // len(generators))]
 
 
 @dataclass

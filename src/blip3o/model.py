@@ -28,7 +28,7 @@ from blip3o.backbone import Backbone, BackboneConfig, check_prompts
 from blip3o.clip_encoder import build_clip_encoder, clip_encoder_config_from_dict
 from blip3o.decoder import build_decoder, decoder_config_from_dict
 from blip3o.dit import DiT, DiTConfig
-from blip3o.flow import guided_pair, sample, time_grid
+from blip3o.flow import Generators, draw_noise, guided_pair, sample, time_grid
 from blip3o.images import check_images, tensor_to_pil
 
 FORMAT_VERSION = 1
@@ -227,7 +227,7 @@ class Blip3o(nn.Module):
 
     @torch.no_grad()
     def sample_tokens(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
-                      generator: torch.Generator | None = None, sampler: str | None = None,
+                      generator: Generators = None, sampler: str | None = None,
                       time_shift: float | None = None) -> torch.Tensor:
         """cond (B, 64, H) -> CLIP tokens (B, 64, C) by flow sampling from noise, with CFG.
 
@@ -237,8 +237,7 @@ class Blip3o(nn.Module):
         cfg = self.config
         steps, guidance = steps or cfg.steps, cfg.guidance if guidance is None else guidance
         b, dit = cond.shape[0], self.dit
-        noise = torch.randn(b, dit.config.num_tokens, dit.config.in_channels, generator=generator)  # CPU: portable
-        x_1 = noise.to(device=cond.device, dtype=cond.dtype)
+        x_1 = draw_noise((b, dit.config.num_tokens, dit.config.in_channels), generator, cond.device, cond.dtype)
         times = time_grid(steps, time_shift or cfg.time_shift)
         if guidance == 1.0:
             prepared = dit.prepare_condition(cond)
@@ -261,18 +260,26 @@ class Blip3o(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, num_images: int = 1, steps: int | None = None,
-                 guidance: float | None = None, seed: int | None = None, decoder_steps: int | None = None,
-                 decoder_guidance: float | None = None, size: int | None = None,
-                 generator: torch.Generator | None = None) -> list[Image.Image]:
+                 guidance: float | None = None, seed: int | Sequence[int] | None = None,
+                 decoder_steps: int | None = None, decoder_guidance: float | None = None, size: int | None = None,
+                 generator: Generators = None) -> list[Image.Image]:
         """Generate `num_images` images per prompt; returns len(prompts) * num_images PIL images,
-        grouped by prompt. `seed` (or an explicit CPU `generator`) makes the result reproducible."""
+        grouped by prompt. `seed` (or an explicit CPU `generator`) makes the result reproducible.
+
+        `seed` may also be one seed per prompt (or `generator` one generator per prompt): each prompt's
+        images are then those of `generate([prompt], num_images=n, seed=its_seed)` alone (up to
+        floating-point rounding, which differs slightly between batch sizes), so seeded requests can
+        share a batch.
+        """
         prompts = check_prompts(prompts)
         if self.config.extra.get("world") == "shapes":
             warn_unknown_shapes_words(prompts)
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+            generator = seed_generators(seed, len(prompts))
+        elif not isinstance(generator, torch.Generator) and len(generator) != len(prompts):
+            raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts: give one per prompt")
         with self._on_device("backbone"):
             cond = self.condition(prompts).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
         with self._on_device("dit"):
@@ -317,6 +324,19 @@ class Blip3o(nn.Module):
         parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
                  for name in ("backbone", "dit", "clip_encoder", "decoder")}
         return {**parts, "queries": self.queries.numel(), "total": sum(parts.values()) + self.queries.numel()}
+
+
+def seed_generators(seed: int | Sequence[int] | None, num_prompts: int) -> Generators:
+    """A CPU generator from `seed` (fresh randomness if None), or one per prompt from a list of seeds."""
+    if seed is None:
+        return torch.Generator().manual_seed(torch.seed() % 2**63)
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return torch.Generator().manual_seed(seed)
+    if not isinstance(seed, Sequence) or isinstance(seed, str) or len(seed) != num_prompts:
+        raise ValueError(f"seed must be an int or one int per prompt ({num_prompts}), got {seed!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+        raise ValueError(f"seeds must be integers, got {list(seed)!r}")
+    return [torch.Generator().manual_seed(s) for s in seed]
 
 
 def warn_unknown_shapes_words(prompts: Sequence[str]) -> None:

@@ -21,21 +21,9 @@ import torch
 from torch import nn
 
 from blip3o.configs import config_from_dict
-from blip3o.flow import drop_condition
+from blip3o.flow import Generators, drop_condition
 
 NUM_TOKENS = 64  # the CLIP tokens of one image: an 8 x 8 grid of pooled patches, raster order
-
-
-def draw_noise(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Standard normal noise of `shape`, drawn on the generator's device (CPU by default) and moved.
-
-    Drawing on the CPU and moving makes a seed give the same image on every device.
-    """
-    where = generator.device if generator is not None else torch.device("cpu")
-    noise = torch.randn(shape, generator=generator, device=where, dtype=torch.float32)
-    return noise.to(device=device, dtype=dtype)
 
 
 def drop_mask(batch: int, p: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -50,10 +38,12 @@ class Decoder(nn.Module):
     """Interface of every decoder. Subclasses implement `decode`, `loss` and `check_size`.
 
     Attributes: `config`, `token_width` (C), `num_tokens` (64), `default_size`,
-    `default_steps`, `default_guidance` (the last four read from the config).
+    `default_steps`, `default_guidance` (the last four read from the config), `step_noise`
+    (whether sampling draws fresh noise at its steps, beyond the starting noise).
     """
 
     num_tokens: int = NUM_TOKENS
+    step_noise: bool = True  # the safe answer; decoders whose samplers are deterministic say False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -83,13 +73,14 @@ class Decoder(nn.Module):
         steps: int | None = None,
         guidance: float | None = None,
         size: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """tokens (B, 64, C) -> pixels (B, 3, size, size) float32 in [0, 1].
 
         Classifier-free guidance runs both branches in one batch; `negative` (1 or B, 64, C) is
         the unconditional condition (None -> zeros, the condition dropped in training);
-        guidance 1.0 runs the conditional branch only. All randomness comes from `generator`.
+        guidance 1.0 runs the conditional branch only. All randomness comes from `generator` (a list
+        of k generators: one per k equal consecutive groups of rows, see `blip3o.flow.draw_noise`).
         """
         raise NotImplementedError
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from blip3o.decoder import Decoder, draw_noise, drop_mask
+from blip3o.decoder import Decoder, drop_mask
+from blip3o.flow import Generators, draw_noise, per_row
 
 # BAAI/Emu2-Gen scheduler/scheduler_config.json (the schedule BLIP3-o's decoder was trained with),
 # keeping the keys an EulerDiscreteScheduler reads; it is SDXL's training schedule.
@@ -124,6 +125,14 @@ def vae_kwargs(config: SdxlUnetDecoderConfig) -> dict[str, Any]:
     }
 
 
+# schedulers whose `step` adds no noise (Euler's s_churn and DDIM's eta default to 0); the
+# DPM-Solver family too unless its algorithm is an SDE one
+DETERMINISTIC_SCHEDULERS = frozenset({"EulerDiscreteScheduler", "DDIMScheduler", "LMSDiscreteScheduler",
+                                      "HeunDiscreteScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler",
+                                      "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                      "UniPCMultistepScheduler", "DEISMultistepScheduler"})
+
+
 def make_scheduler(scheduler_config: dict[str, Any]) -> SchedulerMixin:
     """A fresh diffusers scheduler from its config (its `_class_name` picks the class)."""
     name = scheduler_config["_class_name"]
@@ -157,6 +166,13 @@ class SdxlUnetDecoder(Decoder):
         # step), used only without autograd, and the channels-last layout (`set_channels_last`).
         self.fast_predict: Callable[..., torch.Tensor] | None = None
         self.channels_last = False
+
+    @property
+    def step_noise(self) -> bool:
+        """Whether the scheduler draws noise at its steps (ancestral, DDPM, SDE samplers)."""
+        c = self.scheduler_config
+        sde = str(c.get("algorithm_type", "")).startswith("sde")
+        return c["_class_name"] not in DETERMINISTIC_SCHEDULERS or sde
 
     @classmethod
     def from_diffusers_folder(
@@ -255,7 +271,7 @@ class SdxlUnetDecoder(Decoder):
         steps: int | None = None,
         guidance: float | None = None,
         size: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """tokens (B, 64, C) -> pixels (B, 3, size, size) float32 in [0, 1]; see `Decoder.decode`."""
         negative, steps, guidance, size = self.sampling_args(tokens, negative, steps, guidance, size)
@@ -270,7 +286,7 @@ class SdxlUnetDecoder(Decoder):
         shape = (tokens.shape[0], self.config.latent_channels, side, side)
         latents = draw_noise(shape, generator, device, unet_dtype) * scheduler.init_noise_sigma
         step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        extra = {"generator": generator} if step_takes_generator else {}
+        extra = {"generator": per_row(generator, tokens.shape[0])} if step_takes_generator else {}
         for t in scheduler.timesteps:
             x = latents if negative is None else torch.cat([latents, latents])
             eps = self.predict(scheduler.scale_model_input(x, t), t, cond, size)

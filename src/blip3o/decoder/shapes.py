@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o.decoder import Decoder, draw_noise, drop_mask
-from blip3o.flow import flow_matching_loss, guided, sample, sample_path, sample_t, time_grid
+from blip3o.decoder import Decoder, drop_mask
+from blip3o.flow import Generators, draw_noise, flow_matching_loss, guided, sample, sample_path, sample_t, time_grid
 
 IMAGE_SIZE = 64  # the Shapes world's images are 64 x 64; the decoder makes no other size
 TOKEN_GRID = 8  # the 64 tokens are an 8 x 8 grid of patches, raster order
@@ -149,6 +149,8 @@ class Level(nn.Module):
 class ShapesDecoder(Decoder):
     """Pixel-space flow-matching UNet: v = self(x_t (B, 3, 64, 64), t (B,), tokens (B, 64, C))."""
 
+    step_noise = False  # Euler from the starting noise: nothing else is drawn
+
     def __init__(self, config: ShapesDecoderConfig) -> None:
         super().__init__(config)
         ch, n = config.channels, len(config.channels)
@@ -228,7 +230,7 @@ class ShapesDecoder(Decoder):
         steps: int | None = None,
         guidance: float | None = None,
         size: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """tokens (B, 64, C) -> pixels (B, 3, 64, 64) float32 in [0, 1]: Euler from t = 1 to 0, with CFG."""
         negative, steps, guidance, _ = self.sampling_args(tokens, negative, steps, guidance, size)

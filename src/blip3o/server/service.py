@@ -1,12 +1,15 @@
 """The service behind the routes: it owns the model and the micro-batcher, validates every request
 before it is queued, and turns requests into `Blip3o.generate` / `Blip3o.chat` calls.
 
-Seed semantics. `Blip3o.generate` draws every sample's noise from one generator, so an image
-depends on its place in the batch. A request that names a `seed` therefore runs in a call of its
-own, exactly `model.generate([prompt], num_images=n, seed=seed, ...)`: the same images the CLI
-and the library give for those arguments, whatever else the server is doing. Requests without a
-seed ask for fresh randomness, so they share calls: those with equal (steps, guidance, size) are
-micro-batched, up to `max_batch_images` images per call.
+Seed semantics. A request that names a `seed` gets the images of
+`model.generate([prompt], num_images=n, seed=seed, ...)`: what the CLI and the library give for
+those arguments, whatever else the server is doing. Seeded requests with equal (steps, guidance,
+size, n) share one call with one seed per prompt (`generate(prompts, num_images=n, seeds)`), which
+draws each prompt's noise from its own generator exactly as its solo call would; only floating-point
+rounding, which differs slightly between batch sizes, can move a pixel by a level. (Not with a
+decoder whose sampler draws fresh noise at every step and n > 1: there a seeded request runs alone.)
+Requests without a seed ask for fresh randomness and share calls with each other when (steps,
+guidance, size) are equal. Calls hold up to `max_batch_images` images.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ class Blip3oService:
 
     async def generate_images(self, request: ImageGenerationRequest) -> dict:
         task, key = self._generation_task(request)
-        images = await self._submit(key, task, weight=task.n, batchable=task.seed is None)
+        batchable = task.seed is None or task.n == 1 or not getattr(self.model.decoder, "step_noise", True)
+        images = await self._submit(key, task, weight=task.n, batchable=batchable)
         encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
         if request.response_format == "url":
             data = [{"url": f"data:image/png;base64,{b64}"} for b64 in encoded]
@@ -176,7 +180,9 @@ class Blip3oService:
             raise bad_request(f"guidance must be between 0 and 100, got {r.guidance}", "guidance")
         _check_seed(r.seed)
         size = self._size(r.size)
-        return GenerationTask(r.prompt, r.n, r.seed), ("generate", r.steps, r.guidance, size)
+        # seeded requests share calls with seeded ones of the same n (one seed per prompt), unseeded with unseeded
+        group = None if r.seed is None else ("seeded", r.n)
+        return GenerationTask(r.prompt, r.n, r.seed), ("generate", r.steps, r.guidance, size, group)
 
     def _size(self, size: str | None) -> int | None:
         if size is None or size == "auto":
@@ -297,11 +303,14 @@ class Blip3oService:
         return [_capture(lambda t: self._generate(key, [t])[0], task) for task in tasks]
 
     def _generate(self, key: Hashable, tasks: Sequence[GenerationTask]) -> list[list[Image.Image]]:
-        _, steps, guidance, size = key
+        _, steps, guidance, size, group = key
         settings = dict(steps=steps, guidance=guidance, size=size)
         if len(tasks) == 1:  # alone: exactly the library call, so a seed reproduces
             (t,) = tasks
             images = self.model.generate([t.prompt], num_images=t.n, seed=t.seed, **settings)
+        elif group is not None:  # seeded, equal n: each prompt's noise from its own seed
+            images = self.model.generate([t.prompt for t in tasks], num_images=tasks[0].n,
+                                         seed=[t.seed for t in tasks], **settings)
         else:  # unseeded requests share fresh randomness: one prompt per image
             images = self.model.generate([t.prompt for t in tasks for _ in range(t.n)], **settings)
         self.metrics.observe_batch(len(tasks), len(images))
