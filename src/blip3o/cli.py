@@ -177,7 +177,7 @@ def cmd_generate(args) -> int:
         records = [{"prompt": p} for p in args.prompt]
     else:
         raise BadInput("give a prompt, e.g. blip3o generate \"a red circle\", or --prompts-file FILE")
-    for name in ("num_images", "steps", "size"):
+    for name in ("num_images", "steps", "size", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     model = _load(args)
     if args.size is not None:
@@ -193,12 +193,20 @@ def cmd_generate(args) -> int:
         print(_save_samples(images, out))
         return EXIT_OK
     # several prompts: GenEval's layout, DIR/00000/{metadata.jsonl, samples/0000.png, ..., grid.png}; every
-    # prompt gets the same seed, so each folder equals what `blip3o generate PROMPT --seed S` makes
-    for index, record in enumerate(progress(records, desc="generate", unit="prompt")):
-        folder = out / f"{index:05d}"
-        images = model.generate([record["prompt"]], **settings)
-        _save_samples(images, folder / "samples", grid=folder / "grid.png")
-        (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+    # prompt gets the same seed, so each folder holds what `blip3o generate PROMPT --seed S` makes, and
+    # --batch-size prompts share a model call (one seed per prompt keeps that true)
+    settings.pop("seed")
+    with progress(None, total=len(records), desc="generate", unit="prompt") as bar:
+        for start in range(0, len(records), args.batch_size):
+            chunk = records[start:start + args.batch_size]
+            seeds = None if args.seed is None else [args.seed] * len(chunk)
+            images = model.generate([r["prompt"] for r in chunk], seed=seeds, **settings)
+            for offset, record in enumerate(chunk):
+                folder = out / f"{start + offset:05d}"
+                n = args.num_images
+                _save_samples(images[offset * n:(offset + 1) * n], folder / "samples", grid=folder / "grid.png")
+                (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+            bar.update(len(chunk))
     print(f"{len(records)} prompts x {args.num_images} images in {out}/ (GenEval layout)")
     return EXIT_OK
 
@@ -429,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", cmd_generate, "generate images from text prompts", epilog=(
         "one prompt writes DIR/0000.png, 0001.png, ... and DIR/grid.png; several prompts or --prompts-file\n"
         "write GenEval's layout: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png, ..., DIR/00000/grid.png\n"
-        "(each prompt is generated with the same --seed)\n\n"
+        "(each prompt is generated with the same --seed; --batch-size prompts share a model call)\n\n"
         "examples:\n"
         '  blip3o generate "two red circles" --num-images 4 --seed 0 --outdir out/\n'
         "  blip3o generate --prompts-file evaluation_metadata.jsonl --outdir geneval_out/ --num-images 4"))
@@ -442,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="DiT CFG scale (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels, where the decoder allows it")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per model call (default 8)")
     _add_speed_flags(p)
 
     p = add("ask", cmd_ask, "answer questions about images", epilog=(
