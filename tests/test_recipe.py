@@ -29,6 +29,18 @@ def test_recipe_runs_all_stages_in_order(nano_run):
     assert model.config.decoder_negative == "zeros"
 
 
+def test_recipe_runs_in_parts(nano_run, tmp_path):
+    out, _ = nano_run
+    data = out / "data"
+    first = train_nano(tmp_path, data=data, scale=0.001, stages=["clip", "understanding"])
+    assert first == tmp_path / "understanding" / "model" and not (tmp_path / "model").exists()
+    final = train_nano(tmp_path, data=data, scale=0.001, stages=["decoder", "generation"])
+    assert final == tmp_path / "model" and (final / "config.json").exists()
+    timings = json.loads((tmp_path / "timings.json").read_text())  # both calls' stages
+    assert set(timings) == {"clip", "understanding", "decoder", "generation", "total_s", "threads"}
+    assert timings["total_s"] == pytest.approx(sum(timings[s.stage] for s in NANO_STAGES))
+
+
 def test_evaluation_reports_every_tag_and_type(nano_run, tmp_path):
     _, final = nano_run
     results = evaluate_shapes(Blip3o.from_pretrained(final), tmp_path, per_tag=1, num_images=2, num_scenes=3)

@@ -47,26 +47,38 @@ def ensure_shapes_data(data_dir: Path, num: int, seed: int) -> Path:
 
 def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: int = NANO_SAMPLES, seed: int = 0,
                device: str = "auto", scale: float = 1.0, stages: list[str] | None = None) -> Path:
-    """Run the recipe; returns OUT/model. `scale` multiplies every stage's steps (for quick runs)."""
+    """Run the recipe; returns OUT/model. `scale` multiplies every stage's steps (for quick runs).
+
+    `stages` runs only those, each from the model of the stage before it (which must exist): a recipe
+    can run in parts. OUT/model is written once the generation stage has run; timings.json keeps the
+    times of every stage run so far.
+    """
     out = Path(out)
     data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed)
     dataset = ShardDataset(data_dir, seed=seed)
     print(f"data: {dataset.describe()}", flush=True)
-    init, timings = "nano", {}
+    init, timings, last_run = "nano", {}, None
     for base in NANO_STAGES:
         cfg = dataclasses.replace(base, init=init, out_dir=str(out / base.stage), data=[str(data_dir)], seed=seed,
                                   device=device, steps=max(1, round(base.steps * scale)))
         if stages is None or cfg.stage in stages:
             started = time.perf_counter()
-            Trainer(cfg, dataset).fit()
+            last_run = Trainer(cfg, dataset).fit()
             timings[cfg.stage] = time.perf_counter() - started
         init = str(out / cfg.stage / "model")
+    # timings of this call's stages join those of earlier calls (a recipe run stage by stage)
+    record = out / "timings.json"
+    earlier = json.loads(record.read_text()) if record.exists() else {}
+    stage_s = {k: v for k, v in earlier.items() if k in {s.stage for s in NANO_STAGES}} | timings
+    record.write_text(json.dumps({**stage_s, "total_s": sum(stage_s.values()), "threads": torch.get_num_threads()},
+                                 indent=2))
+    if not (Path(init) / "config.json").exists():  # the last stage has not run yet: no nano model
+        print(f"stages {', '.join(timings)} done; run the later ones to get {out / 'model'}", flush=True)
+        return Path(last_run) if last_run is not None else out
     final = out / "model"
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(init, final)
-    (out / "timings.json").write_text(json.dumps({**timings, "total_s": sum(timings.values()),
-                                                  "threads": torch.get_num_threads()}, indent=2))
     return final
 
 
