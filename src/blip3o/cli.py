@@ -196,14 +196,13 @@ def cmd_generate(args) -> int:
     # prompt gets the same seed, so each folder holds what `blip3o generate PROMPT --seed S` makes, and
     # --batch-size prompts share a model call (one seed per prompt keeps that true)
     settings.pop("seed")
+    n = args.num_images
     with progress(None, total=len(records), desc="generate", unit="prompt") as bar:
         for start in range(0, len(records), args.batch_size):
             chunk = records[start:start + args.batch_size]
-            seeds = None if args.seed is None else [args.seed] * len(chunk)
-            images = model.generate([r["prompt"] for r in chunk], seed=seeds, **settings)
+            images = model.generate([r["prompt"] for r in chunk], seed=[args.seed] * len(chunk), **settings)
             for offset, record in enumerate(chunk):
                 folder = out / f"{start + offset:05d}"
-                n = args.num_images
                 _save_samples(images[offset * n:(offset + 1) * n], folder / "samples", grid=folder / "grid.png")
                 (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
             bar.update(len(chunk))

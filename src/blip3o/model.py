@@ -315,7 +315,7 @@ class Blip3o(nn.Module):
                     guidance: float | None = None, size: int | None = None) -> list[Image.Image]:
         """encode -> decode: shows what the token space keeps of an image."""
         tokens = self.encode_images(images).to(self.device, self.queries.dtype)
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        generator = seed_generators(seed, len(images))
         with self._on_device("decoder"):
             pixels = self.decoder.decode(tokens, steps=steps, guidance=guidance, size=size, generator=generator)
         return tensor_to_pil(pixels)

@@ -90,7 +90,7 @@ class Blip3oService:
 
     async def generate_images(self, request: ImageGenerationRequest) -> dict:
         task, key = self._generation_task(request)
-        batchable = task.seed is None or task.n == 1 or not getattr(self.model.decoder, "step_noise", True)
+        batchable = task.seed is None or task.n == 1 or not self.model.decoder.step_noise
         images = await self._submit(key, task, weight=task.n, batchable=batchable)
         encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
         if request.response_format == "url":
