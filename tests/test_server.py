@@ -317,9 +317,11 @@ def test_seeded_requests_share_calls_and_keep_their_solo_images(model, monkeypat
         gate.opened.set()
         results = [f.result(timeout=60) for f in futures]
     assert [status for status, _, _ in results] == [200] * 5
-    batched = sorted((prompts, seed, n) for prompts, seed, n in calls[1:] if isinstance(seed, list))
-    assert batched == [(["a red circle", "a blue square"], [11, 12], 1),
-                       (["two green circles", "a red square"], [13, 14], 2)]
+    # the pool's threads may enqueue in any order: compare each call's (prompt, seed) pairs, not their order
+    batched = sorted((sorted(zip(prompts, seed, strict=True)), n) for prompts, seed, n in calls[1:]
+                     if isinstance(seed, list))
+    assert batched == [([("a blue square", 12), ("a red circle", 11)], 1),
+                       ([("a red square", 14), ("two green circles", 13)], 2)]
     for body, (_, result, _) in zip(bodies[:4], results, strict=False):
         got = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB") for d in result["data"]]
         solo = model.generate([body["prompt"]], num_images=body.get("n", 1), seed=body["seed"])
