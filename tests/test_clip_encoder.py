@@ -30,6 +30,7 @@ SMALL = {
     "debug-siglip": CLIP_ENCODER_PRESETS["debug-siglip"],
     "debug-siglip2": DEBUG_SIGLIP2,
     "shapes": CLIP_ENCODER_PRESETS["shapes"],
+    "shapes-window": dataclasses.replace(CLIP_ENCODER_PRESETS["shapes"], window=1),
 }
 
 
@@ -283,6 +284,25 @@ def test_shapes_patches_follow_the_token_grid():
     torch.testing.assert_close(enc.pool(enc(px)), enc.embed(px))
 
 
+@pytest.mark.parametrize("window", [1, 2])
+def test_shapes_window_keeps_tokens_local(window):
+    """A token depends only on patches within window x depth rows and columns of it."""
+    config = dataclasses.replace(CLIP_ENCODER_PRESETS["shapes"], window=window, depth=2)
+    enc = _build(config)
+    px = _pixels(1, 64, 64)
+    changed = px.clone()
+    changed[:, :, :8, :8] = 0.5  # patch (0, 0) only
+    moved = (enc.encode(px) - enc.encode(changed)).abs().amax(-1).view(8, 8)
+    reach = window * config.depth
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    inside = (rows <= reach) & (cols <= reach)
+    assert torch.all(moved[~inside] == 0)
+    assert torch.all(moved[inside] > 0)
+    # global attention (window 0) lets the one patch move every token
+    glob = _build(dataclasses.replace(config, window=0))
+    assert torch.all((glob.encode(px) - glob.encode(changed)).abs().amax(-1) > 0)
+
+
 def test_configs_round_trip_and_reject_unknowns():
     for config in [*CLIP_ENCODER_PRESETS.values(), DEBUG_SIGLIP2]:
         assert clip_encoder_config_from_dict(dataclasses.asdict(config)) == config
@@ -294,6 +314,8 @@ def test_configs_round_trip_and_reject_unknowns():
         SiglipEncoderConfig(variant="siglip3")
     with pytest.raises(ValueError, match="64 tokens"):
         ShapesEncoderConfig(image_size=32)
+    with pytest.raises(ValueError, match="window must be an integer >= 0"):
+        ShapesEncoderConfig(window=-1)
     with pytest.raises(ValueError, match="8x8"):
         EvaClipConfig(image_size=224)
 

@@ -94,6 +94,31 @@ def test_clip_patch_reconstruction_rejects_bad_settings(tmp_path):
         ClipStage(model, {"patch_reconstruction": 1.0})
 
 
+def test_generation_draws_share_one_condition_per_sample():
+    from blip3o.flow import sample_path
+    from blip3o.train.stages import GenerationStage
+
+    torch.manual_seed(0)
+    model = Blip3o.from_preset("debug")
+    one, three = GenerationStage(model, {}), GenerationStage(model, {"draws": 3})
+    b1 = one.collate(DATA[:2], [5, 6], 0, torch.device("cpu"))
+    b3 = three.collate(DATA[:2], [5, 6], 0, torch.device("cpu"))
+    assert b3["x_1"].shape == (6, *b1["x_1"].shape[1:]) and b3["t"].shape == b3["keep"].shape == (6,)
+    assert b3["prompts"] == b1["prompts"]
+    assert torch.equal(b3["x_1"][0], b1["x_1"][0]) and torch.equal(b3["x_1"][3], b1["x_1"][1])  # first draw = draws 1
+    assert len(set(b3["t"].tolist())) == 6  # each draw its own time
+    with torch.no_grad():  # the loss is the mean over the 6 rows, each row with its sample's target and condition
+        got = three.loss(dict(b3))
+        x_0 = model.clip_encoder.encode(b3["pixels"])
+        cond = model.condition(b3["prompts"])
+        rows = [model.dit.loss(sample_path(x_0[r // 3:r // 3 + 1], b3["x_1"][r:r + 1], b3["t"][r:r + 1]),
+                               cond[r // 3:r // 3 + 1] * b3["keep"][r].float()) for r in range(6)]
+    torch.testing.assert_close(got, torch.stack(rows).mean(), rtol=1e-5, atol=1e-6)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="draws must be an integer >= 1"):
+            GenerationStage(model, {"draws": bad})
+
+
 def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     straight = Trainer(config(tmp_path / "a", steps=6), DATA)
     straight.fit()

@@ -1,11 +1,18 @@
 """A small ViT for the Shapes world: 64x64 pixels -> 8x8 = 64 tokens, one per 8x8 patch.
 
     pixels (B, 3, 64, 64) -> 8x8 patches + pos_embed (B, 64, C) -> pre-norm blocks -> LN
+                                              (attention global, or within `window` cells)
       -> tokens (B, 64, C)                     (what BLIP3-o's DiT learns to produce)
       -> mean over tokens -> Linear -> (B, D)  (`embed`: the image side of a SigLIP-style
                                                 sigmoid contrastive loss that trains it)
 
 No pooling and no cls token: the patch grid already is 8x8.
+
+`window` = k > 0 lets each token attend only to the tokens within k rows and k columns of it, so a
+token describes its own neighbourhood (receptive field (2 k depth + 1) patches a side, clipped to the
+grid) instead of carrying a summary of the whole scene: with global attention a token whose whole
+neighbourhood is empty background still varies across images almost as much as an object's token,
+and the DiT has to draw that scene summary consistently into all 64 tokens.
 """
 
 from __future__ import annotations
@@ -34,12 +41,15 @@ class ShapesEncoderConfig:
     mlp_dim: int = 512  # 4 x width
     embed_dim: int = 128  # width of the pooled contrastive embedding from `embed`
     norm_eps: float = 1e-6
+    window: int = 0  # 0: global attention; k > 0: attend within k rows and k columns (local tokens)
 
     def __post_init__(self) -> None:
         if self.image_size != GRID_SIDE * self.patch_size:
             raise ValueError(f"image_size must be {GRID_SIDE} x patch_size to give 64 tokens")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an integer >= 0 (0 = global attention), got {self.window!r}")
 
 
 class PreNormBlock(nn.Module):
@@ -52,9 +62,17 @@ class PreNormBlock(nn.Module):
         self.norm2 = LayerNorm(c.width, eps=c.norm_eps)
         self.mlp = Mlp(c.width, c.mlp_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
+
+
+def window_mask(side: int, window: int) -> torch.Tensor | None:
+    """(side^2, side^2) bool: True where token i may attend token j (row-major grid), None if global."""
+    if window <= 0:
+        return None
+    r, c = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+    return ((r[:, None] - r[None, :]).abs() <= window) & ((c[:, None] - c[None, :]).abs() <= window)
 
 
 class ShapesEncoder(ClipEncoderBase):
@@ -74,6 +92,7 @@ class ShapesEncoder(ClipEncoderBase):
         self.blocks = nn.ModuleList([PreNormBlock(config) for _ in range(config.depth)])
         self.norm = LayerNorm(config.width, eps=config.norm_eps)
         self.head = nn.Linear(config.width, config.embed_dim)
+        self.register_buffer("attn_mask", window_mask(GRID_SIDE, config.window), persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -83,10 +102,14 @@ class ShapesEncoder(ClipEncoderBase):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
+    def init_buffers(self) -> None:
+        """The attention mask is derived, not stored: rebuild it after a meta build."""
+        self.attn_mask = window_mask(GRID_SIDE, self.config.window)
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed  # (B, 64, C)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, self.attn_mask)
         return self.norm(x)  # (B, 64, C)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:

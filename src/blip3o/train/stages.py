@@ -83,32 +83,45 @@ def complete_texts(item: dict) -> list[str]:
 
 
 class GenerationStage(Stage):
-    """Backbone frozen; the queries and the DiT learn to flow from noise to the encoder's tokens."""
+    """Backbone frozen; the queries and the DiT learn to flow from noise to the encoder's tokens.
+
+    Stage option `draws` = K (default 1): each sample's condition and target serve K path samples,
+    each with its own time, noise and CFG drop. The frozen backbone's forward and backward (to the
+    queries) runs once per prompt and the DiT trains on K x the batch: on a CPU the backbone is about
+    half of a K = 1 step, so K = 4 gives 4x the DiT's samples for ~2.4x the time.
+    """
 
     name, trains = "generation", ("queries", "dit")
 
+    def __init__(self, model: Blip3o, options: dict) -> None:
+        super().__init__(model, options)
+        draws = self.options.get("draws", 1)
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"stage option draws must be an integer >= 1, got {draws!r}")
+        self.draws = draws
+
     def collate(self, items, indices, seed, device):
-        c = self.model.config.dit
+        c, k = self.model.config.dit, self.draws
         prompts, x_1, t, keep = [], [], [], []
         for item, i in zip(items, indices, strict=True):
             g = sample_generator(seed, i)
             prompts.append(random.Random(seed * 7919 + i).choice(complete_texts(item)))
-            x_1.append(torch.randn(c.num_tokens, c.in_channels, generator=g))
-            t.append(sample_t(1, self.options.get("time_sampling", "uniform"), generator=g))
-            keep.append(torch.rand(1, generator=g) >= self.options.get("condition_drop", 0.1))
+            x_1.append(torch.randn(k, c.num_tokens, c.in_channels, generator=g))
+            t.append(sample_t(k, self.options.get("time_sampling", "uniform"), generator=g))
+            keep.append(torch.rand(k, generator=g) >= self.options.get("condition_drop", 0.1))
         return {
             "prompts": prompts,
             "pixels": pil_to_tensor([it["image"] for it in items]).to(device),
-            "x_1": torch.stack(x_1).to(device),  # (B, 64, C)
-            "t": torch.cat(t).to(device),  # (B,)
-            "keep": torch.cat(keep).to(device),  # (B,) False = condition dropped (CFG)
+            "x_1": torch.cat(x_1).to(device),  # (B K, 64, C), a sample's K draws consecutive
+            "t": torch.cat(t).to(device),  # (B K,)
+            "keep": torch.cat(keep).to(device),  # (B K,) False = condition dropped (CFG)
         }
 
     def loss(self, batch):
         model = self.model
-        x_0 = model.clip_encoder.encode(batch["pixels"])  # (B, 64, C) frozen targets
+        x_0 = model.clip_encoder.encode(batch["pixels"]).repeat_interleave(self.draws, 0)  # (B K, 64, C) targets
         cond = model.condition(batch["prompts"])  # (B, 64, H), gradients reach the queries
-        cond = cond * batch["keep"].view(-1, 1, 1).to(cond.dtype)
+        cond = cond.repeat_interleave(self.draws, 0) * batch["keep"].view(-1, 1, 1).to(cond.dtype)
         path = sample_path(x_0, batch["x_1"].to(x_0.dtype), batch["t"])
         return model.dit.loss(path, cond)
 
