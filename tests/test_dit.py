@@ -180,7 +180,50 @@ def test_sample_prediction_reads_the_output_as_clean_tokens():
         DiTConfig(prediction="noise")
 
 
-@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+def test_preconditioning_is_exact_and_gives_unit_variance_targets():
+    from blip3o.dit import Preconditioning
+
+    g = torch.Generator().manual_seed(0)
+    for s in (0.5, 1.0, 2.0):
+        t = torch.tensor([0.02, 0.3, 0.7, 1.0])
+        x_0 = s * torch.randn(4, 4096, 8, generator=g)
+        x_1 = torch.randn(4, 4096, 8, generator=g)
+        x_t = sample_path(x_0, x_1, t).x_t
+        pre = Preconditioning(t, s)
+        target = pre.target(x_t, x_0)
+        torch.testing.assert_close(pre.clean(x_t, target), x_0, rtol=1e-4, atol=1e-4)  # F = target gives x_0 back
+        torch.testing.assert_close(target.var(dim=(1, 2)), torch.ones(4), rtol=0.05, atol=0.0)  # unit variance
+        torch.testing.assert_close((pre.c_in * x_t).var(dim=(1, 2)), torch.ones(4), rtol=0.05, atol=0.0)
+    # t = 0: the clean tokens are x_t itself, whatever the network says; t = 1: the network's output
+    edge = Preconditioning(torch.tensor([0.0, 1.0]), 1.0)
+    x, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    clean = edge.clean(x, out)
+    torch.testing.assert_close(clean[0], x[0])
+    torch.testing.assert_close(clean[1], out[1])
+
+
+def test_preconditioned_velocity_reads_the_clean_tokens():
+    from blip3o.dit import Preconditioning
+
+    cfg = dataclasses.replace(DIT_PRESETS["debug"], prediction="preconditioned", data_std=0.8)
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    x, t, c = torch.randn(3, 64, cfg.in_channels), torch.tensor([1.0, 0.5, 0.25]), torch.randn(3, 5, cfg.cond_size)
+    with torch.no_grad():
+        cond = dit.prepare_condition(c)
+        x_0 = Preconditioning(t, 0.8).clean(x, dit.predict(x, t, cond))
+        # one Euler step from t to 0 lands on the clean tokens
+        torch.testing.assert_close(x - t.view(-1, 1, 1) * dit.velocity(x, t, cond), x_0, rtol=1e-5, atol=1e-5)
+        # the network reads c_in x_t: the raw network on the scaled input gives the same output
+        plain = DiT(dataclasses.replace(cfg, prediction="sample")).eval()
+        plain.load_state_dict(dit.state_dict())
+        torch.testing.assert_close(dit.predict(x, t, cond),
+                                   plain.predict(x * Preconditioning(t, 0.8).c_in, t, plain.prepare_condition(c)))
+    with pytest.raises(ValueError, match="data_std"):
+        DiTConfig(prediction="preconditioned", data_std=0.0)
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "sample", "preconditioned"])
 def test_loss_compares_the_output_with_its_own_target(prediction):
     cfg = dataclasses.replace(DIT_PRESETS["debug"], prediction=prediction)
     dit = DiT(cfg).eval()
@@ -190,5 +233,8 @@ def test_loss_compares_the_output_with_its_own_target(prediction):
     path = sample_path(x_0, x_1, t)
     with torch.no_grad():
         out = dit.predict(path.x_t, t, dit.prepare_condition(c))
-        target = path.v if prediction == "velocity" else x_0
+        # preconditioned: F's target is (t x_0 - (1 - t) x_1) / sqrt((1 - t)^2 + t^2) at data_std 1
+        a, b = (1 - t).view(-1, 1, 1), t.view(-1, 1, 1)
+        target = {"velocity": path.v, "sample": x_0,
+                  "preconditioned": (b * x_0 - a * x_1) / (a * a + b * b).sqrt()}[prediction]
         torch.testing.assert_close(dit.loss(path, c), ((out - target) ** 2).mean())

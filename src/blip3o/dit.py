@@ -48,18 +48,22 @@ class DiTConfig:
     # starts at 0, made for adding text to a pretrained model; from scratch an open gate lets the DiT use
     # its condition from the first steps (a shut gate and untrained cross-attention are a slow saddle).
     cross_gate_init: float = 0.0
-    # What the network outputs: "velocity" (v = x_1 - x_0, official BLIP3-o) or "sample" (the clean tokens
-    # x_0, read as v = (x_t - x_0) / t). Tokens of a small world lie on a low-dimensional manifold, where
-    # predicting the clean point is far easier than predicting noise (Li & He 2025, "Back to Basics").
+    # What the network outputs: "velocity" (v = x_1 - x_0, official BLIP3-o), "sample" (the clean tokens
+    # x_0, read as v = (x_t - x_0) / t; tokens of a small world lie on a low-dimensional manifold, where
+    # predicting the clean point is easier than predicting noise: Li & He 2025, "Back to Basics"), or
+    # "preconditioned" (EDM, Karras et al. 2022, on the straight path: see `Preconditioning`).
     prediction: str = "velocity"
+    data_std: float = 1.0  # "preconditioned": standard deviation of the tokens the DiT learns
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
             raise ValueError(f"2D RoPE needs head_dim % 4 == 0, got head_dim {self.head_dim}")
-        if self.prediction not in ("velocity", "sample"):
-            raise ValueError(f"prediction must be 'velocity' or 'sample', got {self.prediction!r}")
+        if self.prediction not in ("velocity", "sample", "preconditioned"):
+            raise ValueError(f"prediction must be 'velocity', 'sample' or 'preconditioned', got {self.prediction!r}")
+        if not self.data_std > 0:
+            raise ValueError(f"data_std must be > 0, got {self.data_std}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
 
@@ -326,6 +330,37 @@ class NormOut(nn.Module):
 # ---------------------------------------------------------------------------- the model
 
 
+class Preconditioning:
+    """EDM's input, skip and output scalings (Karras et al. 2022) for the path x_t = (1 - t) x_0 + t x_1.
+
+    With a = 1 - t, b = t, s = data_std and D = a^2 s^2 + b^2 (the variance of x_t):
+
+        network input  c_in x_t,                     c_in   = 1 / sqrt(D)
+        clean tokens   x_0 = c_skip x_t + c_out F,   c_skip = a s^2 / D,   c_out = b s / sqrt(D)
+        target of F    (x_0 - c_skip x_t) / c_out = (b x_0 - a s^2 x_1) / (s sqrt(D))
+
+    Input and target have unit variance at every t, so no time dominates the loss: near the data the
+    network only corrects x_t (a plain x_0 predictor must rebuild it, and misses it by ~1% of the data
+    variance at t = 0.05, more than returning x_t would), near the noise it predicts x_0.
+    """
+
+    def __init__(self, t: torch.Tensor, data_std: float, ndim: int = 3) -> None:
+        a, b, s = 1 - t.float(), t.float(), data_std
+        d = a * a * s * s + b * b
+        shape = (-1, *([1] * (ndim - 1)))
+        self.c_in = d.rsqrt().view(shape)
+        self.c_skip = (a * s * s / d).view(shape)
+        self.c_out = (b * s * d.rsqrt()).view(shape)
+
+    def clean(self, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Clean tokens from the network's output F."""
+        return (self.c_skip * x_t.float() + self.c_out * out.float()).to(out.dtype)
+
+    def target(self, x_t: torch.Tensor, x_0: torch.Tensor) -> torch.Tensor:
+        """What F should be, in fp32."""
+        return (x_0.float() - self.c_skip * x_t.float()) / self.c_out
+
+
 @dataclass
 class Condition:
     """Everything of a condition that stays fixed over the sampling steps (computed once)."""
@@ -401,12 +436,17 @@ class DiT(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """x_t (B, N, C), t (B,) in [0, 1], a prepared Condition -> v (B, N, C)."""
         out = self.predict(x_t, t, cond)
-        if self.config.prediction == "velocity":
+        kind = self.config.prediction
+        if kind == "velocity":
             return out
-        return (x_t - out) / t.clamp_min(MIN_T).view(-1, 1, 1).to(out.dtype)  # out is x_0
+        x_0 = out if kind == "sample" else Preconditioning(t, self.config.data_std).clean(x_t, out)
+        return (x_t - x_0) / t.clamp_min(MIN_T).view(-1, 1, 1).to(out.dtype)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """The network's raw output (B, N, C): v, or x_0 with `prediction="sample"`."""
+        """The network's raw output (B, N, C): v, x_0 with `prediction="sample"`, or F with
+        "preconditioned" (the network then reads c_in x_t; see Preconditioning)."""
+        if self.config.prediction == "preconditioned":
+            x_t = x_t * Preconditioning(t, self.config.data_std).c_in.to(x_t.dtype)
         if self.config.quantize_timesteps:
             t = torch.floor(t * 1000) / 1000
         c = self.time_caption_embed(t, cond.context, cond.mask)  # (B, T)
@@ -429,9 +469,12 @@ class DiT(nn.Module):
         return self.velocity(x_t, t, self.prepare_condition(cond, cond_mask))
 
     def loss(self, path: PathSample, cond: torch.Tensor) -> torch.Tensor:
-        """Training loss at a path sample, in fp32: the velocity error, or the x_0 error with
-        `prediction="sample"` (the network's own output against its target)."""
-        if self.config.prediction == "velocity":
+        """Training loss at a path sample, in fp32: the network's own output against its target (the
+        velocity; x_0 with `prediction="sample"`; F's unit-variance target with "preconditioned")."""
+        kind = self.config.prediction
+        if kind == "velocity":
             return flow_matching_loss(self(path.x_t, path.t, cond), path)
-        x_0 = self.predict(path.x_t, path.t, self.prepare_condition(cond))
-        return torch.mean((x_0.float() - path.x_0.float()) ** 2)
+        out = self.predict(path.x_t, path.t, self.prepare_condition(cond))
+        target = path.x_0.float() if kind == "sample" else Preconditioning(path.t, self.config.data_std).target(
+            path.x_t, path.x_0)
+        return torch.mean((out.float() - target) ** 2)
