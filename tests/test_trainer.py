@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from blip3o import Blip3o
 from blip3o.train import TrainConfig, Trainer
-from blip3o.train.trainer import lr_factor
+from blip3o.train.trainer import ema_decay, lr_factor
 from train_helpers import tiny_dataset
 
 DATA = tiny_dataset()
@@ -150,6 +150,17 @@ def test_resume_with_another_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refusing to resume.*lr"):
         Trainer(config(tmp_path, steps=4, lr=5e-4), DATA).fit()
     Trainer(config(tmp_path, steps=3), DATA).fit()  # more steps of the same run is fine
+
+
+def test_ema_is_warmed_up(tmp_path):
+    assert ema_decay(0.998, 0) == pytest.approx(0.1)
+    assert ema_decay(0.998, 90) == pytest.approx(0.91)
+    assert ema_decay(0.998, 10_000) == 0.998
+    trainer = Trainer(config(tmp_path, ema_decay=0.998), DATA)
+    init = {n: p.detach().clone() for n, p in trainer.named_params}
+    trainer.train_step()  # first step: the average is 0.1 init + 0.9 weights, not 0.998 init
+    for n, p in trainer.named_params:
+        torch.testing.assert_close(trainer.ema[n], 0.1 * init[n] + 0.9 * p.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule():

@@ -44,7 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    ema_decay: float = 0.999  # 0 disables EMA; the exported model carries the EMA weights
+    ema_decay: float = 0.999  # 0 disables EMA; the exported model carries the EMA weights (decay warmed up)
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -63,6 +63,16 @@ class TrainConfig:
         if "betas" in raw:
             raw["betas"] = tuple(raw["betas"])
         return cls(**raw)
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay at `step` (0-based), warmed up as min(decay, (1 + step) / (10 + step)).
+
+    A constant decay keeps decay^steps of the initial weights in the average: 28% after 640 steps at
+    0.998 (a 640-step DiT exported from such an average drew nearly the same empty layout for every
+    prompt), 9% after nano's 1200 decoder steps. The warm-up lets the average follow the weights early.
+    """
+    return min(decay, (1 + step) / (10 + step))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -196,9 +206,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
+            decay = ema_decay(self.config.ema_decay, self.step)
             with torch.no_grad():
                 for n, p in self.named_params:
-                    self.ema[n].lerp_(p.detach(), 1 - self.config.ema_decay)
+                    self.ema[n].lerp_(p.detach(), 1 - decay)
         self.step += 1
         return loss.item()
 
