@@ -33,8 +33,7 @@ def _presets() -> dict[str, Blip3oConfig]:
             backbone=BACKBONE_PRESETS["nano"], dit=DIT_PRESETS["nano"],
             clip_encoder=CLIP_ENCODER_PRESETS["shapes"],
             decoder=replace(DECODER_PRESETS["shapes"], token_width=CLIP_ENCODER_PRESETS["shapes"].width),
-            # DiT guidance 7: 0.22 of the Shapes checks against 0.147 at 3 (same DiT, 300 images; docs/training.md)
-            query_init_std=0.02, steps=20, guidance=7.0, decoder_negative="zeros", extra={"world": "shapes"},
+            query_init_std=0.02, steps=20, decoder_negative="zeros", extra={"world": "shapes"},
         ),
         "blip3o-4b": Blip3oConfig(
             backbone=BACKBONE_PRESETS["qwen2.5-vl-3b"], dit=DIT_PRESETS["blip3o-4b"],
