@@ -12,7 +12,8 @@ No pooling and no cls token: the patch grid already is 8x8.
 token describes its own neighbourhood (receptive field (2 k depth + 1) patches a side, clipped to the
 grid) instead of carrying a summary of the whole scene: with global attention a token whose whole
 neighbourhood is empty background still varies across images almost as much as an object's token,
-and the DiT has to draw that scene summary consistently into all 64 tokens.
+and the DiT has to draw that scene summary consistently into all 64 tokens. Measured (session 5,
+docs/training.md): a DiT does worse on window=1 tokens (0.100 against 0.147), so nano keeps 0.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class ShapesEncoder(ClipEncoderBase):
 
     def init_buffers(self) -> None:
         """The attention mask is derived, not stored: rebuild it after a meta build."""
-        self.attn_mask = window_mask(GRID_SIDE, self.config.window)
+        mask = window_mask(GRID_SIDE, self.config.window)
+        self.attn_mask = None if mask is None else mask.to(self.pos_embed.device)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed  # (B, 64, C)
