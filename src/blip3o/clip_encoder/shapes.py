@@ -93,7 +93,8 @@ class ShapesEncoder(ClipEncoderBase):
         self.blocks = nn.ModuleList([PreNormBlock(config) for _ in range(config.depth)])
         self.norm = LayerNorm(config.width, eps=config.norm_eps)
         self.head = nn.Linear(config.width, config.embed_dim)
-        self.register_buffer("attn_mask", window_mask(GRID_SIDE, config.window), persistent=False)
+        self.register_buffer("attn_mask", None, persistent=False)
+        self.init_buffers()
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
