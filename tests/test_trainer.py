@@ -221,6 +221,53 @@ def test_understanding_conversation_labels_every_answer(tmp_path):
     assert torch.isfinite(loss)
 
 
+def test_understanding_object_labels_read_shape_and_colour_from_vision_tokens(tmp_path):
+    """Option object_labels: each merged vision token's (shape, colour) label is the object whose box
+    holds the cell centre; the loss adds the weighted read-out error; the head learns; no scene = no labels."""
+    from blip3o.shapes import make_sample
+    from blip3o.shapes.world import Scene
+    from blip3o.train.stages import CELL_COLORS, CELL_SHAPES, UnderstandingStage, cell_labels
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(5, i) for i in range(8))]
+    trainer = Trainer(config(tmp_path, "understanding", init="nano", steps=10, batch_size=8, ema_decay=0.0, lr=3e-3,
+                             stage_options={"object_labels": 2.0}), items * 10)
+    stage = trainer.stage
+    assert {n for n, _ in trainer.named_params} >= {"aux.object_head.weight", "aux.object_head.bias"}
+    batch = stage.collate(items, list(range(8)), 0, torch.device("cpu"))
+    assert batch["cell_labels"].shape == (8 * 64, 2)  # 64 px images, 4 px patches merged 2 x 2: 8 x 8 cells
+    for row, item in enumerate(items):  # every label from the scene, recomputed pixel by pixel
+        labels = batch["cell_labels"][row * 64:(row + 1) * 64]
+        for cell in range(64):
+            cx, cy = 8 * (cell % 8) + 4, 8 * (cell // 8) + 4
+            hits = [o for o in Scene.from_dict(item["json"]["scene"]).objects
+                    if o.x <= cx < o.x + o.size and o.y <= cy < o.y + o.size]
+            expected = [CELL_SHAPES.index(hits[0].shape), CELL_COLORS.index(hits[0].color)] if hits else [0, 0]
+            assert labels[cell].tolist() == expected
+    assert (batch["cell_labels"][:, 0] > 0).any()
+    no_scene = {"image": items[0]["image"], "json": {"caption": "a red circle"}}
+    assert (cell_labels(no_scene, 8, 8) == -1).all()
+
+    visual = trainer.model.backbone.model.model.visual
+
+    def read_out():
+        with torch.no_grad():
+            px = batch["pixel_values"]
+            out = stage.object_head(visual(px, grid_thw=batch["image_grid_thw"]).pooler_output)
+            cells, n = batch["cell_labels"], len(CELL_SHAPES)
+            return (F.cross_entropy(out[:, :n], cells[:, 0]) + F.cross_entropy(out[:, n:], cells[:, 1])).item()
+
+    plain = UnderstandingStage(trainer.model, {})
+    with torch.no_grad():
+        text_only = plain.loss({k: v for k, v in batch.items() if k != "cell_labels"})
+        torch.testing.assert_close(stage.loss(dict(batch)).item(), text_only.item() + 2.0 * read_out(),
+                                   rtol=1e-4, atol=1e-4)
+    before = read_out()
+    trainer.fit()
+    assert read_out() < 0.7 * before
+    with pytest.raises(ValueError, match="object_labels must be >= 0"):
+        UnderstandingStage(trainer.model, {"object_labels": -1})
+
+
 def test_understanding_one_turn_by_default(tmp_path):
     trainer = Trainer(config(tmp_path, "understanding"), DATA)
     batch = trainer.stage.collate(DATA[:4], list(range(4)), 0, torch.device("cpu"))
