@@ -238,3 +238,42 @@ def test_loss_compares_the_output_with_its_own_target(prediction):
         target = {"velocity": path.v, "sample": x_0,
                   "preconditioned": (b * x_0 - a * x_1) / (a * a + b * b).sqrt()}[prediction]
         torch.testing.assert_close(dit.loss(path, c), ((out - target) ** 2).mean())
+
+
+def test_token_whitening_gives_unit_variance_and_inverts_exactly():
+    from blip3o.dit import TokenWhitening
+
+    g = torch.Generator().manual_seed(0)
+    c = 16
+    # a few strong shared directions and many weak ones, like contrastive tokens of a small world
+    scales = torch.tensor([4.0] * 3 + [0.3] * 9 + [1e-4] * 4)
+    basis = torch.linalg.qr(torch.randn(c, c, generator=g))[0]
+    x = (torch.randn(20000, c, generator=g) * scales) @ basis.T + 2.0
+    white = TokenWhitening(c, eps=1e-2)
+    assert not white.is_fitted
+    white.fit(x)
+    assert white.is_fitted
+    z = white(x)
+    var = torch.linalg.eigvalsh(torch.cov(z.T.double())).flip(0)
+    # directions far above eps come out with unit variance; those far below it stay small
+    torch.testing.assert_close(var[:3], torch.ones(3, dtype=torch.float64), atol=0.03, rtol=0)
+    assert ((var[3:12] - 0.09 / 0.1).abs() < 0.05).all()
+    assert (var[12:] < 1e-5).all()
+    torch.testing.assert_close(z.mean(0), torch.zeros(c), atol=1e-3, rtol=0)
+    torch.testing.assert_close(white.inverse(z), x, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="at least 32 token vectors"):
+        TokenWhitening(c, 1e-2).fit(x[:10])
+
+
+def test_token_whitening_is_off_by_default_and_must_be_fitted_before_use():
+    plain = DiT(DIT_PRESETS["debug"])
+    assert plain.token_whitening is None
+    x = torch.randn(2, 64, 32)
+    assert plain.to_model_space(x) is x and plain.to_tokens(x) is x
+    white = DiT(dataclasses.replace(DIT_PRESETS["debug"], token_whitening=0.01))
+    assert {"token_whitening.mean", "token_whitening.whiten", "token_whitening.color",
+            "token_whitening.fitted"} <= set(white.state_dict())
+    with pytest.raises(RuntimeError, match="not fitted"):
+        white.to_model_space(x)
+    with pytest.raises(ValueError, match="token_whitening must be >= 0"):
+        DiTConfig(token_whitening=-1.0)

@@ -130,9 +130,10 @@ class DiTSampler:
         dit, velocity = self.model.dit, self.velocity
         if guidance == 1.0:
             prepared = dit.prepare_condition(cond)
-            return sample(lambda x, t: velocity(x, t, prepared), x_1, times, method)
+            return dit.to_tokens(sample(lambda x, t: velocity(x, t, prepared), x_1, times, method))
         both = dit.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))  # K/V once per sample
-        return sample(guided_pair(lambda x2, t2: velocity(x2, t2, both), guidance), x_1, times, method)
+        return dit.to_tokens(sample(guided_pair(lambda x2, t2: velocity(x2, t2, both), guidance), x_1, times,
+                                    method))
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,

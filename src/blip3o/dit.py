@@ -54,6 +54,10 @@ class DiTConfig:
     # "preconditioned" (EDM, Karras et al. 2022, on the straight path: see `Preconditioning`).
     prediction: str = "velocity"
     data_std: float = 1.0  # "preconditioned": standard deviation of the tokens the DiT learns
+    # > 0: the DiT learns and samples whitened tokens z = (lam + e)^-1/2 U^T (x - mean), U, lam the
+    # eigenvectors and eigenvalues of the token covariance (fitted once on the data, see TokenWhitening),
+    # e this value. 0 (official): the raw tokens.
+    token_whitening: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -64,6 +68,8 @@ class DiTConfig:
             raise ValueError(f"prediction must be 'velocity', 'sample' or 'preconditioned', got {self.prediction!r}")
         if not self.data_std > 0:
             raise ValueError(f"data_std must be > 0, got {self.data_std}")
+        if not self.token_whitening >= 0:
+            raise ValueError(f"token_whitening must be >= 0 (0 = off), got {self.token_whitening}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
 
@@ -370,6 +376,54 @@ class Condition:
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, kv_heads, L, hd) keys and values
 
 
+class TokenWhitening(nn.Module):
+    """The DiT's token space: z = W (x - mean), W = (lam + e)^-1/2 U^T; back: x = U (lam + e)^1/2 z + mean.
+
+    Why: contrastive CLIP tokens of a small world spend most of their variance on a scene summary that
+    every token repeats (nano's encoder: 7 of 128 directions hold 93% of it) and keep what is drawn at
+    each place in small directions. Flow matching on raw tokens weighs errors by variance and noises
+    every direction alike, so those small directions are drowned first and learnt last; the decoder
+    needs exactly them. Whitened, every direction with lam >> e has unit variance; e keeps directions
+    with lam << e (numerical noise) small instead of blowing them up. Buffers, fitted once (`fit`) and
+    saved with the model.
+    """
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("whiten", torch.eye(channels))
+        self.register_buffer("color", torch.eye(channels))
+        self.register_buffer("fitted", torch.zeros(()))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted.item())
+
+    @torch.no_grad()
+    def fit(self, tokens: torch.Tensor) -> None:
+        """tokens (..., C): estimate mean and covariance (fp64) and set the transforms."""
+        x = tokens.reshape(-1, tokens.shape[-1]).double()
+        if x.shape[0] < 2 * x.shape[1]:
+            raise ValueError(f"fitting the token whitening needs at least {2 * x.shape[1]} token vectors, "
+                             f"got {x.shape[0]}")
+        mean = x.mean(0)
+        lam, u = torch.linalg.eigh(torch.cov((x - mean).T))
+        scale = (lam.clamp_min(0) + self.eps).sqrt()
+        self.mean.copy_(mean)
+        self.whiten.copy_(u.T / scale[:, None])
+        self.color.copy_(u * scale[None, :])
+        self.fitted.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (..., C) -> whitened (..., C)."""
+        return ((x.float() - self.mean) @ self.whiten.T).to(x.dtype)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Whitened (..., C) -> tokens (..., C)."""
+        return (z.float() @ self.color.T + self.mean).to(z.dtype)
+
+
 class DiT(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -381,6 +435,8 @@ class DiT(nn.Module):
         self.time_caption_embed = TimeCaptionEmbed(d, config.time_dim)
         self.layers = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_out = NormOut(d, config.time_dim, config.in_channels)
+        self.token_whitening = TokenWhitening(config.in_channels, config.token_whitening) \
+            if config.token_whitening else None
         # The RoPE table stays fp32 whatever the model's dtype, so it is a per-device cache, not a buffer
         # (Module.to(dtype) would cast a buffer; bf16 angles lose too much).
         self._rope: dict[torch.device, torch.Tensor] = {}
@@ -393,6 +449,18 @@ class DiT(nn.Module):
         for block in self.layers:
             block._fused = ((), None, None) if enabled else None
         return self
+
+    def to_model_space(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP tokens -> the space the DiT learns and samples in (whitened, or the tokens themselves)."""
+        if self.token_whitening is None:
+            return tokens
+        if not self.token_whitening.is_fitted:
+            raise RuntimeError("the DiT's token whitening is not fitted yet (the generation stage fits it)")
+        return self.token_whitening(tokens)
+
+    def to_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_model_space`: what the DiT sampled -> CLIP tokens."""
+        return z if self.token_whitening is None else self.token_whitening.inverse(z)
 
     def init_buffers(self) -> None:
         """Nothing to recompute: the RoPE table is built on first use on each device."""

@@ -241,10 +241,10 @@ class Blip3o(nn.Module):
         times = time_grid(steps, time_shift or cfg.time_shift)
         if guidance == 1.0:
             prepared = dit.prepare_condition(cond)
-            return sample(lambda x, t: dit.velocity(x, t, prepared), x_1, times, sampler or cfg.sampler)
+            return dit.to_tokens(sample(lambda x, t: dit.velocity(x, t, prepared), x_1, times, sampler or cfg.sampler))
         both = dit.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))
         velocity = guided_pair(lambda x2, t2: dit.velocity(x2, t2, both), guidance)
-        return sample(velocity, x_1, times, sampler or cfg.sampler)
+        return dit.to_tokens(sample(velocity, x_1, times, sampler or cfg.sampler))
 
     def negative_tokens(self, steps: int | None, guidance: float | None) -> torch.Tensor:
         """Tokens generated for the empty prompt: the decoder's negative condition (Emu2-Gen style), cached."""

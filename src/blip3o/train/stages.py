@@ -62,6 +62,9 @@ class Stage:
     def aux_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return []
 
+    def prepare(self, dataset) -> None:
+        """Called once before training (and again on resume) with the whole dataset."""
+
     def collate(self, items: list[dict], indices: list[int], seed: int, device: torch.device) -> dict:
         raise NotImplementedError
 
@@ -83,6 +86,9 @@ def complete_texts(item: dict) -> list[str]:
     return texts or captions_of(item)
 
 
+WHITENING_IMAGES = 2048  # images whose tokens fit the DiT's token whitening (131k token vectors)
+
+
 class GenerationStage(Stage):
     """Backbone frozen; the queries and the DiT learn to flow from noise to the encoder's tokens.
 
@@ -101,6 +107,21 @@ class GenerationStage(Stage):
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
             raise ValueError(f"stage option draws must be an integer >= 1, got {draws!r}")
         self.draws = draws
+
+    def prepare(self, dataset) -> None:
+        """Fit the DiT's token whitening (DiTConfig.token_whitening) on the frozen encoder's tokens of the
+        first WHITENING_IMAGES samples, unless the DiT already carries a fitted one. Deterministic, so every
+        rank, and a resumed run, fits the same transform."""
+        white = self.model.dit.token_whitening
+        if white is None or white.is_fitted:
+            return
+        n = min(len(dataset), WHITENING_IMAGES)
+        encoder, tokens = self.model.clip_encoder, []
+        with torch.no_grad():
+            for start in range(0, n, 128):
+                images = [dataset[i]["image"] for i in range(start, min(n, start + 128))]
+                tokens.append(encoder.encode(pil_to_tensor(images).to(self.model.device)).float())
+        white.fit(torch.cat(tokens))
 
     def collate(self, items, indices, seed, device):
         c, k = self.model.config.dit, self.draws
@@ -121,7 +142,8 @@ class GenerationStage(Stage):
 
     def loss(self, batch):
         model = self.model
-        x_0 = model.clip_encoder.encode(batch["pixels"]).repeat_interleave(self.draws, 0)  # (B K, 64, C) targets
+        x_0 = model.dit.to_model_space(model.clip_encoder.encode(batch["pixels"]))  # (B, 64, C) targets
+        x_0 = x_0.repeat_interleave(self.draws, 0)  # (B K, 64, C)
         cond = model.condition(batch["prompts"])  # (B, 64, H), gradients reach the queries
         cond = cond.repeat_interleave(self.draws, 0) * batch["keep"].view(-1, 1, 1).to(cond.dtype)
         path = sample_path(x_0, batch["x_1"].to(x_0.dtype), batch["t"])
