@@ -261,6 +261,11 @@ def test_token_whitening_gives_unit_variance_and_inverts_exactly():
     assert (var[12:] < 1e-5).all()
     torch.testing.assert_close(z.mean(0), torch.zeros(c), atol=1e-3, rtol=0)
     torch.testing.assert_close(white.inverse(z), x, atol=1e-4, rtol=0)
+    half = TokenWhitening(c, eps=1e-2)
+    half.load_state_dict(white.state_dict())
+    half.to(torch.float16)  # a model cast to fp16 (as shipped) still whitens in fp32
+    assert half(x.half()).dtype == torch.float16
+    torch.testing.assert_close(half.inverse(half(x.half())).float(), x, atol=0.05, rtol=0.01)
     with pytest.raises(ValueError, match="at least 32 token vectors"):
         TokenWhitening(c, 1e-2).fit(x[:10])
 

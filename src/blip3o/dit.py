@@ -417,11 +417,11 @@ class TokenWhitening(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (..., C) -> whitened (..., C)."""
-        return ((x.float() - self.mean) @ self.whiten.T).to(x.dtype)
+        return ((x.float() - self.mean.float()) @ self.whiten.float().T).to(x.dtype)  # fp32 whatever the dtype
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """Whitened (..., C) -> tokens (..., C)."""
-        return (z.float() @ self.color.T + self.mean).to(z.dtype)
+        return (z.float() @ self.color.float().T + self.mean.float()).to(z.dtype)
 
 
 class DiT(nn.Module):
