@@ -385,7 +385,9 @@ class TokenWhitening(nn.Module):
     every direction alike, so those small directions are drowned first and learnt last; the decoder
     needs exactly them. Whitened, every direction with lam >> e has unit variance; e keeps directions
     with lam << e (numerical noise) small instead of blowing them up. Buffers, fitted once (`fit`) and
-    saved with the model.
+    saved with the model. Measured on nano (e = 0.01): the DiT keeps the detail of real tokens noised to
+    t = 0.3 (0.93 of images pass, raw tokens 0.82), but plain generation loses the layout (0.10 against
+    0.24), so nano trains on raw tokens.
     """
 
     def __init__(self, channels: int, eps: float) -> None:
