@@ -273,7 +273,9 @@ def test_overload_gets_429_with_retry_after_and_the_queue_drains(model, monkeypa
 
 def test_a_slow_request_gets_504_and_the_worker_goes_on(model, monkeypatch):
     gate = Gate(model, monkeypatch)
-    with running(model, request_timeout_s=0.5) as server:
+    # the timeout must also cover the next request, which waits for the slow one to finish first
+    # (two debug generations: over 0.5 s on a loaded 2-core machine)
+    with running(model, request_timeout_s=4.0) as server:
         start = time.monotonic()
         status, body, _ = request(server, "/v1/images/generations", {"prompt": "slow"})
         assert status == 504 and body["error"]["code"] == "timeout"
