@@ -117,8 +117,8 @@ class Trainer:
         self.dataset = dataset
         self.model = model if model is not None else load_init(config.init, self.device)
         self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
-        self.stage.prepare(dataset)
         self.named_params = self.stage.trainable(self.model)
+        self.stage.prepare(dataset)  # after trainable(): frozen parts are in eval mode
         self.params = [p for _, p in self.named_params]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
