@@ -31,6 +31,7 @@ SMALL = {
     "debug-siglip2": DEBUG_SIGLIP2,
     "shapes": CLIP_ENCODER_PRESETS["shapes"],
     "shapes-window": dataclasses.replace(CLIP_ENCODER_PRESETS["shapes"], window=1),
+    "shapes-narrow": dataclasses.replace(CLIP_ENCODER_PRESETS["shapes"], token_dim=16),
 }
 
 
@@ -53,7 +54,7 @@ def test_encode_gives_64_frozen_deterministic_tokens(name):
     enc = _build(SMALL[name])
     x = _pixels(2, enc.image_size, enc.image_size).requires_grad_(True)
     a, b = enc.encode(x), enc.encode(x)
-    assert a.shape == (2, 64, enc.width) == (2, enc.num_tokens, enc.config.width)
+    assert a.shape == (2, 64, enc.width) == (2, enc.num_tokens, getattr(enc.config, "token_width", enc.config.width))
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert not a.requires_grad
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
@@ -284,6 +285,27 @@ def test_shapes_patches_follow_the_token_grid():
     torch.testing.assert_close(enc.pool(enc(px)), enc.embed(px))
 
 
+def test_shapes_token_dim_narrows_the_tokens_and_the_model_follows():
+    """token_dim = d: the blocks stay `width` wide, the tokens (and what pools them) are d wide; a
+    Blip3oConfig must give its DiT and decoder the same token width."""
+    from blip3o.model import Blip3oConfig
+    from blip3o.presets import get_preset
+
+    config = dataclasses.replace(CLIP_ENCODER_PRESETS["shapes"], token_dim=16)
+    enc = _build(config)
+    assert enc.width == config.token_width == 16 and CLIP_ENCODER_PRESETS["shapes"].token_width == 128
+    tokens = enc.encode(_pixels(2, 64, 64))
+    assert tokens.shape == (2, 64, 16)
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)  # its own LayerNorm
+    assert enc.head.in_features == 16 and enc.blocks[0].mlp.fc1.in_features == config.width
+    nano = get_preset("nano")
+    with pytest.raises(ValueError, match="dit.in_channels 128 != clip_encoder.width 16"):
+        dataclasses.replace(nano, clip_encoder=config)
+    dataclasses.replace(nano, clip_encoder=config, dit=dataclasses.replace(nano.dit, in_channels=16),
+                        decoder=dataclasses.replace(nano.decoder, token_width=16))
+    assert isinstance(nano, Blip3oConfig)
+
+
 @pytest.mark.parametrize("window", [1, 2])
 def test_shapes_window_keeps_tokens_local(window):
     """A token depends only on patches within window x depth rows and columns of it."""
@@ -316,6 +338,10 @@ def test_configs_round_trip_and_reject_unknowns():
         ShapesEncoderConfig(image_size=32)
     with pytest.raises(ValueError, match="window must be an integer >= 0"):
         ShapesEncoderConfig(window=-1)
+    with pytest.raises(ValueError, match="token_dim must be an integer >= 0"):
+        ShapesEncoderConfig(token_dim=-1)
+    narrow = dataclasses.replace(CLIP_ENCODER_PRESETS["shapes"], token_dim=32)
+    assert clip_encoder_config_from_dict(dataclasses.asdict(narrow)) == narrow
     with pytest.raises(ValueError, match="8x8"):
         EvaClipConfig(image_size=224)
 

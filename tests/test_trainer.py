@@ -84,6 +84,77 @@ def test_clip_patch_reconstruction_adds_a_patch_read_out_that_learns(tmp_path):
     assert read_out_error() < 0.5 * before
 
 
+def shapes_items(n: int, seed: int = 5) -> list[dict]:
+    from blip3o.shapes import make_sample
+
+    return [{"image": image, "json": meta} for image, meta in (make_sample(seed, i) for i in range(n))]
+
+
+def test_object_codes_put_each_object_on_the_cell_of_its_centre():
+    from blip3o.shapes.world import COLORS, SHAPES, Scene
+    from blip3o.train.stages import object_codes_of
+
+    seen = 0
+    for item in shapes_items(200):
+        objects = Scene.from_dict(item["json"]["scene"]).objects
+        for rows, cols in ((8, 8), (4, 8)):
+            codes = object_codes_of(item, rows, cols)
+            assert codes.shape == (rows * cols, 7)
+            assert int((codes[:, 0] > 0).sum()) == len(objects)  # one cell per object, never shared
+            for o in objects:
+                ch, cw = 64 / rows, 64 / cols
+                row, col = int(o.cy // ch), int(o.cx // cw)
+                x, y = o.x + o.size / 2, o.y + o.size / 2
+                expected = [1 + SHAPES.index(o.shape), COLORS.index(o.color), (o.size - 15) / 3,
+                            (x - (col + 0.5) * cw) / (cw / 2), (y - (row + 0.5) * ch) / (ch / 2), x / 32 - 1, y / 32 - 1]
+                torch.testing.assert_close(codes[row * cols + col], torch.tensor(expected))
+                assert codes[row * cols + col, 2:].abs().max() <= 1
+                seen += 1
+    assert seen > 400
+    assert (object_codes_of({"image": DATA[0]["image"], "json": {"caption": "x"}})[:, 0] == -1).all()
+
+
+def test_clip_object_codes_read_each_object_from_the_token_of_its_centre(tmp_path):
+    """Option object_codes: a read-out head on the (narrowed) tokens; the loss is SigLIP's plus the
+    weighted code loss; the head learns; images without a scene add nothing."""
+    from blip3o.clip_encoder import build_clip_encoder
+    from blip3o.decoder import build_decoder
+    from blip3o.dit import DiT
+    from blip3o.presets import get_preset
+    from blip3o.train.stages import CODE_WIDTH, ClipStage, code_loss
+
+    nano = get_preset("nano")
+    cc = dataclasses.replace(nano.clip_encoder, token_dim=32, depth=2)
+    cfg = dataclasses.replace(nano, clip_encoder=cc, dit=dataclasses.replace(nano.dit, in_channels=32),
+                              decoder=dataclasses.replace(nano.decoder, token_width=32))
+    model = Blip3o(cfg)
+    items = shapes_items(16)
+    trainer = Trainer(config(tmp_path, "clip", init="nano", steps=25, batch_size=16, ema_decay=0.0, lr=3e-3,
+                             stage_options={"object_codes": 2.0}), items * 25, model=model)
+    stage, enc = trainer.stage, trainer.model.clip_encoder
+    assert stage.code_head.in_features == 32 and stage.code_head.out_features == CODE_WIDTH
+    assert {n for n, _ in trainer.named_params} >= {"aux.code_head.weight", "aux.code_head.bias"}
+    batch = stage.collate(items, list(range(16)), 0, torch.device("cpu"))
+    assert batch["codes"].shape == (16, 64, 7)
+
+    def read_out_error():
+        with torch.no_grad():
+            return code_loss(stage.code_head(enc(batch["pixels"])), batch["codes"]).item()
+
+    plain = ClipStage(trainer.model, {})
+    plain.text.load_state_dict(stage.text.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(stage.loss(batch).item(), plain.loss(batch).item() + 2.0 * read_out_error(),
+                                   rtol=1e-4, atol=1e-4)
+        no_scene = dict(batch, codes=torch.full_like(batch["codes"], -1.0))
+        torch.testing.assert_close(stage.loss(no_scene).item(), plain.loss(batch).item(), rtol=1e-5, atol=1e-5)
+    before = read_out_error()
+    trainer.fit()
+    assert read_out_error() < 0.6 * before
+    with pytest.raises(ValueError, match="object_codes must be >= 0"):
+        ClipStage(trainer.model, {"object_codes": -1})
+
+
 def test_clip_patch_reconstruction_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="patch_reconstruction must be >= 0"):
         Trainer(config(tmp_path, "clip", init="nano", stage_options={"patch_reconstruction": -1}), DATA)
@@ -266,6 +337,28 @@ def test_understanding_object_labels_read_shape_and_colour_from_vision_tokens(tm
     assert read_out() < 0.7 * before
     with pytest.raises(ValueError, match="object_labels must be >= 0"):
         UnderstandingStage(trainer.model, {"object_labels": -1})
+
+
+def test_understanding_object_labels_at_centres(tmp_path):
+    """object_labels_at="centre": each object labels only the merged token of its box centre, with the
+    code of `object_codes_of` (shape, colour, size, offset, position); the loss adds the code loss."""
+    from blip3o.train.stages import UnderstandingStage, code_loss, object_codes_of
+
+    items = shapes_items(8)
+    trainer = Trainer(config(tmp_path, "understanding", init="nano", steps=1, batch_size=8, ema_decay=0.0,
+                             stage_options={"object_labels": 0.5, "object_labels_at": "centre"}), items)
+    stage = trainer.stage
+    batch = stage.collate(items, list(range(8)), 0, torch.device("cpu"))
+    assert torch.equal(batch["cell_labels"], torch.cat([object_codes_of(it, 8, 8) for it in items]))
+    visual = trainer.model.backbone.model.model.visual
+    plain = UnderstandingStage(trainer.model, {})
+    with torch.no_grad():
+        out = stage.object_head(visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output)
+        expected = plain.loss({k: v for k, v in batch.items() if k != "cell_labels"}) + 0.5 * code_loss(
+            out, batch["cell_labels"])
+        torch.testing.assert_close(stage.loss(dict(batch)), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="object_labels_at must be 'box' or 'centre'"):
+        UnderstandingStage(trainer.model, {"object_labels": 1.0, "object_labels_at": "center"})
 
 
 def test_understanding_one_turn_by_default(tmp_path):

@@ -52,7 +52,7 @@ class Blip3oConfig:
     extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
 
     def __post_init__(self) -> None:
-        width = getattr(self.clip_encoder, "width", None)
+        width = getattr(self.clip_encoder, "token_width", getattr(self.clip_encoder, "width", None))
         problems = []
         if self.dit.cond_size != self.backbone.hidden_size:
             problems.append(f"dit.cond_size {self.dit.cond_size} != backbone.hidden_size {self.backbone.hidden_size}")

@@ -2,6 +2,7 @@
 
     pixels (B, 3, 64, 64) -> 8x8 patches + pos_embed (B, 64, C) -> pre-norm blocks -> LN
                                               (attention global, or within `window` cells)
+      [-> Linear -> LN (B, 64, token_dim)]       (`token_dim` > 0: narrower tokens)
       -> tokens (B, 64, C)                     (what BLIP3-o's DiT learns to produce)
       -> mean over tokens -> Linear -> (B, D)  (`embed`: the image side of a SigLIP-style
                                                 sigmoid contrastive loss that trains it)
@@ -43,6 +44,12 @@ class ShapesEncoderConfig:
     embed_dim: int = 128  # width of the pooled contrastive embedding from `embed`
     norm_eps: float = 1e-6
     window: int = 0  # 0: global attention; k > 0: attend within k rows and k columns (local tokens)
+    token_dim: int = 0  # 0: tokens are `width` wide; d > 0: a linear map + LayerNorm narrows them to d
+
+    @property
+    def token_width(self) -> int:
+        """Width of the tokens the encoder hands out (what the DiT and the decoder see)."""
+        return self.token_dim or self.width
 
     def __post_init__(self) -> None:
         if self.image_size != GRID_SIDE * self.patch_size:
@@ -51,6 +58,8 @@ class ShapesEncoderConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"window must be an integer >= 0 (0 = global attention), got {self.window!r}")
+        if not isinstance(self.token_dim, int) or self.token_dim < 0:
+            raise ValueError(f"token_dim must be an integer >= 0 (0 = width), got {self.token_dim!r}")
 
 
 class PreNormBlock(nn.Module):
@@ -86,13 +95,17 @@ class ShapesEncoder(ClipEncoderBase):
     def __init__(self, config: ShapesEncoderConfig):
         super().__init__()
         self.config = config
-        self.width = config.width
+        self.width = config.token_width
         self.image_size = config.image_size
         self.patch_embed = PatchEmbed(config.patch_size, config.width)
         self.pos_embed = nn.Parameter(torch.empty(1, GRID_SIDE * GRID_SIDE, config.width))
         self.blocks = nn.ModuleList([PreNormBlock(config) for _ in range(config.depth)])
         self.norm = LayerNorm(config.width, eps=config.norm_eps)
-        self.head = nn.Linear(config.width, config.embed_dim)
+        self.narrow = None
+        if config.token_dim:  # width -> token_dim, then a norm of its own
+            self.narrow = nn.Sequential(nn.Linear(config.width, config.token_dim),
+                                        LayerNorm(config.token_dim, eps=config.norm_eps))
+        self.head = nn.Linear(config.token_width, config.embed_dim)
         self.register_buffer("attn_mask", None, persistent=False)
         self.init_buffers()
         self.initialize_weights()
@@ -113,7 +126,8 @@ class ShapesEncoder(ClipEncoderBase):
         x = self.patch_embed(x) + self.pos_embed  # (B, 64, C)
         for block in self.blocks:
             x = block(x, self.attn_mask)
-        return self.norm(x)  # (B, 64, C)
+        x = self.norm(x)  # (B, 64, C)
+        return x if self.narrow is None else self.narrow(x)  # (B, 64, token_width)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels (B, 3, H, W) -> pooled embedding (B, embed_dim), with gradients.

@@ -199,6 +199,12 @@ class UnderstandingStage(Stage):
     Our vision tower starts from nothing, where Qwen2.5-VL's comes pretrained; this is its pretraining.
     Measured (docs/training.md, session 6): the probe then reads shape at 0.99, but count and position
     accuracy do not move (the LLM still answers "one" and "yes"), so nano leaves it off.
+
+    Stage option `object_labels_at` = "box" (default, as above) or "centre": each object is labelled on
+    the one merged token whose cell holds its box centre only, with its shape, colour, size, offset in
+    the cell and centre in the image (`object_codes_of`); every other cell reads "none". Objects then
+    become single tokens that can be counted, and their positions can be compared, without first
+    grouping the 2 x 2 to 3 x 3 cells each one covers.
     """
 
     name, trains = "understanding", ("backbone",)
@@ -208,10 +214,13 @@ class UnderstandingStage(Stage):
         self.object_labels = float(options.get("object_labels", 0.0))
         if self.object_labels < 0:
             raise ValueError(f"object_labels must be >= 0, got {self.object_labels}")
+        self.labels_at = options.get("object_labels_at", "box")
+        if self.labels_at not in ("box", "centre"):
+            raise ValueError(f"object_labels_at must be 'box' or 'centre', got {self.labels_at!r}")
         self.object_head = None
         if self.object_labels:
-            self.object_head = nn.Linear(model.backbone.hidden_size, len(CELL_SHAPES) + len(CELL_COLORS))
-            self.object_head.to(model.device)
+            width = len(CELL_SHAPES) + len(CELL_COLORS) if self.labels_at == "box" else N_SHAPE + N_COLOR + 5
+            self.object_head = nn.Linear(model.backbone.hidden_size, width).to(model.device)
 
     def aux_parameters(self):
         head = self.object_head.named_parameters() if self.object_head is not None else []
@@ -234,8 +243,9 @@ class UnderstandingStage(Stage):
         inputs["labels"] = self.answer_labels(inputs["input_ids"], conversations)
         if self.object_head is not None:
             merge = self.model.backbone.config.spatial_merge_size
+            labels_of = cell_labels if self.labels_at == "box" else object_codes_of
             inputs["cell_labels"] = torch.cat([
-                cell_labels(item, int(h) // merge, int(w) // merge)
+                labels_of(item, int(h) // merge, int(w) // merge)
                 for item, (_, h, w) in zip(items, inputs["image_grid_thw"].tolist(), strict=True)])
         return dict(inputs.to(device))
 
@@ -286,7 +296,9 @@ class UnderstandingStage(Stage):
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
         if cells is None:
             return loss
-        out = self.object_head(seen[0].float())  # (cells, shapes + colours)
+        out = self.object_head(seen[0].float())  # (cells, read-out)
+        if self.labels_at == "centre":
+            return loss + self.object_labels * code_loss(out, cells)
         n = len(CELL_SHAPES)
         known = cells[:, 0] >= 0  # cells of images without a scene are -1
         read = F.cross_entropy(out[known, :n], cells[known, 0]) + F.cross_entropy(out[known, n:], cells[known, 1])
@@ -347,6 +359,13 @@ class ClipStage(Stage):
     training alone leaves the tokens mixed with the whole scene (a probe reads a token's patch back
     with 19% of object pixels wrong), so the DiT has to produce a field of tokens that all depend on
     each other; with the read-out each token also says what is drawn at its place.
+
+    Stage option `object_codes` (default 0): the weight of an object-centric read-out for scenes with a
+    `scene` in their json (the Shapes shards). A linear head reads from every token whether an object's
+    box centre lies in its cell and, if so, that object's shape, colour, size and the centre's offset in
+    the cell (`object_codes_of`). Objects keep 2 px apart, so no cell holds two centres: each object
+    becomes one token that says everything the decoder must draw, instead of pieces spread over the
+    2 x 2 to 3 x 3 cells it covers, pieces that the DiT has to make agree with each other.
     """
 
     name, trains = "clip", ("clip_encoder",)
@@ -365,38 +384,95 @@ class ClipStage(Stage):
         # SigLIP's initialisation: t = log 10, b = -10
         self.logit_scale = nn.Parameter(torch.tensor(2.302585, device=model.device))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0, device=model.device))
-        self.patch_head = None
+        self.codes = float(options.get("object_codes", 0.0))
+        if self.codes < 0:
+            raise ValueError(f"object_codes must be >= 0, got {self.codes}")
+        width = model.clip_encoder.width  # the tokens' width
+        self.patch_head = self.code_head = None
         if self.reconstruction:
-            self.patch_head = nn.Linear(enc.width, 3 * enc.patch_size**2).to(model.device)
+            self.patch_head = nn.Linear(width, 3 * enc.patch_size**2).to(model.device)
+        if self.codes:
+            self.code_head = nn.Linear(width, CODE_WIDTH).to(model.device)
 
     def aux_parameters(self):
-        head = self.patch_head.named_parameters() if self.patch_head is not None else []
+        heads = [(f"{name}.{n}", p) for name in ("patch_head", "code_head") if getattr(self, name) is not None
+                 for n, p in getattr(self, name).named_parameters()]
         return [(f"text.{n}", p) for n, p in self.text.named_parameters()] + [
-            ("logit_scale", self.logit_scale), ("logit_bias", self.logit_bias)] + [
-            (f"patch_head.{n}", p) for n, p in head]
+            ("logit_scale", self.logit_scale), ("logit_bias", self.logit_bias)] + heads
 
     def collate(self, items, indices, seed, device):
         pairs = zip(items, indices, strict=True)
         caps = [random.Random(seed * 7919 + i).choice(captions_of(item)) for item, i in pairs]
         tok = self.model.backbone.tokenizer(caps, padding="max_length", truncation=True, max_length=self.text.max_len,
                                             padding_side="right", return_tensors="pt")
-        return {"pixels": pil_to_tensor([it["image"] for it in items]).to(device),
-                "ids": tok.input_ids.to(device), "mask": tok.attention_mask.bool().to(device)}
+        batch = {"pixels": pil_to_tensor([it["image"] for it in items]).to(device),
+                 "ids": tok.input_ids.to(device), "mask": tok.attention_mask.bool().to(device)}
+        if self.code_head is not None:
+            batch["codes"] = torch.stack([object_codes_of(it) for it in items]).to(device)  # (b, 64, 7)
+        return batch
 
     def loss(self, batch):
         encoder = self.model.clip_encoder
-        if self.patch_head is None:
-            img, recon = encoder.embed(batch["pixels"]), 0.0
+        if self.patch_head is None and self.code_head is None:
+            img, extra = encoder.embed(batch["pixels"]), 0.0
         else:
             tokens = encoder(batch["pixels"])  # (b, 64, C)
-            img = encoder.pool(tokens)
-            recon = F.mse_loss(self.patch_head(tokens), encoder.patches(batch["pixels"]))
+            img, extra = encoder.pool(tokens), 0.0
+            if self.patch_head is not None:
+                extra = self.reconstruction * F.mse_loss(self.patch_head(tokens), encoder.patches(batch["pixels"]))
+            if self.code_head is not None:
+                extra = extra + self.codes * code_loss(self.code_head(tokens), batch["codes"])
         img = F.normalize(img, dim=-1)  # (b, E)
         txt = F.normalize(self.text(batch["ids"], batch["mask"]), dim=-1)
         img, txt = gather(img), gather(txt)  # (B, E): the whole global batch on every rank
         logits = img @ txt.T * self.logit_scale.exp() + self.logit_bias  # (B, B)
         labels = 2 * torch.eye(len(img), device=img.device) - 1
-        return -F.logsigmoid(labels * logits).sum() / len(img) + self.reconstruction * recon
+        return -F.logsigmoid(labels * logits).sum() / len(img) + extra
+
+
+CODE_GRID = 8  # the Shapes encoder's 8 x 8 token grid
+N_SHAPE, N_COLOR = len(("none", *SHAPES)), len(COLORS)
+CODE_WIDTH = N_SHAPE + N_COLOR + 3  # shape (or none), colour, (size, dx, dy): the clip stage's read-out
+
+
+def object_codes_of(item: dict, rows: int = CODE_GRID, cols: int = CODE_GRID) -> torch.Tensor:
+    """(rows * cols, 7) float, raster order over a rows x cols grid of cells on the image: per cell
+    [shape index (0 = no box centre in the cell, -1 = no scene), colour index, (size - 15) / 3, the
+    centre's offset from the cell's centre in half-cells (x, y), the centre in the image (x, y)], all but
+    the first only where a centre lies. Sizes 12..18, offsets and image coordinates map to [-1, 1]."""
+    scene = (item.get("json") or {}).get("scene")
+    codes = torch.zeros(rows * cols, 7)
+    if scene is None:
+        codes[:, 0] = -1
+        return codes
+    width, height = item["image"].size
+    cw, ch = width / cols, height / rows
+    for obj in Scene.from_dict(scene).objects:
+        col, row = min(int(obj.cx // cw), cols - 1), min(int(obj.cy // ch), rows - 1)
+        if codes[row * cols + col, 0] > 0:
+            raise ValueError(f"two object centres in cell ({row}, {col}) of scene {scene}")
+        codes[row * cols + col] = torch.tensor([
+            1 + SHAPES.index(obj.shape), COLORS.index(obj.color), (obj.size - 15) / 3,
+            (obj.cx - (col + 0.5) * cw) / (cw / 2), (obj.cy - (row + 0.5) * ch) / (ch / 2),
+            2 * obj.cx / width - 1, 2 * obj.cy / height - 1])
+    return codes
+
+
+def code_loss(out: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A read-out (..., N_SHAPE + N_COLOR + k) against `object_codes_of` targets (..., 7): cross-entropy
+    of each cell's shape (or none) over cells of known scenes; colour cross-entropy and the squared error
+    of the first k numbers (size, offset, position) over cells that hold a centre."""
+    out, codes = out.reshape(-1, out.shape[-1]).float(), codes.reshape(-1, codes.shape[-1])
+    k = out.shape[1] - N_SHAPE - N_COLOR
+    known, held = codes[:, 0] >= 0, codes[:, 0] > 0
+    if not bool(known.any()):
+        return 0.0 * out.sum()  # keeps every parameter in the graph (DDP)
+    loss = F.cross_entropy(out[known, :N_SHAPE], codes[known, 0].long())
+    if bool(held.any()):
+        obj = out[held]
+        loss = loss + F.cross_entropy(obj[:, N_SHAPE:N_SHAPE + N_COLOR], codes[held, 1].long())
+        loss = loss + F.mse_loss(obj[:, N_SHAPE + N_COLOR:], codes[held, 2:2 + k])
+    return loss
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
