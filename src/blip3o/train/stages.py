@@ -366,6 +366,9 @@ class ClipStage(Stage):
     the cell (`object_codes_of`). Objects keep 2 px apart, so no cell holds two centres: each object
     becomes one token that says everything the decoder must draw, instead of pieces spread over the
     2 x 2 to 3 x 3 cells it covers, pieces that the DiT has to make agree with each other.
+    Measured (docs/training.md, session 7; 1200 steps, encoder `token_dim=32`): a linear probe reads the
+    shape of an object from the token of its centre at 0.78 with weight 4 (0.42 with weight 1; run 3's
+    patch-reconstruction tokens: 0.24, chance 0.25), its colour at 1.0, and which cells hold a centre at 0.993.
     """
 
     name, trains = "clip", ("clip_encoder",)
