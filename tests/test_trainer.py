@@ -100,7 +100,7 @@ def test_object_codes_put_each_object_on_the_cell_of_its_centre():
         for rows, cols in ((8, 8), (4, 8)):
             codes = object_codes_of(item, rows, cols)
             assert codes.shape == (rows * cols, 7)
-            assert int((codes[:, 0] > 0).sum()) == len(objects)  # one cell per object, never shared
+            assert int((codes[:, 0] > 0).sum()) == len(objects)  # one cell per object, never shared on 8 px cells
             for o in objects:
                 ch, cw = 64 / rows, 64 / cols
                 row, col = int(o.cy // ch), int(o.cx // cw)
