@@ -299,7 +299,8 @@ def test_shapes_token_dim_narrows_the_tokens_and_the_model_follows():
     torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)  # its own LayerNorm
     assert enc.head.in_features == 16 and enc.blocks[0].mlp.fc1.in_features == config.width
     nano = get_preset("nano")
-    with pytest.raises(ValueError, match="dit.in_channels 128 != clip_encoder.width 16"):
+    assert nano.clip_encoder.token_width == nano.dit.in_channels == nano.decoder.token_width == 32
+    with pytest.raises(ValueError, match="dit.in_channels 32 != clip_encoder.width 16"):
         dataclasses.replace(nano, clip_encoder=config)
     dataclasses.replace(nano, clip_encoder=config, dit=dataclasses.replace(nano.dit, in_channels=16),
                         decoder=dataclasses.replace(nano.decoder, token_width=16))

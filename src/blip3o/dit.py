@@ -103,8 +103,9 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # official BLIP3-o 8B / 4B: the condition is Qwen2.5-VL 7B (3584) / 3B (2048) hidden states
     "blip3o-8b": DiTConfig(),
     "blip3o-4b": DiTConfig(cond_size=2048),
-    # small enough that the whole nano model ships in 25 MB (fp16); predicts clean tokens (see `prediction`)
-    "nano": DiTConfig(in_channels=128, hidden_size=192, num_layers=4, num_heads=4, cond_size=256, multiple_of=64,
+    # small enough that the whole nano model ships in 25 MB (fp16); predicts clean tokens (see `prediction`);
+    # 32-wide tokens: the nano encoder's object codes (presets.py)
+    "nano": DiTConfig(in_channels=32, hidden_size=192, num_layers=4, num_heads=4, cond_size=256, multiple_of=64,
                       cross_gate_init=1.0, prediction="sample"),
     "debug": DiTConfig(in_channels=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, cond_size=64,
                        multiple_of=32),
