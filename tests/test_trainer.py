@@ -106,7 +106,8 @@ def test_object_codes_put_each_object_on_the_cell_of_its_centre():
                 row, col = int(o.cy // ch), int(o.cx // cw)
                 x, y = o.x + o.size / 2, o.y + o.size / 2
                 expected = [1 + SHAPES.index(o.shape), COLORS.index(o.color), (o.size - 15) / 3,
-                            (x - (col + 0.5) * cw) / (cw / 2), (y - (row + 0.5) * ch) / (ch / 2), x / 32 - 1, y / 32 - 1]
+                            (x - (col + 0.5) * cw) / (cw / 2), (y - (row + 0.5) * ch) / (ch / 2),
+                            x / 32 - 1, y / 32 - 1]
                 torch.testing.assert_close(codes[row * cols + col], torch.tensor(expected))
                 assert codes[row * cols + col, 2:].abs().max() <= 1
                 seen += 1
@@ -117,9 +118,6 @@ def test_object_codes_put_each_object_on_the_cell_of_its_centre():
 def test_clip_object_codes_read_each_object_from_the_token_of_its_centre(tmp_path):
     """Option object_codes: a read-out head on the (narrowed) tokens; the loss is SigLIP's plus the
     weighted code loss; the head learns; images without a scene add nothing."""
-    from blip3o.clip_encoder import build_clip_encoder
-    from blip3o.decoder import build_decoder
-    from blip3o.dit import DiT
     from blip3o.presets import get_preset
     from blip3o.train.stages import CODE_WIDTH, ClipStage, code_loss
 

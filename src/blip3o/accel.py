@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blip3o.flow import Generators, draw_noise, guided_pair, sample, time_grid
+from blip3o.flow import Generators, draw_noise, sample, time_grid
 
 if TYPE_CHECKING:
     from blip3o.backbone import Backbone
@@ -127,13 +127,8 @@ class DiTSampler:
     def loop(self, cond: torch.Tensor, x_1: torch.Tensor, times: list[float], guidance: float,
              method: str) -> torch.Tensor:
         """The eager sampling loop of `sample_tokens`: cond (B, L, H), noise x_1 (B, N, C) -> tokens."""
-        dit, velocity = self.model.dit, self.velocity
-        if guidance == 1.0:
-            prepared = dit.prepare_condition(cond)
-            return dit.to_tokens(sample(lambda x, t: velocity(x, t, prepared), x_1, times, method))
-        both = dit.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))  # K/V once per sample
-        return dit.to_tokens(sample(guided_pair(lambda x2, t2: velocity(x2, t2, both), guidance), x_1, times,
-                                    method))
+        dit = self.model.dit
+        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance, self.velocity), x_1, times, method))
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o.flow import PathSample, flow_matching_loss
+from blip3o.flow import PathSample, Velocity, flow_matching_loss, guided_pair
 
 MIN_T = 0.02  # sample prediction: v = (x_t - x_0) / t divides by at least this
 
@@ -503,6 +503,18 @@ class DiT(nn.Module):
             mask = None if bool(mask.all()) else mask.bool()
         context = self.caption_projection(cond)  # (B, L, D)
         return Condition(context, mask, [block.cross_key_value(context) for block in self.layers])
+
+    def sampling_velocity(self, cond: torch.Tensor, guidance: float, velocity=None) -> Velocity:
+        """v(x, t) for `flow.sample` given cond (B, L, H), with the condition's K/V computed once. With
+        CFG (guidance != 1) both branches run as one doubled batch, the unconditional one on an all-zero
+        condition (as trained with condition dropout). `velocity` replaces `self.velocity` (a compiled
+        copy); `Blip3o.sample_tokens` and the accelerated sampler both sample through this."""
+        velocity = velocity or self.velocity
+        if guidance == 1.0:
+            prepared = self.prepare_condition(cond)
+            return lambda x, t: velocity(x, t, prepared)
+        both = self.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))
+        return guided_pair(lambda x2, t2: velocity(x2, t2, both), guidance)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """x_t (B, N, C), t (B,) in [0, 1], a prepared Condition -> v (B, N, C)."""

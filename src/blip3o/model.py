@@ -28,7 +28,7 @@ from blip3o.backbone import Backbone, BackboneConfig, check_prompts
 from blip3o.clip_encoder import build_clip_encoder, clip_encoder_config_from_dict
 from blip3o.decoder import build_decoder, decoder_config_from_dict
 from blip3o.dit import DiT, DiTConfig
-from blip3o.flow import Generators, draw_noise, guided_pair, sample, time_grid
+from blip3o.flow import Generators, draw_noise, sample, time_grid
 from blip3o.images import check_images, tensor_to_pil
 
 FORMAT_VERSION = 1
@@ -239,12 +239,7 @@ class Blip3o(nn.Module):
         b, dit = cond.shape[0], self.dit
         x_1 = draw_noise((b, dit.config.num_tokens, dit.config.in_channels), generator, cond.device, cond.dtype)
         times = time_grid(steps, time_shift or cfg.time_shift)
-        if guidance == 1.0:
-            prepared = dit.prepare_condition(cond)
-            return dit.to_tokens(sample(lambda x, t: dit.velocity(x, t, prepared), x_1, times, sampler or cfg.sampler))
-        both = dit.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))
-        velocity = guided_pair(lambda x2, t2: dit.velocity(x2, t2, both), guidance)
-        return dit.to_tokens(sample(velocity, x_1, times, sampler or cfg.sampler))
+        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance), x_1, times, sampler or cfg.sampler))
 
     def negative_tokens(self, steps: int | None, guidance: float | None) -> torch.Tensor:
         """Tokens generated for the empty prompt: the decoder's negative condition (Emu2-Gen style), cached."""
