@@ -198,13 +198,14 @@ class UnderstandingStage(Stage):
     shape, and "how many circles?" or "is the circle left of the square?" stay at the majority answer.
     Our vision tower starts from nothing, where Qwen2.5-VL's comes pretrained; this is its pretraining.
     Measured (docs/training.md, session 6): the probe then reads shape at 0.99, but count and position
-    accuracy do not move (the LLM still answers "one" and "yes"), so nano leaves it off.
+    accuracy do not move (the LLM still answers "one" and "yes").
 
     Stage option `object_labels_at` = "box" (default, as above) or "centre": each object is labelled on
     the one merged token whose cell holds its box centre only, with its shape, colour, size, offset in
     the cell and centre in the image (`object_codes_of`); every other cell reads "none". Objects then
     become single tokens that can be counted, and their positions can be compared, without first
-    grouping the 2 x 2 to 3 x 3 cells each one covers.
+    grouping the 2 x 2 to 3 x 3 cells each one covers. Measured (session 7, the recipe's stage, weight
+    1): VQA 0.961 against 0.840 (count 0.94 against 0.67, colour 1.0 against 0.72); nano uses it.
     """
 
     name, trains = "understanding", ("backbone",)
