@@ -220,7 +220,7 @@ class UnderstandingStage(Stage):
             raise ValueError(f"object_labels_at must be 'box' or 'centre', got {self.labels_at!r}")
         self.object_head = None
         if self.object_labels:
-            width = len(CELL_SHAPES) + len(CELL_COLORS) if self.labels_at == "box" else N_SHAPE + N_COLOR + 5
+            width = len(CELL_SHAPES) + len(CELL_COLORS) if self.labels_at == "box" else CENTRE_LABEL_WIDTH
             self.object_head = nn.Linear(model.backbone.hidden_size, width).to(model.device)
 
     def aux_parameters(self):
@@ -435,8 +435,9 @@ class ClipStage(Stage):
 
 
 CODE_GRID = 8  # the Shapes encoder's 8 x 8 token grid
-N_SHAPE, N_COLOR = len(("none", *SHAPES)), len(COLORS)
+N_SHAPE, N_COLOR = len(CELL_SHAPES), len(COLORS)
 CODE_WIDTH = N_SHAPE + N_COLOR + 3  # shape (or none), colour, (size, dx, dy): the clip stage's read-out
+CENTRE_LABEL_WIDTH = CODE_WIDTH + 2  # ... plus the centre in the image: the understanding stage's read-out
 
 
 def object_codes_of(item: dict, rows: int = CODE_GRID, cols: int = CODE_GRID) -> torch.Tensor:
@@ -458,7 +459,7 @@ def object_codes_of(item: dict, rows: int = CODE_GRID, cols: int = CODE_GRID) ->
         if codes[row * cols + col, 0] > 0:  # only on grids coarser than 8 x 8 cells: keep the first object
             continue
         codes[row * cols + col] = torch.tensor([
-            1 + SHAPES.index(obj.shape), COLORS.index(obj.color), (obj.size - 15) / 3,
+            CELL_SHAPES.index(obj.shape), COLORS.index(obj.color), (obj.size - 15) / 3,
             (obj.cx - (col + 0.5) * cw) / (cw / 2), (obj.cy - (row + 0.5) * ch) / (ch / 2),
             2 * obj.cx / width - 1, 2 * obj.cy / height - 1])
     return codes
