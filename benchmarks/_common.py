@@ -14,7 +14,9 @@ import dataclasses
 import datetime
 import platform
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 import torch
@@ -66,6 +68,18 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, *, clip_e
             if not p.any():
                 p.normal_(0, 0.02)
     return model
+
+
+@contextlib.contextmanager
+def guarded(name: str) -> Iterator[None]:
+    """Run one section of a benchmark; a failure prints its traceback and the benchmark goes on, so one
+    broken section (on a device it never ran on before) does not cost the figures of the others."""
+    try:
+        yield
+    except Exception:
+        print(f"!! {name} failed:", flush=True)
+        traceback.print_exc(file=sys.stdout)
+        sys.stdout.flush()
 
 
 def sync(device: torch.device) -> None:

@@ -31,6 +31,7 @@ from _common import (
     add_common_args,
     build_model,
     device_line,
+    guarded,
     peak_gib,
     ratio,
     reference_dit,
@@ -66,10 +67,10 @@ def main() -> None:
     steps, guidance = args.steps or cfg.steps, cfg.guidance
     dsteps, size = args.decoder_steps or decoder.default_steps, args.size or decoder.default_size
     dguide = decoder.default_guidance
+    times = time_grid(steps)
     print(device_line(device, dtype))
     print(f"preset {args.preset}: DiT {steps} steps CFG {guidance}; decoder {dsteps} steps CFG {dguide}; "
           f"{size}x{size}; repeats {repeats} (median)")
-    results: dict[str, tuple[float, float | None]] = {}
 
     def report(name: str, ours: float, reference: float | None = None, unit: str = "ms") -> None:
         scale = 1e3 if unit == "ms" else 1.0
@@ -77,8 +78,8 @@ def main() -> None:
         if reference is not None:
             line += f"   reference {reference * scale:10.2f} {unit}   {ratio(ours, reference)}"
         print(line, flush=True)
-        results[name] = (ours, reference)
 
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     with torch.no_grad():
         # ---- backbone condition (one module; the queries' hidden states)
         cond = model.condition([PROMPT])
@@ -86,88 +87,105 @@ def main() -> None:
         seq = model.backbone.tokenizer([PROMPT]).input_ids
         print(f"  (prompt {len(seq[0])} tokens + template + [IMG] + {cfg.num_queries} queries)")
 
-        # ---- DiT: reference (diffusers), ours eager, ours graphed
-        times = time_grid(steps)
-        x_1 = torch.randn(1, cfg.dit.num_tokens, cfg.dit.in_channels, device=device, dtype=dtype)
-        theirs = reference_dit(model.dit)
-        theirs_v = reference_velocity(theirs, model.dit)
-        both = torch.cat([torch.zeros_like(cond), cond])
-
-        def dit_reference():
-            return sample(guided_pair(lambda x, t: theirs_v(x, t, both), guidance), x_1, times)
-
-        t_ref = timed(dit_reference, device, max(1, repeats - 1))
-        gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        eager = model.sample_tokens(cond, steps=steps, generator=gen())
-        t_eager = timed(lambda: model.sample_tokens(cond, steps=steps, generator=gen()), device, repeats)
-        model.dit.fuse_projections(True)
-        fast = DiTSampler(model, cuda_graph=True, compile=args.compile)
-        tokens = fast(cond, steps=steps, generator=gen())
-        err = (tokens.float() - eager.float()).abs().max().item()
-        t_fast = timed(lambda: fast(cond, steps=steps, generator=gen()), device, repeats)
-        report(f"DiT {steps}-step CFG (eager)", t_eager, t_ref)
-        report(f"DiT {steps}-step CFG (fast)", t_fast, t_ref)
-        print(f"  max |fast - eager| = {err:.3e} (fused projections{', CUDA graph' if gpu else ''})")
+        # ---- DiT: ours graphed, ours eager, reference (diffusers)
+        # Each section is guarded: a failure prints its traceback and the next section still runs.
+        tokens = torch.randn(1, cfg.dit.num_tokens, cfg.dit.in_channels, device=device, dtype=dtype)
+        t_fast = t_eager = t_ref = None
+        with guarded("DiT fast"):
+            model.dit.fuse_projections(True)
+            fast = DiTSampler(model, cuda_graph=True, compile=args.compile)
+            tokens = fast(cond, steps=steps, generator=gen())
+            t_fast = timed(lambda: fast(cond, steps=steps, generator=gen()), device, repeats)
+            fast = None
+        model.dit.fuse_projections(False)
+        with guarded("DiT eager"):
+            eager = model.sample_tokens(cond, steps=steps, generator=gen())
+            t_eager = timed(lambda: model.sample_tokens(cond, steps=steps, generator=gen()), device, repeats)
+            print(f"  max |fast - eager| = {(tokens.float() - eager.float()).abs().max().item():.3e} "
+                  f"(fused projections{', CUDA graph' if gpu else ''})")
+        with guarded("DiT reference"):
+            x_1 = torch.randn(1, cfg.dit.num_tokens, cfg.dit.in_channels, device=device, dtype=dtype)
+            theirs = reference_dit(model.dit)
+            theirs_v = reference_velocity(theirs, model.dit)
+            both = torch.cat([torch.zeros_like(cond), cond])
+            t_ref = timed(lambda: sample(guided_pair(lambda x, t: theirs_v(x, t, both), guidance), x_1, times),
+                          device, max(1, repeats - 1))
         theirs = theirs_v = None  # free the reference before our graphs allocate
         gc.collect()
+        for name, t in (("eager", t_eager), ("fast", t_fast)):
+            if t is not None:
+                report(f"DiT {steps}-step CFG ({name})", t, t_ref)
 
         # ---- decoder: UNet loop (decode minus VAE) and VAE
         negative = model.negative_tokens(steps, guidance)
         side = size // decoder.vae_downscale
         latents = torch.randn(1, decoder.config.latent_channels, side, side, device=device, dtype=dtype)
         t_vae = timed(lambda: decoder.latents_to_pixels(latents), device, repeats)
+        report("VAE decode", t_vae)
 
         def decode():
             return decoder.decode(tokens, negative=negative, steps=dsteps, guidance=dguide, size=size,
                                   generator=gen())
 
-        t_dec_ref = timed(decode, device, max(1, repeats - 1)) - t_vae
-        decoder.set_channels_last(True)
-        decoder.fast_predict = UNetStepGraph(decoder, compile=args.compile)
-        t_dec = timed(decode, device, repeats) - t_vae
-        report(f"decoder {dsteps} CFG steps", t_dec, t_dec_ref)
-        report("VAE decode", t_vae)
-
-        # ---- end to end, batch 1: reference = the plain model, ours = accelerate()
+        t_dec = t_dec_ref = None
+        with guarded("decoder ours"):
+            decoder.set_channels_last(True)
+            decoder.fast_predict = UNetStepGraph(decoder, compile=args.compile)
+            t_dec = timed(decode, device, repeats) - t_vae
         decoder.fast_predict = None
         decoder.set_channels_last(False)
-        model.dit.fuse_projections(False)
+        with guarded("decoder reference"):
+            t_dec_ref = timed(decode, device, max(1, repeats - 1)) - t_vae
+        if t_dec is not None:
+            report(f"decoder {dsteps} CFG steps", t_dec, t_dec_ref)
+
+        # ---- end to end, batch 1: reference = the plain model, ours = accelerate()
         settings = dict(steps=steps, decoder_steps=dsteps, size=size, seed=0)
-        t_e2e_ref = timed(lambda: model.generate([PROMPT], **settings), device, max(1, repeats - 1))
-        accelerate(model, AccelOptions(compile=args.compile, static_cache=False))
-        t_e2e = timed(lambda: model.generate([PROMPT], **settings), device, repeats)
-        report("end to end (batch 1)", t_e2e, t_e2e_ref)
+        t_e2e = t_e2e_ref = None
+        with guarded("end to end reference"):
+            t_e2e_ref = timed(lambda: model.generate([PROMPT], **settings), device, max(1, repeats - 1))
+        with guarded("end to end ours"):
+            accelerate(model, AccelOptions(compile=args.compile, static_cache=False))
+            t_e2e = timed(lambda: model.generate([PROMPT], **settings), device, repeats)
+            report("end to end (batch 1)", t_e2e, t_e2e_ref)
 
         # ---- throughput: ours at several batch sizes
         batches = [int(b) for b in (args.batches or ("1,2,4,8" if gpu else "1,2")).split(",")]
         best = (0.0, 0)
-        for b in batches:
-            model.fast_sampler.clear()  # each batch size's graphs hold their own memory pool
-            model.decoder.fast_predict.clear()
-            try:
-                t = timed(lambda b=b: model.generate([PROMPT], num_images=b, **settings), device, 1)
-            except torch.OutOfMemoryError:
-                print(f"  batch {b}: out of memory")
-                break
-            print(f"  batch {b}: {b / t:.3f} images/s ({t:.3f} s a call)", flush=True)
-            best = max(best, (b / t, b))
+        with guarded("throughput"):
+            for b in batches:
+                clear_graphs(model)  # each batch size's graphs hold their own memory pool
+                try:
+                    t = timed(lambda b=b: model.generate([PROMPT], num_images=b, **settings), device, 1)
+                except torch.OutOfMemoryError:
+                    print(f"  batch {b}: out of memory")
+                    break
+                print(f"  batch {b}: {b / t:.3f} images/s ({t:.3f} s a call)", flush=True)
+                best = max(best, (b / t, b))
         print(f"throughput: {best[0]:.3f} images/s at batch {best[1]}")
 
         # ---- peak memory of one generate call, with and without offload
         if not args.skip_offload:
-            model.fast_sampler.clear()
-            model.decoder.fast_predict.clear()
-            reset_peak(device)
-            model.generate([PROMPT], **settings)
-            sync(device)
-            without = peak_gib(device)
-            model.enable_offload(device)
-            reset_peak(device)
-            t_off = timed(lambda: model.generate([PROMPT], **settings), device, 1, warmup=0)
-            print(f"peak memory of generate: without offload {without}, with offload {peak_gib(device)} "
-                  f"(offloaded call {t_off:.2f} s)")
-    summary = results["end to end (batch 1)"]
-    print(f"ratio={summary[0] / summary[1]:.3f}  (end to end, ours/reference)")
+            with guarded("offload"):
+                clear_graphs(model)
+                reset_peak(device)
+                model.generate([PROMPT], **settings)
+                sync(device)
+                without = peak_gib(device)
+                model.enable_offload(device)
+                reset_peak(device)
+                t_off = timed(lambda: model.generate([PROMPT], **settings), device, 1, warmup=0)
+                print(f"peak memory of generate: without offload {without}, with offload {peak_gib(device)} "
+                      f"(offloaded call {t_off:.2f} s)")
+    if t_e2e is not None and t_e2e_ref:
+        print(f"ratio={t_e2e / t_e2e_ref:.3f}  (end to end, ours/reference)")
+
+
+def clear_graphs(model) -> None:
+    """Drop the captured graphs of `accelerate` (a new batch size captures its own)."""
+    for holder in (getattr(model, "fast_sampler", None), getattr(model.decoder, "fast_predict", None)):
+        if holder is not None:
+            holder.clear()
 
 
 if __name__ == "__main__":

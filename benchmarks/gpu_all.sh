@@ -39,6 +39,6 @@ bench() {  # name, seconds, script arguments...
   timeout -k 10 "$limit" $PY "$@" 2>&1 | tee -a "$OUT/$name.log"
   echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
-bench generation 230 benchmarks/generation.py --preset "$PRESET"
-bench understanding 140 benchmarks/understanding.py --preset "$PRESET"
-bench train_stage2 130 benchmarks/train_stage2.py --preset "$PRESET"
+bench generation 250 benchmarks/generation.py --preset "$PRESET"
+bench understanding 150 benchmarks/understanding.py --preset "$PRESET"
+bench train_stage2 120 benchmarks/train_stage2.py --preset "$PRESET"

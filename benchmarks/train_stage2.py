@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
+import traceback
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -100,6 +102,10 @@ def sweep(name, make_step, batches, device, repeats, flops, peak) -> dict[int, f
             t = timed(step, device, repeats, warmup=2)
         except torch.OutOfMemoryError:
             print(f"  {name} batch {b}: out of memory")
+            break
+        except Exception:  # a step that never ran on this device before: report it, keep the other sweep
+            print(f"!! {name} batch {b} failed:")
+            traceback.print_exc(file=sys.stdout)
             break
         finally:
             gc.collect()

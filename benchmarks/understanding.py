@@ -19,7 +19,7 @@ import argparse
 import torch
 from PIL import Image
 
-from _common import add_common_args, build_model, device_line, ratio, resolve, timed
+from _common import add_common_args, build_model, device_line, guarded, ratio, resolve, timed
 from blip3o.accel import disable_static_cache, enable_static_cache
 
 
@@ -60,21 +60,24 @@ def main() -> None:
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
     rates = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        inputs = inputs_for(backbone, batch, image_size)
-        prompt_len = inputs["input_ids"].shape[1]
-        with torch.no_grad():
+        with guarded(f"batch {batch}"), torch.no_grad():
+            inputs = inputs_for(backbone, batch, image_size)
+            prompt_len = inputs["input_ids"].shape[1]
             disable_static_cache(backbone)
             t_ref = timed(lambda inputs=inputs: backbone.model.generate(**inputs, **gen), device, repeats)
+            print(f"batch {batch} (prompt {prompt_len} tokens): reference {batch * new / t_ref:9.1f} tokens/s",
+                  flush=True)
             enable_static_cache(backbone, compile=compile)
             out = backbone.model.generate(**inputs, **gen)  # warm-up (compiles on CUDA)
             assert out.shape[1] == prompt_len + new, out.shape
             t_ours = timed(lambda inputs=inputs: backbone.model.generate(**inputs, **gen), device, repeats)
-        ours, ref = batch * new / t_ours, batch * new / t_ref
-        rates.append(ours)
-        print(f"batch {batch} (prompt {prompt_len} tokens): ours {ours:9.1f} tokens/s   reference {ref:9.1f} "
-              f"tokens/s   {ratio(t_ours, t_ref)} (time, ours/reference)", flush=True)
+            ours, ref = batch * new / t_ours, batch * new / t_ref
+            rates.append(ours)
+            print(f"batch {batch} (prompt {prompt_len} tokens): ours {ours:9.1f} tokens/s   reference {ref:9.1f} "
+                  f"tokens/s   {ratio(t_ours, t_ref)} (time, ours/reference)", flush=True)
     disable_static_cache(backbone)
-    print(f"tokens/s at batch 1: {rates[0]:.1f}")
+    if rates:
+        print(f"tokens/s at batch 1: {rates[0]:.1f}")
 
 
 if __name__ == "__main__":
