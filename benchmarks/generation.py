@@ -28,6 +28,7 @@ import torch
 
 from _common import (
     PROMPT,
+    Skipped,
     add_common_args,
     build_model,
     device_line,
@@ -54,6 +55,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--batches", default=None, help="throughput batch sizes, e.g. 1,2,4,8")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the DiT velocity and the UNet")
     ap.add_argument("--skip-offload", action="store_true")
+    ap.add_argument("--sections", default="dit,decoder,e2e,throughput,offload",
+                    help="which sections to run (the backbone condition always runs)")
     return ap.parse_args()
 
 
@@ -91,6 +94,7 @@ def main() -> None:
         # Each section is guarded: a failure prints its traceback and the next section still runs.
         tokens = torch.randn(1, cfg.dit.num_tokens, cfg.dit.in_channels, device=device, dtype=dtype)
         t_fast = t_eager = t_ref = None
+        want = set(args.sections.split(","))
         with guarded("DiT fast"):
             model.dit.fuse_projections(True)
             fast = DiTSampler(model, cuda_graph=True, compile=args.compile)
@@ -116,6 +120,8 @@ def main() -> None:
             if t is not None:
                 report(f"DiT {steps}-step CFG ({name})", t, t_ref)
 
+        if want == {"dit"}:
+            return
         # ---- decoder: UNet loop (decode minus VAE) and VAE
         negative = model.negative_tokens(steps, guidance)
         side = size // decoder.vae_downscale
@@ -129,12 +135,16 @@ def main() -> None:
 
         t_dec = t_dec_ref = None
         with guarded("decoder ours"):
+            if "decoder" not in want:
+                raise Skipped
             decoder.set_channels_last(True)
             decoder.fast_predict = UNetStepGraph(decoder, compile=args.compile)
             t_dec = timed(decode, device, repeats) - t_vae
         decoder.fast_predict = None
         decoder.set_channels_last(False)
         with guarded("decoder reference"):
+            if "decoder" not in want:
+                raise Skipped
             t_dec_ref = timed(decode, device, max(1, repeats - 1)) - t_vae
         if t_dec is not None:
             report(f"decoder {dsteps} CFG steps", t_dec, t_dec_ref)
@@ -143,6 +153,8 @@ def main() -> None:
         settings = dict(steps=steps, decoder_steps=dsteps, size=size, seed=0)
         t_e2e = t_e2e_ref = None
         with guarded("end to end reference"):
+            if "e2e" not in want:
+                raise Skipped
             t_e2e_ref = timed(lambda: model.generate([PROMPT], **settings), device, max(1, repeats - 1))
         with guarded("end to end ours"):
             accelerate(model, AccelOptions(compile=args.compile, static_cache=False))
@@ -153,6 +165,8 @@ def main() -> None:
         batches = [int(b) for b in (args.batches or ("1,2,4,8" if gpu else "1,2")).split(",")]
         best = (0.0, 0)
         with guarded("throughput"):
+            if "throughput" not in want:
+                raise Skipped
             for b in batches:
                 clear_graphs(model)  # each batch size's graphs hold their own memory pool
                 try:
@@ -165,7 +179,7 @@ def main() -> None:
         print(f"throughput: {best[0]:.3f} images/s at batch {best[1]}")
 
         # ---- peak memory of one generate call, with and without offload
-        if not args.skip_offload:
+        if not args.skip_offload and "offload" in want:
             with guarded("offload"):
                 clear_graphs(model)
                 reset_peak(device)

@@ -39,6 +39,10 @@ bench() {  # name, seconds, script arguments...
   timeout -k 10 "$limit" $PY "$@" 2>&1 | tee -a "$OUT/$name.log"
   echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
-bench generation 250 benchmarks/generation.py --preset "$PRESET"
-bench understanding 150 benchmarks/understanding.py --preset "$PRESET"
-bench train_stage2 120 benchmarks/train_stage2.py --preset "$PRESET"
+# ONLY picks benchmarks (a rerun within a lease); EXTRA_GENERATION adds options, e.g. "--sections dit --compile"
+ONLY=${ONLY:-generation,understanding,train_stage2}
+[[ ,$ONLY, == *,train_stage2,* ]] && bench train_stage2 ${TRAIN_LIMIT:-120} benchmarks/train_stage2.py --preset "$PRESET"
+[[ ,$ONLY, == *,generation,* ]] && bench generation ${GENERATION_LIMIT:-250} benchmarks/generation.py \
+  --preset "$PRESET" ${EXTRA_GENERATION:-}
+[[ ,$ONLY, == *,understanding,* ]] && bench understanding 150 benchmarks/understanding.py --preset "$PRESET"
+true

@@ -79,9 +79,18 @@ class Step:
 
 
 def flops_per_sample(model, device) -> float:
-    step = Step(model, model.dit, [], _NoOpt(), 1, device)
-    with FlopCounterMode(display=False) as counter:
-        step()
+    """FLOPs of one training step at batch 1, counted on the ops that ran. torch's SDPA counter rejects
+    grouped-query shapes (28 query heads over 4 KV heads in the 7B backbone): for the count, the backbone
+    attends with transformers' eager attention (the same matmuls, KV heads repeated)."""
+    backbone = model.backbone.model
+    impl = backbone.config._attn_implementation
+    backbone.set_attn_implementation("eager")
+    try:
+        step = Step(model, model.dit, [], _NoOpt(), 1, device)
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        backbone.set_attn_implementation(impl)
     model.queries.grad = None
     for p in model.dit.parameters():
         p.grad = None
