@@ -277,6 +277,7 @@ class DiTBlock(nn.Module):
         """The condition's keys and values; they do not depend on x or t, so samplers compute them once."""
         return self.attn2.key_value(self.norm1_context(context), rope=None)
 
+    @torch.compiler.disable  # a cache lookup keyed on ids and versions: traced, it recompiles per block
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Concatenated [q1; k1; v1; q2] and [w1; w3] weights (inference only), rebuilt when a source
         weight changed (replaced or updated in place)."""
