@@ -69,6 +69,30 @@ def test_condition_after_image_chat_is_unchanged(backbone, queries):
     torch.testing.assert_close(backbone.condition(["a blue square"], queries), before, atol=0, rtol=0)
 
 
+def test_training_condition_differentiates_only_the_queries_and_is_exact(backbone, queries):
+    # With the queries trained and the backbone frozen, the prompt runs without a graph and only the query
+    # positions are differentiated: values and the queries' gradient must equal the one-pass forward's.
+    prompts = ["a photo of a green cross left of a purple triangle", "a red circle"]  # padded batch
+    weights = torch.randn(2, Q, backbone.hidden_size, generator=torch.Generator().manual_seed(2))
+    q_split = queries.clone().requires_grad_(True)
+    split = backbone.condition(prompts, q_split)
+    (split * weights).sum().backward()
+    q_full = queries.clone().requires_grad_(True)
+    lm = backbone.model.model.language_model
+    lm.requires_grad_(True)  # a trained backbone takes the one-pass path (its prompt needs gradients too)
+    try:
+        full = backbone.condition(prompts, q_full)
+        (full * weights).sum().backward()
+    finally:
+        backbone.freeze()
+        backbone.zero_grad(set_to_none=True)
+    torch.testing.assert_close(split, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q_split.grad, q_full.grad, atol=1e-5, rtol=1e-4)
+    assert q_split.grad.abs().sum() > 0
+    with torch.no_grad():  # and inference (no graph) is the one-pass path, same values
+        torch.testing.assert_close(backbone.condition(prompts, queries), split.detach(), atol=1e-5, rtol=0)
+
+
 def test_negative_condition_is_img_then_queries(backbone, queries):
     negative = backbone.negative_condition(queries)
     assert negative.shape == (1, Q, backbone.hidden_size)

@@ -266,8 +266,11 @@ class Backbone(nn.Module):
         self._require_tokenizer()
         return self._hidden_at_queries([""], _check_queries(queries, self.hidden_size))
 
-    def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor) -> torch.Tensor:
-        """texts (B) + [IMG] + queries (1, Q, H) -> final-norm hidden states at the queries (B, Q, H)."""
+    def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor, *, one_pass: bool = False) -> torch.Tensor:
+        """texts (B) + [IMG] + queries (1, Q, H) -> final-norm hidden states at the queries (B, Q, H).
+
+        one_pass: always differentiate the whole sequence (as the original code does; benchmarks' reference).
+        """
         batch = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
                                add_special_tokens=False)
         B, Q = len(texts), queries.shape[1]
@@ -277,12 +280,25 @@ class Backbone(nn.Module):
         mask = mask.to(self.device)  # (B, L + 1 + Q)
         embeds = self.model.get_input_embeddings()(input_ids)  # (B, L + 1, H)
         queries = queries.to(embeds.dtype).expand(B, -1, -1)  # (B, Q, H)
-        embeds = torch.cat([embeds, queries], dim=1)  # (B, L + 1 + Q, H)
         # Explicit positions from the mask: padding must not shift a prompt's positions, and the
         # model's own fallback would reuse `rope_deltas` left over from the last image chat.
-        out = self.model.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
-        )
+        positions = positions_from_mask(mask)  # (3, B, L + 1 + Q)
+        lm = self.model.model.language_model
+        frozen = not any(p.requires_grad for p in lm.parameters())
+        if one_pass or not (torch.is_grad_enabled() and queries.requires_grad and frozen):
+            out = lm(inputs_embeds=torch.cat([embeds, queries], dim=1), attention_mask=mask,
+                     position_ids=positions, use_cache=False)
+            return out.last_hidden_state[:, -Q:]  # (B, Q, H)
+        # Training the queries of a frozen backbone: the attention is causal, so the prompt's keys and
+        # values do not depend on them. The prompt runs once without a graph; only the Q query positions
+        # are differentiated (attending to the prompt's cached K/V), which leaves the gradient unchanged
+        # and skips the backward through the prompt.
+        P = embeds.shape[1]
+        with torch.no_grad():
+            prefix = lm(inputs_embeds=embeds, attention_mask=mask[:, :P], position_ids=positions[..., :P],
+                        use_cache=True)
+        out = lm(inputs_embeds=queries, attention_mask=mask, position_ids=positions[..., P:],
+                 past_key_values=prefix.past_key_values, use_cache=True)
         return out.last_hidden_state[:, -Q:]  # (B, Q, H)
 
     def answer(
