@@ -56,6 +56,26 @@ def test_dit_sampler_graph_logic_equals_sample_tokens(model):
     assert len(sampler._graphs) == 3  # and per setting
 
 
+def test_dit_sampler_graph_logic_with_self_conditioning_equals_sample_tokens():
+    import dataclasses
+
+    from blip3o.dit import DiT
+
+    torch.manual_seed(0)
+    m = Blip3o.from_preset("debug")
+    m.config.dit = dataclasses.replace(m.config.dit, self_condition=True)
+    m.dit = DiT(m.config.dit)
+    with torch.no_grad():
+        for p in m.dit.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    sampler = DiTSampler(m, graph=EagerGraph)
+    for seed in (0, 1):  # each replay starts its estimate from zeros again
+        cond = _cond(m)
+        want = m.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sampler(cond, generator=torch.Generator().manual_seed(seed)), want)
+
+
 def test_dit_sampler_recaptures_when_weights_change(model):
     sampler = DiTSampler(model, graph=EagerGraph)
     cond = _cond(model, batch=1)

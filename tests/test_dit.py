@@ -282,3 +282,95 @@ def test_token_whitening_is_off_by_default_and_must_be_fitted_before_use():
         white.to_model_space(x)
     with pytest.raises(ValueError, match="token_whitening must be >= 0"):
         DiTConfig(token_whitening=-1.0)
+
+
+# --- self-conditioning ---------------------------------------------------------------------------
+
+
+def _self_conditioned(prediction: str = "sample") -> tuple[DiT, DiT]:
+    """A randomised self-conditioned debug DiT and its plain twin with the same shared weights."""
+    cfg = dataclasses.replace(DIT_PRESETS["debug"], prediction=prediction, self_condition=True)
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    plain = DiT(dataclasses.replace(cfg, self_condition=False)).eval()
+    plain.load_state_dict({k: v for k, v in dit.state_dict().items() if not k.startswith("self_condition.")})
+    return dit, plain
+
+
+def test_self_condition_embeds_the_previous_estimate_and_starts_as_the_plain_dit():
+    dit, plain = _self_conditioned()
+    cfg = dit.config
+    x, t, c = torch.randn(2, 64, cfg.in_channels), torch.tensor([0.8, 0.3]), torch.randn(2, 5, cfg.cond_size)
+    previous = torch.randn(2, 64, cfg.in_channels)
+    with torch.no_grad():
+        cond = dit.prepare_condition(c)
+        # None reads zeros: only the embedding's bias is added
+        torch.testing.assert_close(dit.predict(x, t, cond), dit.predict(x, t, cond, None, torch.zeros_like(x)))
+        assert not torch.allclose(dit.predict(x, t, cond, None, previous), dit.predict(x, t, cond))
+        # the estimate enters as one more linear embedding added to the patch embedding
+        dit.self_condition.weight.zero_()
+        dit.self_condition.bias.zero_()
+        expected = plain.predict(x, t, plain.prepare_condition(c))
+        torch.testing.assert_close(dit.predict(x, t, cond, None, previous), expected)
+    fresh = DiT(cfg)  # zero-initialised: a new self-conditioned DiT ignores the estimate
+    assert not fresh.self_condition.weight.any() and not fresh.self_condition.bias.any()
+    assert "self_condition.weight" not in DiT(DIT_PRESETS["debug"]).state_dict()  # off by default (official)
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "sample", "preconditioned"])
+def test_self_conditioned_loss_reads_a_gradient_free_first_estimate(prediction):
+    from blip3o.dit import Preconditioning
+
+    dit, _ = _self_conditioned(prediction)
+    cfg = dit.config
+    x_0, x_1, t, c = (torch.randn(3, 64, cfg.in_channels), torch.randn(3, 64, cfg.in_channels),
+                      torch.tensor([0.9, 0.5, 0.1]), torch.randn(3, 5, cfg.cond_size))
+    path = sample_path(x_0, x_1, t)
+    use = torch.tensor([True, False, True])
+    with torch.no_grad():
+        cond = dit.prepare_condition(c)
+        pre = Preconditioning(t, cfg.data_std) if prediction == "preconditioned" else None
+        first = dit.predict(path.x_t, t, cond, pre)
+        estimate = {"velocity": path.x_t - t.view(-1, 1, 1) * first, "sample": first,
+                    "preconditioned": pre.clean(path.x_t, first) if pre else None}[prediction]
+        out = dit.predict(path.x_t, t, cond, pre, estimate * use.view(-1, 1, 1))
+        target = {"velocity": path.v, "sample": x_0,
+                  "preconditioned": pre.target(path.x_t, x_0) if pre else None}[prediction]
+        torch.testing.assert_close(dit.loss(path, c, use), ((out - target) ** 2).mean())
+        # no mask (or nothing selected): every sample reads zeros
+        zeros = ((dit.predict(path.x_t, t, cond, pre) - target) ** 2).mean()
+        torch.testing.assert_close(dit.loss(path, c), zeros)
+        torch.testing.assert_close(dit.loss(path, c, torch.zeros(3, dtype=torch.bool)), zeros)
+    # gradients flow through the second pass only
+    dit.train()
+    dit.loss(path, c, use).backward()
+    assert dit.self_condition.weight.grad is not None and dit.self_condition.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_self_conditioned_sampling_feeds_each_step_the_last_guided_estimate(guidance):
+    dit, _ = _self_conditioned()
+    cfg = dit.config
+    c = torch.randn(2, 5, cfg.cond_size)
+    x_a, x_b = torch.randn(2, 64, cfg.in_channels), torch.randn(2, 64, cfg.in_channels)
+    t_a, t_b = torch.full((2,), 0.9), torch.full((2,), 0.6)
+    with torch.no_grad():
+        v = dit.sampling_velocity(c, guidance)
+        v_a, v_b = v(x_a, t_a), v(x_b, t_b)
+        if guidance == 1.0:
+            prepared = dit.prepare_condition(c)
+
+            def manual(x, t, previous):
+                return dit.velocity(x, t, prepared, previous)
+        else:
+            both = dit.prepare_condition(torch.cat([torch.zeros_like(c), c]))
+
+            def manual(x, t, previous):
+                u, k = dit.velocity(torch.cat([x, x]), torch.cat([t, t]), both, torch.cat([previous] * 2)).chunk(2)
+                return u + guidance * (k - u)
+
+        torch.testing.assert_close(v_a, manual(x_a, t_a, torch.zeros_like(x_a)))
+        torch.testing.assert_close(v_b, manual(x_b, t_b, x_a - 0.9 * v_a))
+        # a new sampling velocity starts again from zeros
+        again = dit.sampling_velocity(c, guidance)(x_b, t_b)
+        torch.testing.assert_close(again, manual(x_b, t_b, torch.zeros_like(x_b)))

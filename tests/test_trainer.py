@@ -415,3 +415,30 @@ def test_generation_with_token_whitening_fits_it_learns_whitened_tokens_and_samp
         loaded.dit.token_whitening = None
         raw = loaded.sample_tokens(cond, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, raw @ model.dit.token_whitening.color.T + model.dit.token_whitening.mean)
+
+
+def test_generation_self_conditioning_draws_its_share_and_leaves_other_draws_unchanged():
+    from blip3o.dit import DiT
+    from blip3o.train.stages import GenerationStage
+
+    model = Blip3o.from_preset("debug")
+    items, idx = DATA[:4] * 8, list(range(32))
+    plain = GenerationStage(model, {}).collate(items, idx, 0, torch.device("cpu"))
+    assert 4 <= int(plain["self_condition"].sum()) <= 28  # about half at the default rate 0.5
+    none = GenerationStage(model, {"self_condition_rate": 0.0}).collate(items, idx, 0, torch.device("cpu"))
+    assert not none["self_condition"].any()
+    for key in ("x_1", "t", "keep"):  # drawn before: identical whatever the rate
+        assert torch.equal(plain[key], none[key])
+    # a self-conditioned DiT trains through the stage, and the share reaches its loss
+    model.config.dit = dataclasses.replace(model.config.dit, self_condition=True)
+    model.dit = DiT(model.config.dit)
+    stage = GenerationStage(model, {})
+    batch = stage.collate(DATA[:4], list(range(4)), 0, torch.device("cpu"))
+    from blip3o.flow import sample_path
+
+    with torch.no_grad():
+        model.dit.self_condition.weight.normal_()  # make the estimate matter
+        cond = model.condition(batch["prompts"]) * batch["keep"].view(-1, 1, 1)
+        target = model.clip_encoder.encode(batch["pixels"])
+        path = sample_path(target, batch["x_1"], batch["t"])
+        torch.testing.assert_close(stage.loss(dict(batch)), model.dit.loss(path, cond, batch["self_condition"]))

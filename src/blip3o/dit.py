@@ -5,6 +5,7 @@ One forward pass, as the figure reads (B batch, N = 64 tokens on an 8x8 grid, L 
     context = caption_projection(cond)                         # (B, L, H) -> (B, L, D)
     c       = time_embed(1000 t) + caption_embed(mean(context)) # (B, T),  T = min(D, 1024)
     x       = patch_embedder(x_t)                              # (B, N, C) -> (B, N, D)
+              (+ self_condition(x_0 estimate of the previous step) with `self_condition=True`)
     x       = block(x, c, context) for each of the layers      # RMSNorm-zero, self + gated cross attention
     v       = norm_out(x, c)                                   # AdaLN-continuous, final linear -> (B, N, C)
               (or x_0 = norm_out(x, c), v = (x_t - x_0) / t with `prediction="sample"`)
@@ -58,6 +59,11 @@ class DiTConfig:
     # eigenvectors and eigenvalues of the token covariance (fitted once on the data, see TokenWhitening),
     # e this value. 0 (official): the raw tokens.
     token_whitening: float = 0.0
+    # Self-conditioning (Chen et al. 2023, "Analog Bits"): the network also reads its own clean estimate
+    # from the previous sampling step (training: from a first, gradient-free pass on half of the batch),
+    # which lets it refine near-discrete targets instead of re-deriving them. An extra zero-initialised
+    # linear embedding; not in the official model (False).
+    self_condition: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -436,6 +442,8 @@ class DiT(nn.Module):
         self.caption_projection = Mlp2(config.cond_size, d, d, nn.GELU(approximate="tanh"))
         self.patch_embedder = nn.Module()
         self.patch_embedder.proj = nn.Linear(config.in_channels, d)
+        # the previous clean estimate, embedded and added to the patch embedding (zero at init)
+        self.self_condition = nn.Linear(config.in_channels, d) if config.self_condition else None
         self.time_caption_embed = TimeCaptionEmbed(d, config.time_dim)
         self.layers = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_out = NormOut(d, config.time_dim, config.in_channels)
@@ -493,6 +501,8 @@ class DiT(nn.Module):
             block.gate.fill_(self.config.cross_gate_init)
         nn.init.zeros_(self.norm_out.linear_1.weight)
         nn.init.zeros_(self.norm_out.linear_2.weight)
+        if self.self_condition is not None:
+            nn.init.zeros_(self.self_condition.weight)
 
     def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
         """cond (B, L, H) backbone hidden states, mask (B, L) -> the step-independent Condition."""
@@ -511,26 +521,59 @@ class DiT(nn.Module):
         condition (as trained with condition dropout). `velocity` replaces `self.velocity` (a compiled
         copy); `Blip3o.sample_tokens` and the accelerated sampler both sample through this."""
         velocity = velocity or self.velocity
+        if self.self_condition is not None:
+            return self._self_conditioned_velocity(cond, guidance, velocity)
         if guidance == 1.0:
             prepared = self.prepare_condition(cond)
             return lambda x, t: velocity(x, t, prepared)
         both = self.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))
         return guided_pair(lambda x2, t2: velocity(x2, t2, both), guidance)
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """x_t (B, N, C), t (B,) in [0, 1], a prepared Condition -> v (B, N, C)."""
+    def _self_conditioned_velocity(self, cond: torch.Tensor, guidance: float, velocity) -> Velocity:
+        """`sampling_velocity` with self-conditioning: each call reads the clean estimate x_t - t v of the
+        previous call (zeros at the first), with CFG the guided one, fed to both branches."""
+        guided = guidance != 1.0
+        prepared = self.prepare_condition(torch.cat([torch.zeros_like(cond), cond]) if guided else cond)
+        previous: list[torch.Tensor] = []
+
+        def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_0 = previous[-1] if previous else torch.zeros_like(x)
+            if guided:
+                v_u, v_c = velocity(torch.cat([x, x]), torch.cat([t, t]), prepared, torch.cat([x_0, x_0])).chunk(2)
+                out = v_u + guidance * (v_c - v_u)
+            else:
+                out = velocity(x, t, prepared, x_0)
+            previous[:] = [x - t.view(-1, 1, 1).to(x.dtype) * out.to(x.dtype)]
+            return out
+
+        return v
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition,
+                 x_0_previous: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, N, C), t (B,) in [0, 1], a prepared Condition -> v (B, N, C). x_0_previous: the clean
+        estimate a self-conditioned DiT reads (None: zeros)."""
         kind = self.config.prediction
         pre = Preconditioning(t, self.config.data_std) if kind == "preconditioned" else None
-        out = self.predict(x_t, t, cond, pre)
+        out = self.predict(x_t, t, cond, pre, x_0_previous)
         if kind == "velocity":
             return out
         x_0 = out if pre is None else pre.clean(x_t, out)
         return (x_t - x_0) / t.clamp_min(MIN_T).view(-1, 1, 1).to(out.dtype)
 
+    def clean_estimate(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+                       pre: Preconditioning | None = None) -> torch.Tensor:
+        """The network's raw output at (x_t, t) -> its estimate of the clean tokens x_0."""
+        kind = self.config.prediction
+        if kind == "velocity":
+            return x_t - t.view(-1, 1, 1).to(out.dtype) * out
+        return out if kind == "sample" else pre.clean(x_t, out)
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition,
-                pre: Preconditioning | None = None) -> torch.Tensor:
+                pre: Preconditioning | None = None, x_0_previous: torch.Tensor | None = None) -> torch.Tensor:
         """The network's raw output (B, N, C): v, x_0 with `prediction="sample"`, or F with
-        "preconditioned" (the network then reads c_in x_t; see Preconditioning, built here unless given)."""
+        "preconditioned" (the network then reads c_in x_t; see Preconditioning, built here unless given).
+        x_0_previous (B, N, C): the clean estimate a self-conditioned DiT reads (None: zeros); ignored
+        without self-conditioning."""
         if self.config.prediction == "preconditioned":
             pre = pre or Preconditioning(t, self.config.data_std)
             x_t = x_t * pre.c_in.to(x_t.dtype)
@@ -538,6 +581,9 @@ class DiT(nn.Module):
             t = torch.floor(t * 1000) / 1000
         c = self.time_caption_embed(t, cond.context, cond.mask)  # (B, T)
         x = self.patch_embedder.proj(x_t)  # (B, N, D)
+        if self.self_condition is not None:
+            previous = torch.zeros_like(x_t) if x_0_previous is None else x_0_previous.to(x_t.dtype)
+            x = x + self.self_condition(previous)
         rope = self.rope(x.device)
         for block, kv in zip(self.layers, cond.cross_kv, strict=True):
             x = block(x, c, rope, kv, cond.mask)
@@ -555,13 +601,24 @@ class DiT(nn.Module):
             raise ValueError(f"t {tuple(t.shape)} and cond batch {cond.shape[0]} must match x_t batch {b}")
         return self.velocity(x_t, t, self.prepare_condition(cond, cond_mask))
 
-    def loss(self, path: PathSample, cond: torch.Tensor) -> torch.Tensor:
+    def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss at a path sample, in fp32: the network's own output against its target (the
-        velocity; x_0 with `prediction="sample"`; F's unit-variance target with "preconditioned")."""
+        velocity; x_0 with `prediction="sample"`; F's unit-variance target with "preconditioned").
+
+        self_condition (B,) bool, for a self-conditioned DiT: the samples that read the clean estimate of a
+        first, gradient-free pass (the others read zeros, as the first sampling step does). None: all zeros.
+        """
         kind = self.config.prediction
-        if kind == "velocity":
-            return flow_matching_loss(self(path.x_t, path.t, cond), path)
         pre = Preconditioning(path.t, self.config.data_std) if kind == "preconditioned" else None
-        out = self.predict(path.x_t, path.t, self.prepare_condition(cond), pre)
+        prepared = self.prepare_condition(cond)
+        previous = None
+        if self.self_condition is not None and self_condition is not None and bool(self_condition.any()):
+            with torch.no_grad():
+                first = self.predict(path.x_t, path.t, prepared, pre)
+                estimate = self.clean_estimate(path.x_t, path.t, first, pre)
+                previous = estimate * self_condition.view(-1, 1, 1).to(estimate.dtype)
+        out = self.predict(path.x_t, path.t, prepared, pre, previous)
+        if kind == "velocity":
+            return flow_matching_loss(out, path)
         target = path.x_0.float() if pre is None else pre.target(path.x_t, path.x_0)
         return torch.mean((out.float() - target) ** 2)
