@@ -11,6 +11,8 @@ backbone is frozen, but gradients flow through it into the queries, which stage 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,8 +299,9 @@ class Backbone(nn.Module):
         with torch.no_grad():
             prefix = lm(inputs_embeds=embeds, attention_mask=mask[:, :P], position_ids=positions[..., :P],
                         use_cache=True)
-        out = lm(inputs_embeds=queries, attention_mask=mask, position_ids=positions[..., P:],
-                 past_key_values=prefix.past_key_values, use_cache=True)
+        past = prefix["cache"] if "cache" in prefix else prefix["past_key_values"]
+        out = lm(inputs_embeds=queries, attention_mask=mask, position_ids=positions[..., P:], use_cache=True,
+                 **{_cache_argument(type(lm)): past})
         return out.last_hidden_state[:, -Q:]  # (B, Q, H)
 
     def answer(
@@ -397,6 +400,13 @@ class Backbone(nn.Module):
         for rope, inv_freq in ((text_rope, text_inv), (vision_rope, vision_inv)):
             rope.inv_freq = inv_freq.to(self.device)
             rope.original_inv_freq = inv_freq.clone().to(self.device)
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The KV-cache argument of a transformers model's forward: `cache` in recent 5.x releases (which
+    deprecate `past_key_values`), `past_key_values` in earlier ones (the GPU image's 5.17, say)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
