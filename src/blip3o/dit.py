@@ -111,8 +111,9 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "blip3o-4b": DiTConfig(cond_size=2048),
     # small enough that the whole nano model ships in 25 MB (fp16); predicts clean tokens (see `prediction`);
     # 32-wide tokens: the nano encoder's object codes (presets.py)
+    # self-conditioning: 0.270 against 0.213 at guidance 7, the same run without it (docs/training.md, session 8)
     "nano": DiTConfig(in_channels=32, hidden_size=192, num_layers=4, num_heads=4, cond_size=256, multiple_of=64,
-                      cross_gate_init=1.0, prediction="sample"),
+                      cross_gate_init=1.0, prediction="sample", self_condition=True),
     "debug": DiTConfig(in_channels=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, cond_size=64,
                        multiple_of=32),
 }
