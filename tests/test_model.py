@@ -174,3 +174,14 @@ def test_cli_demo_and_errors(tmp_path, capsys):
     assert "dit" in capsys.readouterr().out
     assert cli_main(["generate", "--model", "nope/not-here", "a circle"]) == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+def test_changing_a_models_config_leaves_the_preset_alone():
+    import dataclasses
+
+    model = Blip3o.from_preset("debug")
+    model.config.dit = dataclasses.replace(model.config.dit, token_whitening=0.5)
+    model.config.guidance = 9.0
+    fresh = get_preset("debug")
+    assert fresh.dit.token_whitening == 0.0 and fresh.guidance != 9.0
+    assert Blip3o.from_preset("debug").config.dit.token_whitening == 0.0

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,10 +56,11 @@ PRESETS: dict[str, Blip3oConfig] = _presets()
 
 
 def get_preset(name: str) -> Blip3oConfig:
-    """The config of a named preset; unknown names raise a ValueError listing the known ones."""
+    """A copy of a named preset's config (changing a model's config never changes the preset); unknown
+    names raise a ValueError listing the known ones."""
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return copy.deepcopy(PRESETS[name])
 
 
 def preset_weights(name: str) -> Path | None:
