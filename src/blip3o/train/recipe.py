@@ -21,9 +21,10 @@ from blip3o.train.trainer import TrainConfig, Trainer
 
 NANO_STAGES: list[TrainConfig] = [
     # each object is read back from the token of its centre (see ClipStage): the decoder draws every real
-    # scene right (1.0 against 0.975 for run 3's patch read-out) and the DiT generates 0.27 against 0.22 (G 7)
+    # scene right (1.0 against 0.975 for run 3's patch read-out); weight 16 makes the centre token say the
+    # shape (linear probe 0.92 against 0.78 at 4) and the self-conditioned DiT generates 0.43 against 0.27 (G 7)
     TrainConfig(stage="clip", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.0,
-                stage_options={"object_codes": 4.0}),
+                stage_options={"object_codes": 16.0}),
     # conversations of up to 8 turns (every question of the image and its caption): 7x the answers per image;
     # 1800 steps: 4 px vision patches (64 image tokens) cost ~1.6x a step of 8 px ones, and win per second
     # and each object labelled on the vision token of its box centre (object code read-out): VQA 0.961 against 0.840
