@@ -522,28 +522,24 @@ class DiT(nn.Module):
         condition (as trained with condition dropout). `velocity` replaces `self.velocity` (a compiled
         copy); `Blip3o.sample_tokens` and the accelerated sampler both sample through this."""
         velocity = velocity or self.velocity
-        if self.self_condition is not None:
-            return self._self_conditioned_velocity(cond, guidance, velocity)
-        if guidance == 1.0:
-            prepared = self.prepare_condition(cond)
-            return lambda x, t: velocity(x, t, prepared)
-        both = self.prepare_condition(torch.cat([torch.zeros_like(cond), cond]))
-        return guided_pair(lambda x2, t2: velocity(x2, t2, both), guidance)
-
-    def _self_conditioned_velocity(self, cond: torch.Tensor, guidance: float, velocity) -> Velocity:
-        """`sampling_velocity` with self-conditioning: each call reads the clean estimate x_t - t v of the
-        previous call (zeros at the first), with CFG the guided one, fed to both branches."""
         guided = guidance != 1.0
         prepared = self.prepare_condition(torch.cat([torch.zeros_like(cond), cond]) if guided else cond)
+        if self.self_condition is None:
+            plain = lambda x, t: velocity(x, t, prepared)  # noqa: E731  (x doubled when guided)
+            return guided_pair(plain, guidance) if guided else plain
+        # self-conditioning: each call reads the clean estimate x - t v of the previous call (zeros at the
+        # first), with CFG the guided one, fed to both branches
         previous: list[torch.Tensor] = []
+        copies = 2 if guided else 1
+
+        def branches(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_0 = previous[-1] if previous else torch.zeros_like(x[: x.shape[0] // copies])
+            return velocity(x, t, prepared, x_0.repeat(copies, 1, 1))
+
+        combined = guided_pair(branches, guidance) if guided else branches
 
         def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_0 = previous[-1] if previous else torch.zeros_like(x)
-            if guided:
-                v_u, v_c = velocity(torch.cat([x, x]), torch.cat([t, t]), prepared, torch.cat([x_0, x_0])).chunk(2)
-                out = v_u + guidance * (v_c - v_u)
-            else:
-                out = velocity(x, t, prepared, x_0)
+            out = combined(x, t)
             previous[:] = [x - t.view(-1, 1, 1).to(x.dtype) * out.to(x.dtype)]
             return out
 
@@ -558,7 +554,7 @@ class DiT(nn.Module):
         out = self.predict(x_t, t, cond, pre, x_0_previous)
         if kind == "velocity":
             return out
-        x_0 = out if pre is None else pre.clean(x_t, out)
+        x_0 = self.clean_estimate(x_t, t, out, pre)
         return (x_t - x_0) / t.clamp_min(MIN_T).view(-1, 1, 1).to(out.dtype)
 
     def clean_estimate(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
