@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -50,6 +51,7 @@ from blip3o.shapes import (
     prompt_from_scene,
     prompts_from_scene,
     questions_for_scene,
+    reading_questions,
     relation_holds,
     relation_margin,
     render,
@@ -399,6 +401,37 @@ def test_questions_respect_preconditions():
     assert {t for t, _ in seen} == {"count", "count_color", "color", "shape", "exist", "position"}
     for t in ("exist", "position"):
         assert seen[(t, "yes")] > 0.25 * (seen[(t, "yes")] + seen[(t, "no")])  # not all "no"
+
+
+def test_reading_questions_are_answered_by_their_description_alone():
+    """Text-only turns: each answer equals the scene's own answer (the description lists every object and
+    the relations it states hold in the scene); turns about stated relations come first."""
+    rng = random.Random(1)
+    relation_answers = Counter()
+    pattern = re.compile(r"is the (?:(\w+) )?(\w+) (left of|right of|above|below) the (?:(\w+) )?(\w+)\?")
+    for _ in range(600):
+        scene = sample_scene(rng)
+        description = describe(scene, rng)
+        turns = reading_questions(description, rng, 3)
+        assert 1 <= len(turns) <= 3, description
+        req = parse_description(description, warn=False)
+        singles = [r for r in req.relations if req.groups[r.a].count == req.groups[r.b].count == 1]
+        for k, (text, answer) in enumerate(turns):
+            prefix, question = text.split(". ", 1)
+            assert prefix == description
+            m = pattern.fullmatch(question)
+            assert (m is not None) == (k < min(3, len(singles))), (description, turns)
+            if m is None:
+                assert answer == answer_question(question, scene.objects) is not None, (description, question)
+                continue
+            c1, s1, rel, c2, s2 = m.groups()
+            a = [o for o in scene.objects if o.shape == s1 and c1 in (None, o.color)]
+            b = [o for o in scene.objects if o.shape == s2 and c2 in (None, o.color)]
+            assert len(a) == len(b) == 1, (description, question)
+            assert answer == ("yes" if relation_holds(rel, a[0], b[0]) else "no"), (description, question)
+            relation_answers[answer] += 1
+    assert relation_answers["yes"] > 100 and relation_answers["no"] > 100
+    assert reading_questions("a photo of a square above a circle", rng, 2) == []  # uncoloured items: no turns
 
 
 def test_score_answer_normalisation():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -288,6 +289,31 @@ def test_understanding_conversation_labels_every_answer(tmp_path):
         assert image_pad in ids[:first_answer] and image_pad not in ids[first_answer:]
     loss = trainer.stage.loss(batch)
     assert torch.isfinite(loss)
+
+
+def test_understanding_reading_turns_follow_the_image_turns(tmp_path):
+    """Option reading = k: up to k text-only turns about the caption join each conversation after its image
+    turns, each labelled like any answer; the image turns are those drawn without the option."""
+    from blip3o.shapes import make_sample
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(3, i) for i in range(6))]
+    plain = Trainer(config(tmp_path / "a", "understanding", stage_options={"max_turns": 2}), items).stage
+    trainer = Trainer(config(tmp_path / "b", "understanding", stage_options={"max_turns": 2, "reading": 2}), items)
+    stage = trainer.stage
+    for i, item in enumerate(items):
+        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
+        assert turns[:len(base)] == base and 1 <= len(turns) - len(base) <= 2
+        for text, answer in turns[len(base):]:
+            assert text.startswith(item["json"]["caption"] + ". ") and answer
+    batch = stage.collate(items, list(range(6)), 0, torch.device("cpu"))
+    tok = trainer.model.backbone.tokenizer
+    labelled = tok.decode([t for t in batch["labels"][0].tolist() if t != -100])
+    expected = [a for _, a in stage.pick(items[0], random.Random(0 * 7919 + 0))]
+    assert labelled == "".join(a + "<|im_end|>" for a in expected)
+    assert torch.isfinite(stage.loss(batch))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="reading"):
+            Trainer(config(tmp_path / "c", "understanding", stage_options={"reading": bad}), items)
 
 
 def test_understanding_object_labels_read_shape_and_colour_from_vision_tokens(tmp_path):

@@ -43,6 +43,7 @@ from .questions import (
     caption_question,
     normalize_answer,
     questions_for_scene,
+    reading_questions,
     score_answer,
 )
 from .render import ANTIALIASED, RASTERISERS, choose_rasteriser, coverage, render
@@ -123,6 +124,7 @@ __all__ = [
     "prompt_from_scene",
     "prompts_from_scene",
     "questions_for_scene",
+    "reading_questions",
     "relation_holds",
     "relation_margin",
     "render",

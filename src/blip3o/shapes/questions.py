@@ -166,6 +166,60 @@ def caption_question(scene: Scene, rng: random.Random | None = None) -> Question
     return Question(CAPTION, CAPTION_QUESTION, describe(scene, rng))
 
 
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+READING_TYPES: tuple[str, ...] = ("count", "count_color", "color", "shape", "exist")
+
+
+@dataclass(frozen=True)
+class _Named:
+    shape: str
+    color: str
+
+
+def reading_questions(description: str, rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """Up to `k` text-only turns about a scene description: (`{description}. {question}`, answer).
+
+    The answer follows from the text alone: counts, colours and shapes from the items (a description
+    lists every object, see `prompts.describe`), and for each stated relation `A rel B` between single
+    objects, one of `is A rel B?` (yes), `is B rel A?` (no), `is B {converse} A?` (yes), `is A {converse}
+    B?` (no); these come first, the other types fill up to `k`. An understanding stage that cannot yet
+    tell where objects are in an image still learns from these what the relation words mean and which
+    item each applies to, so the words do not collapse onto one another (what the generation condition
+    needs: `a square above a circle` and `a square below a circle` must differ). Descriptions with an
+    uncoloured item give no turns.
+    """
+    req = parse_description(description, warn=False)
+    if not req.groups or any(g.color is None for g in req.groups):
+        return []
+    objects = [_Named(g.shape, g.color) for g in req.groups for _ in range(g.count)]
+    others = [(q.text, q.answer) for t in READING_TYPES
+             if (q := ask(_ObjectsOnly(objects), t, rng)) is not None and q.answer is not None]
+
+    def name(g) -> str:
+        return f"the {g.shape}" if sum(o.shape == g.shape for o in objects) == 1 else f"the {g.color} {g.shape}"
+
+    relations = []
+    for r in req.relations:
+        a, b = req.groups[r.a], req.groups[r.b]
+        if a.count != 1 or b.count != 1:
+            continue
+        rel = rng.choice([r.rel, CONVERSE[r.rel]])
+        swap = rng.random() < 0.5  # ask about B and A instead of A and B
+        first, second = (b, a) if swap else (a, b)
+        holds = (rel == r.rel) != swap  # `a rel b` stated: `b conv a` holds, `a conv b` and `b rel a` do not
+        relations.append((f"is {name(first)} {rel} {name(second)}?", _yes_no(holds)))
+    rng.shuffle(relations)  # relation turns first: the image questions rarely teach them
+    picked = relations[:k] + rng.sample(others, min(len(others), k - len(relations[:k])))
+    return [(f"{description}. {question}", answer) for question, answer in picked]
+
+
+@dataclass(frozen=True)
+class _ObjectsOnly:
+    """What `ask` reads of a scene: its objects (here without positions)."""
+
+    objects: list
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, strip spaces and one final period: ` Yes. ` -> `yes`."""
     text = text.lower().strip()

@@ -21,6 +21,7 @@ from torch import nn
 from blip3o.flow import sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
+from blip3o.shapes.questions import reading_questions
 from blip3o.shapes.world import COLORS, SHAPES, Scene
 
 CAPTION_REQUEST = "describe the image."
@@ -213,6 +214,13 @@ class UnderstandingStage(Stage):
     become single tokens that can be counted, and their positions can be compared, without first
     grouping the 2 x 2 to 3 x 3 cells each one covers. Measured (session 7, the recipe's stage, weight
     1): VQA 0.961 against 0.840 (count 0.94 against 0.67, colour 1.0 against 0.72); nano uses it.
+
+    Stage option `reading` = k (default 0) adds up to k text-only turns to each conversation: the
+    image's caption followed by a question answered from that text alone (`shapes.reading_questions`:
+    relations, their converses, counts, colours, shapes). The stage's image questions leave position
+    at the majority answer, so the relation words' (tied) embeddings collapse onto one another and the
+    frozen backbone's generation condition barely tells `above` from `below`; these turns teach the
+    words' meaning from text (docs/training.md, session 9).
     """
 
     name, trains = "understanding", ("backbone",)
@@ -225,6 +233,9 @@ class UnderstandingStage(Stage):
         self.labels_at = options.get("object_labels_at", "box")
         if self.labels_at not in ("box", "centre"):
             raise ValueError(f"object_labels_at must be 'box' or 'centre', got {self.labels_at!r}")
+        self.reading = options.get("reading", 0)
+        if isinstance(self.reading, bool) or not isinstance(self.reading, int) or self.reading < 0:
+            raise ValueError(f"stage option reading must be an integer >= 0, got {self.reading!r}")
         self.object_head = None
         if self.object_labels:
             width = len(CELL_SHAPES) + len(CELL_COLORS) if self.labels_at == "box" else CENTRE_LABEL_WIDTH
@@ -263,7 +274,10 @@ class UnderstandingStage(Stage):
         pairs = [(q["question"], q["answer"]) for q in meta.get("questions", [])]
         pairs += [(CAPTION_REQUEST, c) for c in captions_of(item)[:1]]
         rng.shuffle(pairs)
-        return pairs[: max(1, int(self.options.get("max_turns", 1)))]
+        pairs = pairs[: max(1, int(self.options.get("max_turns", 1)))]
+        if self.reading and meta.get("caption"):  # drawn after the others: runs without it are unchanged
+            pairs += reading_questions(meta["caption"], rng, self.reading)
+        return pairs
 
     def answer_labels(self, input_ids: torch.Tensor, conversations: list[list[str]]) -> torch.Tensor:
         """Labels = each assistant turn's answer tokens and its <|im_end|>; -100 elsewhere.
