@@ -192,8 +192,9 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
     if not req.groups or any(g.color is None for g in req.groups):
         return []
     objects = [_Named(g.shape, g.color) for g in req.groups for _ in range(g.count)]
+    scene = Scene(objects)  # without positions: `ask` reads only shapes and colours for these types
     others = [(q.text, q.answer) for t in READING_TYPES
-             if (q := ask(_ObjectsOnly(objects), t, rng)) is not None and q.answer is not None]
+              if (q := ask(scene, t, rng)) is not None and q.answer is not None]
 
     def name(g) -> str:
         return f"the {g.shape}" if sum(o.shape == g.shape for o in objects) == 1 else f"the {g.color} {g.shape}"
@@ -211,13 +212,6 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
     rng.shuffle(relations)  # relation turns first: the image questions rarely teach them
     picked = relations[:k] + rng.sample(others, min(len(others), k - len(relations[:k])))
     return [(f"{description}. {question}", answer) for question, answer in picked]
-
-
-@dataclass(frozen=True)
-class _ObjectsOnly:
-    """What `ask` reads of a scene: its objects (here without positions)."""
-
-    objects: list
 
 
 def normalize_answer(text: str) -> str:

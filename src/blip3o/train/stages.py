@@ -43,6 +43,14 @@ def captions_of(item: dict) -> list[str]:
     return caps
 
 
+def int_option(options: dict, name: str, default: int, *, minimum: int) -> int:
+    """A stage option that must be an integer >= minimum (bools are refused); `default` when absent."""
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"stage option {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 class Stage:
     name = ""
     trains: tuple[str, ...] = ()  # attributes of Blip3o this stage trains
@@ -109,10 +117,7 @@ class GenerationStage(Stage):
 
     def __init__(self, model: Blip3o, options: dict) -> None:
         super().__init__(model, options)
-        draws = self.options.get("draws", 1)
-        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-            raise ValueError(f"stage option draws must be an integer >= 1, got {draws!r}")
-        self.draws = draws
+        self.draws = int_option(self.options, "draws", 1, minimum=1)
 
     def prepare(self, dataset) -> None:
         """Fit the DiT's token whitening (DiTConfig.token_whitening) on the frozen encoder's tokens of the
@@ -233,9 +238,7 @@ class UnderstandingStage(Stage):
         self.labels_at = options.get("object_labels_at", "box")
         if self.labels_at not in ("box", "centre"):
             raise ValueError(f"object_labels_at must be 'box' or 'centre', got {self.labels_at!r}")
-        self.reading = options.get("reading", 0)
-        if isinstance(self.reading, bool) or not isinstance(self.reading, int) or self.reading < 0:
-            raise ValueError(f"stage option reading must be an integer >= 0, got {self.reading!r}")
+        self.reading = int_option(options, "reading", 0, minimum=0)
         self.object_head = None
         if self.object_labels:
             width = len(CELL_SHAPES) + len(CELL_COLORS) if self.labels_at == "box" else CENTRE_LABEL_WIDTH
