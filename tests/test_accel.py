@@ -56,6 +56,29 @@ def test_dit_sampler_graph_logic_equals_sample_tokens(model):
     assert len(sampler._graphs) == 3  # and per setting
 
 
+def test_stochastic_sampler_is_seeded_and_the_graph_logic_replays_it(model):
+    import dataclasses
+
+    cond, config = _cond(model), model.config
+    try:
+        model.config = dataclasses.replace(config, sampler="stochastic", eta=1.0)
+        first = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(first, model.sample_tokens(cond, generator=torch.Generator().manual_seed(0)))
+        assert not torch.allclose(first, model.sample_tokens(cond, generator=torch.Generator().manual_seed(1)))
+        # fresh noise is drawn after the start noise: same start as Euler, another path
+        euler = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0), sampler="euler")
+        assert not torch.allclose(first, euler)
+        sampler = DiTSampler(model, graph=EagerGraph)
+        for seed in (0, 1):  # the second call replays the captured loop with new noise
+            want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(sampler(cond, generator=torch.Generator().manual_seed(seed)), want)
+        assert len(sampler._graphs) == 1
+        model.config = dataclasses.replace(config, sampler="stochastic", eta=0.0)
+        assert torch.equal(model.sample_tokens(cond, generator=torch.Generator().manual_seed(0)), euler)
+    finally:
+        model.config = config
+
+
 def test_dit_sampler_graph_logic_with_self_conditioning_equals_sample_tokens():
     import dataclasses
 

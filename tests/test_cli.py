@@ -66,6 +66,16 @@ def test_generate_one_prompt_writes_pngs_and_a_grid(checkpoint, tmp_path, capsys
     assert same_pixels(out / "0001.png", tmp_path / "again" / "0001.png")
 
 
+def test_generate_with_the_stochastic_sampler(checkpoint, tmp_path):
+    args = ["generate", "--model", str(checkpoint), "a red circle", "--seed", "3"]
+    assert main([*args, "--outdir", str(tmp_path / "euler")]) == 0
+    stochastic = [*args, "--sampler", "stochastic", "--eta", "1"]
+    assert main([*stochastic, "--outdir", str(tmp_path / "s1")]) == 0
+    assert main([*stochastic, "--outdir", str(tmp_path / "s2")]) == 0
+    assert same_pixels(tmp_path / "s1" / "0000.png", tmp_path / "s2" / "0000.png")  # seeded
+    assert not same_pixels(tmp_path / "s1" / "0000.png", tmp_path / "euler" / "0000.png")
+
+
 def test_generate_prompts_file_writes_genevals_layout(checkpoint, tmp_path):
     records = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a red circle"},
                {"tag": "two_object", "prompt": "a red circle and a blue square"}]
@@ -145,6 +155,9 @@ def test_bad_input_exits_2_with_a_message(checkpoint, image_path, tmp_path, caps
     fails(["generate", "--model", "BLIP3o/BLIP3o-Model-8B", "a circle"], "neither a preset")
     fails(["generate", "--model", str(image_path), "a circle"], "is a file")
     fails(["generate", "--model", "debug"], "give a prompt")
+    fails(["generate", "--model", "debug", "a circle", "--sampler", "stochastic", "--eta", "2"],
+          "eta 2.0 is not in [0, 1]")
+    fails(["eval", "shapes", "--model", "debug", "--steps", "0"], "--steps must be positive")
     fails(["generate", "--model", "debug", "--prompts-file", str(tmp_path / "missing.jsonl")], "no such file")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a circle"}\n{"prompt": \n')

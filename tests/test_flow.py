@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blip3o.flow import (
+    ddpm_posterior_std,
     drop_condition,
     flow_matching_loss,
     guided,
@@ -109,3 +110,56 @@ def test_draw_noise_gives_each_generator_group_its_solo_draw():
         draw_noise((2, 2), [0, 1])
     g = [torch.Generator(), torch.Generator()]
     assert per_row(g, 4) == [g[0], g[0], g[1], g[1]] and per_row(g[0], 4) is g[0]
+
+
+def _gaussian_velocity(mean: float, std: float):
+    """The exact velocity field of data N(mean, std^2) on the straight path x_t = (1 - t) x_0 + t e."""
+
+    def v(x, t):
+        a, t_ = 1 - t.view(-1, 1).to(x.dtype), t.view(-1, 1).to(x.dtype)
+        x_0 = mean + a * std**2 / (a**2 * std**2 + t_**2) * (x - a * mean)
+        return (x - x_0) / t_
+
+    return v
+
+
+def test_stochastic_sampler_with_eta_0_is_euler():
+    v = _gaussian_velocity(0.3, 0.5)
+    x_1 = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    times = time_grid(9)
+    fresh = torch.randn(9, 64, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(sample(v, x_1, times, "stochastic", eta=0.0, fresh=fresh),
+                               sample(v, x_1, times, "euler"), rtol=0, atol=1e-12)
+    assert not torch.allclose(sample(v, x_1, times, "stochastic", eta=1.0, fresh=fresh), sample(v, x_1, times))
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_stochastic_sampler_draws_the_data_distribution(eta):
+    # with the exact velocity of Gaussian data, DDIM-eta lands on that Gaussian whatever eta (fine grid)
+    mean, std, steps, n = 0.3, 0.5, 200, 40_000
+    gen = torch.Generator().manual_seed(0)
+    x_1 = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    fresh = torch.randn(steps, n, 1, generator=gen, dtype=torch.float64)
+    out = sample(_gaussian_velocity(mean, std), x_1, time_grid(steps), "stochastic", eta=eta, fresh=fresh)
+    assert abs(out.mean().item() - mean) < 0.01
+    assert abs(out.std().item() / std - 1) < 0.02
+    # and the fresh noise matters: the same start lands elsewhere than Euler's deterministic path
+    euler = sample(_gaussian_velocity(mean, std), x_1, time_grid(steps))
+    assert (out - euler).abs().mean().item() > 0.05
+
+
+def test_ddpm_posterior_std_bounds():
+    assert ddpm_posterior_std(1.0, 0.9) == pytest.approx(0.9)  # from pure noise every bit of noise is new
+    assert ddpm_posterior_std(0.5, 0.0) == 0.0  # the last step is deterministic
+    s = ddpm_posterior_std(0.5, 0.45)
+    assert 0 < s < 0.45
+
+
+def test_stochastic_sampler_rejects_bad_settings():
+    x_1 = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="fresh noise of shape"):
+        sample(lambda x, t: x, x_1, [1.0, 0.5, 0.0], "stochastic")
+    with pytest.raises(ValueError, match="fresh noise of shape"):
+        sample(lambda x, t: x, x_1, [1.0, 0.5, 0.0], "stochastic", fresh=torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="eta must be in"):
+        sample(lambda x, t: x, x_1, [1.0, 0.5, 0.0], "stochastic", eta=1.5, fresh=torch.zeros(2, 2, 3))

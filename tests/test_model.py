@@ -1,5 +1,6 @@
 """Blip3o end to end on the debug preset: generate, answer, reconstruct, save/load, bad input."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -156,6 +157,10 @@ def test_bad_input_is_named(model):
         cfg = get_preset("debug")
         type(cfg)(backbone=get_preset("nano").backbone, dit=cfg.dit, clip_encoder=cfg.clip_encoder,
                   decoder=cfg.decoder)
+    with pytest.raises(ValueError, match="sampler 'ddim' is not one of euler, heun, stochastic"):
+        dataclasses.replace(get_preset("debug"), sampler="ddim")
+    with pytest.raises(ValueError, match=r"eta 2.0 is not in \[0, 1\]"):
+        dataclasses.replace(get_preset("debug"), sampler="stochastic", eta=2.0)
 
 
 def test_official_8b_builds_on_meta():
@@ -177,8 +182,6 @@ def test_cli_demo_and_errors(tmp_path, capsys):
 
 
 def test_changing_a_models_config_leaves_the_preset_alone():
-    import dataclasses
-
     model = Blip3o.from_preset("debug")
     model.config.dit = dataclasses.replace(model.config.dit, token_whitening=0.5)
     model.config.guidance = 9.0

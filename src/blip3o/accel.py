@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blip3o.flow import Generators, draw_noise, sample, time_grid
+from blip3o.flow import Generators, draw_noise, fresh_noise, sample, time_grid
 
 if TYPE_CHECKING:
     from blip3o.backbone import Backbone
@@ -105,6 +105,7 @@ class _LoopKey:
     times: tuple[float, ...]
     guidance: float
     sampler: str
+    eta: float
 
 
 class DiTSampler:
@@ -125,10 +126,12 @@ class DiTSampler:
         self._fingerprint: tuple | None = None
 
     def loop(self, cond: torch.Tensor, x_1: torch.Tensor, times: list[float], guidance: float,
-             method: str) -> torch.Tensor:
-        """The eager sampling loop of `sample_tokens`: cond (B, L, H), noise x_1 (B, N, C) -> tokens."""
+             method: str, fresh: torch.Tensor | None = None) -> torch.Tensor:
+        """The eager sampling loop of `sample_tokens`: cond (B, L, H), noise x_1 (B, N, C) -> tokens
+        (`fresh`: the stochastic sampler's noise of every step)."""
         dit = self.model.dit
-        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance, self.velocity), x_1, times, method))
+        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance, self.velocity), x_1, times, method,
+                                    eta=self.model.config.eta, fresh=fresh))
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
@@ -141,22 +144,25 @@ class DiTSampler:
         x_1 = draw_noise((cond.shape[0], dit.config.num_tokens, dit.config.in_channels), generator, cond.device,
                          cond.dtype)
         times = time_grid(steps, time_shift or cfg.time_shift)
+        fresh = fresh_noise(method, x_1, len(times) - 1, generator)
         factory = self.graph or (default_graph(cond.device) if self.cuda_graph else None)
         if factory is None:
-            return self.loop(cond, x_1, times, guidance, method)
-        key = _LoopKey(tuple(cond.shape), cond.dtype, cond.device, tuple(times), float(guidance), method)
-        return self._graph_for(key, factory, cond, x_1)(cond, x_1)
+            return self.loop(cond, x_1, times, guidance, method, fresh)
+        key = _LoopKey(tuple(cond.shape), cond.dtype, cond.device, tuple(times), float(guidance), method,
+                       float(cfg.eta))
+        inputs = (cond, x_1) if fresh is None else (cond, x_1, fresh)
+        return self._graph_for(key, factory, inputs)(*inputs)
 
-    def _graph_for(self, key: _LoopKey, factory: GraphFactory, cond: torch.Tensor, x_1: torch.Tensor) -> Graph:
+    def _graph_for(self, key: _LoopKey, factory: GraphFactory, inputs: tuple[torch.Tensor, ...]) -> Graph:
         now = fingerprint(self.model.dit)
         if now != self._fingerprint:  # weights moved or changed: every captured graph reads stale memory
             self._graphs.clear()
             self._fingerprint = now
         if key not in self._graphs:
-            static_cond, static_x = cond.clone(), x_1.clone()
+            static = tuple(x.clone() for x in inputs)  # cond, x_1 (and the stochastic sampler's noise)
             self._graphs[key] = factory(
-                lambda: self.loop(static_cond, static_x, list(key.times), key.guidance, key.sampler),
-                (static_cond, static_x))
+                lambda: self.loop(static[0], static[1], list(key.times), key.guidance, key.sampler, *static[2:]),
+                static)
             self._fingerprint = fingerprint(self.model.dit)  # fused weights were built during capture
         return self._graphs[key]
 

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (argparse's c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -88,6 +89,13 @@ def _load(args):
     model = load_model(args.model, None if offload else args.device, args.dtype)
     if offload:  # weights stay in CPU memory; each part visits the device only while it runs
         model.enable_offload(args.device or "cuda")
+    overrides = {k: getattr(args, k) for k in ("sampler", "eta", "guidance", "steps")
+                 if getattr(args, k, None) is not None}
+    if overrides:  # sampling settings for this run (the saved model keeps its own)
+        try:
+            model.config = dataclasses.replace(model.config, **overrides)
+        except ValueError as e:
+            raise BadInput(str(e).replace("inconsistent Blip3oConfig: ", "")) from None
     if getattr(args, "compile", False):
         model.accelerate(compile=True)
     return model
@@ -98,6 +106,12 @@ def _add_speed_flags(p: argparse.ArgumentParser) -> None:
                                                           "--device only while it runs (big models, small GPUs)")
     p.add_argument("--compile", action="store_true", help="GPU fast paths: the DiT loop and UNet step as CUDA "
                                                           "graphs, torch.compile, static KV cache (slow first call)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["euler", "heun", "stochastic"], default=None,
+                   help="DiT sampler (default: the model's); stochastic = DDIM with --eta")
+    p.add_argument("--eta", type=float, default=None, help="the stochastic sampler's noise, 0 (Euler) to 1 (DDPM)")
 
 
 def note(message: str) -> None:
@@ -406,6 +420,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from blip3o.evaluate import evaluate_shapes, format_results
 
+    _positive("--steps", args.steps)
     model = _load(args)
     results = evaluate_shapes(model, args.out, per_tag=args.per_tag, num_images=args.num_images,
                               num_scenes=args.num_scenes)
@@ -451,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image side in pixels, where the decoder allows it")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per model call (default 8)")
     _add_speed_flags(p)
+    _add_sampling_flags(p)
 
     p = add("ask", cmd_ask, "answer questions about images", epilog=(
         "--questions-file: JSON lines with `image` (a path: relative to the working folder, else to the file's\n"
@@ -534,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tag", type=int, default=25)
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--num-scenes", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="DiT CFG scale (default: the model's)")
+    _add_sampling_flags(p)
     return parser
 
 

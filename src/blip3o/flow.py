@@ -148,20 +148,51 @@ def guided_pair(velocity_pair: Velocity, scale: float) -> Velocity:
     return v
 
 
-def sample(velocity: Velocity, x_1: torch.Tensor, times: Sequence[float], method: str = "euler") -> torch.Tensor:
+SAMPLERS = ("euler", "heun", "stochastic")
+
+
+def fresh_noise(method: str, x_1: torch.Tensor, intervals: int, generator: Generators) -> torch.Tensor | None:
+    """The stochastic sampler's noise for every interval, (intervals, *x_1.shape), drawn after x_1 from the
+    same generator(s), row group by row group (None for the deterministic samplers: nothing is drawn)."""
+    if method != "stochastic":
+        return None
+    rows = draw_noise((x_1.shape[0], intervals, *x_1.shape[1:]), generator, x_1.device, x_1.dtype)
+    return rows.transpose(0, 1)
+
+
+def sample(velocity: Velocity, x_1: torch.Tensor, times: Sequence[float], method: str = "euler", *,
+           eta: float = 1.0, fresh: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from times[0] (noise x_1) to times[-1] (data); returns x at times[-1].
 
     Euler takes one model call per interval; Heun (2nd order) two, except on the last interval
     when it ends at t = 0, where it falls back to Euler (as EDM does).
+
+    `stochastic` is DDIM with eta on the straight path x_t = (1 - t) x_0 + t e. Each interval reads the
+    clean estimate x_0 = x - t v and the noise estimate e = x + (1 - t) v and steps to
+    x' = (1 - t') x_0 + sqrt(t'^2 - s^2) e + s z, where s = eta times the DDPM posterior std of x_t' given
+    x_t and x_0. eta = 0 is Euler exactly; eta = 1 is DDPM's ancestral sampler. `fresh` holds the z of
+    each interval: (len(times) - 1, *x_1.shape), standard normal.
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"unknown sampler {method!r}: use 'euler' or 'heun'")
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}: use one of {', '.join(SAMPLERS)}")
+    if method == "stochastic":
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if fresh is None or fresh.shape != (len(times) - 1, *x_1.shape):
+            got = None if fresh is None else tuple(fresh.shape)
+            raise ValueError(f"the stochastic sampler needs fresh noise of shape {(len(times) - 1, *x_1.shape)}, "
+                             f"got {got}")
     x = x_1
     batch = x.shape[0]
-    for t_cur, t_next in zip(times[:-1], times[1:], strict=True):
+    for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
         dt = t_next - t_cur
         t = torch.full((batch,), t_cur, device=x.device, dtype=torch.float32)
         v = velocity(x, t)
+        if method == "stochastic" and eta > 0:
+            s = eta * ddpm_posterior_std(t_cur, t_next)
+            x_0, noise = x - t_cur * v.to(x.dtype), x + (1.0 - t_cur) * v.to(x.dtype)
+            x = (1.0 - t_next) * x_0 + max(t_next**2 - s**2, 0.0) ** 0.5 * noise + s * fresh[i].to(x.dtype)
+            continue
         x_euler = x + dt * v.to(x.dtype)
         if method == "heun" and t_next > 0:
             v_next = velocity(x_euler, torch.full_like(t, t_next))
@@ -169,3 +200,10 @@ def sample(velocity: Velocity, x_1: torch.Tensor, times: Sequence[float], method
         else:
             x = x_euler
     return x
+
+
+def ddpm_posterior_std(t: float, t_next: float) -> float:
+    """Std of x_t' given x_t and x_0 on the straight path (t' < t): the forward step x_t = r x_t' + n,
+    r = (1 - t) / (1 - t'), has variance t^2 - r^2 t'^2, and the posterior std is sqrt(that) t' / t."""
+    r = (1.0 - t) / (1.0 - t_next)
+    return max(t**2 - (r * t_next) ** 2, 0.0) ** 0.5 * t_next / t

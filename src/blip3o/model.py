@@ -28,7 +28,7 @@ from blip3o.backbone import Backbone, BackboneConfig, check_prompts
 from blip3o.clip_encoder import build_clip_encoder, clip_encoder_config_from_dict
 from blip3o.decoder import build_decoder, decoder_config_from_dict
 from blip3o.dit import DiT, DiTConfig
-from blip3o.flow import Generators, draw_noise, sample, time_grid
+from blip3o.flow import SAMPLERS, Generators, draw_noise, fresh_noise, sample, time_grid
 from blip3o.images import check_images, tensor_to_pil
 
 FORMAT_VERSION = 1
@@ -44,7 +44,8 @@ class Blip3oConfig:
     query_init_std: float = 1.0  # official: torch.randn
     steps: int = 30  # DiT sampling steps (official 30, Euler)
     guidance: float = 3.0  # DiT classifier-free guidance scale
-    sampler: str = "euler"  # "euler" | "heun"
+    sampler: str = "euler"  # "euler" | "heun" | "stochastic" (DDIM with eta: fresh noise at every step)
+    eta: float = 1.0  # the stochastic sampler's noise: 0 = Euler, 1 = DDPM's ancestral sampler
     time_shift: float = 1.0  # SD3-style time shift of the sampling grid (1 = official linear grid)
     # the decoder's CFG negative: "empty_prompt" = tokens generated for "" (Emu2-Gen / official), or
     # "zeros" = the all-zero condition the decoder saw under condition dropout in training
@@ -65,6 +66,10 @@ class Blip3oConfig:
             problems.append(f"decoder_negative must be 'empty_prompt' or 'zeros', got {self.decoder_negative!r}")
         if self.num_queries != self.dit.num_tokens:
             problems.append(f"num_queries {self.num_queries} != DiT tokens {self.dit.num_tokens}")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not 0.0 <= self.eta <= 1.0:
+            problems.append(f"eta {self.eta} is not in [0, 1]")
         if problems:
             raise ValueError("inconsistent Blip3oConfig: " + "; ".join(problems))
 
@@ -238,8 +243,10 @@ class Blip3o(nn.Module):
         steps, guidance = steps or cfg.steps, cfg.guidance if guidance is None else guidance
         b, dit = cond.shape[0], self.dit
         x_1 = draw_noise((b, dit.config.num_tokens, dit.config.in_channels), generator, cond.device, cond.dtype)
-        times = time_grid(steps, time_shift or cfg.time_shift)
-        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance), x_1, times, sampler or cfg.sampler))
+        times, method = time_grid(steps, time_shift or cfg.time_shift), sampler or cfg.sampler
+        fresh = fresh_noise(method, x_1, len(times) - 1, generator)
+        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance), x_1, times, method, eta=cfg.eta,
+                                    fresh=fresh))
 
     def negative_tokens(self, steps: int | None, guidance: float | None) -> torch.Tensor:
         """Tokens generated for the empty prompt: the decoder's negative condition (Emu2-Gen style), cached."""
