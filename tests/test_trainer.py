@@ -468,3 +468,42 @@ def test_generation_self_conditioning_draws_its_share_and_leaves_other_draws_unc
         target = model.clip_encoder.encode(batch["pixels"])
         path = sample_path(target, batch["x_1"], batch["t"])
         torch.testing.assert_close(stage.loss(dict(batch)), model.dit.loss(path, cond, batch["self_condition"]))
+
+
+def test_decoder_dit_tokens_option_reads_a_share_of_samples_through_the_frozen_dit(tmp_path):
+    plain = Trainer(config(tmp_path / "a", "decoder", stage_options={"token_noise": 0.3}), DATA)
+    want = plain.stage.collate(DATA[:8], list(range(8)), 0, torch.device("cpu"))
+    assert "dit" not in want
+    trainer = Trainer(config(tmp_path / "b", "decoder", stage_options={"token_noise": 0.3, "dit_tokens": 0.5,
+                                                                       "dit_steps": 2}), DATA)
+    stage, model = trainer.stage, trainer.model
+    batch = stage.collate(DATA[:8], list(range(8)), 0, torch.device("cpu"))
+    # the other draws are those of a run without the option
+    assert torch.equal(batch["token_noise"], want["token_noise"]) and torch.equal(batch["pixels"], want["pixels"])
+    use = batch["dit"]
+    assert 0 < use.sum() < 8 and 0.3 <= batch["dit_from"] <= 0.7
+    seen = {}
+    real_loss = model.decoder.loss
+    model.decoder.loss = lambda tokens, pixels, generator: seen.setdefault("tokens", tokens).sum() * 0
+    try:
+        stage.loss(batch)
+    finally:
+        model.decoder.loss = real_loss
+    with torch.no_grad():
+        clean = model.clip_encoder.encode(batch["pixels"])
+    read = seen["tokens"]
+    keep = ~use
+    torch.testing.assert_close(read[keep], clean[keep] + batch["token_noise"][keep])  # as without the option
+    prompts = [p for p, u in zip(batch["dit_prompts"], use.tolist(), strict=True) if u]
+    redrawn = stage.dit_redraw(clean[use], prompts, batch["dit_x_1"][use], batch["dit_from"])
+    torch.testing.assert_close(read[use], redrawn)  # the DiT's SDEdit of the real tokens, without added noise
+    assert not torch.allclose(read[use], clean[use], atol=1e-3)
+    assert torch.isfinite(stage.loss(batch))
+    parts = ("backbone", "queries", "dit", "clip_encoder", "decoder")
+    before = {p: states(model, p) for p in parts}
+    trainer.fit()  # only the decoder trains; the DiT and the condition it reads stay frozen
+    assert [p for p in parts if changed(before[p], states(model, p))] == ["decoder"]
+    for bad, match in [({"dit_tokens": 1.5}, "dit_tokens must be a share"),
+                       ({"dit_from": [0.8, 0.2]}, "dit_from must be"), ({"dit_steps": 0}, "dit_steps must be")]:
+        with pytest.raises(ValueError, match=match):
+            Trainer(config(tmp_path / "c", "decoder", stage_options=bad), DATA)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o.flow import sample_path, sample_t
+from blip3o.flow import sample, sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
 from blip3o.shapes.questions import reading_questions
@@ -175,22 +175,69 @@ class DecoderStage(Stage):
     diffusion). At generation time the decoder sees the DiT's tokens, which are never exactly on the
     encoder's manifold; a decoder trained on exact tokens turns small token errors (RMS 0.05) into
     broken shapes, one trained with this augmentation draws the clean image they are closest to.
+
+    Stage option `dit_tokens` = p (default 0): a share p of the samples are read through the frozen DiT
+    instead: their tokens noised to a time drawn from `dit_from` (default [0.3, 0.7]; one per batch) and
+    sampled back with one of the image's complete texts (`dit_steps` Euler steps, default 8, at the
+    model's guidance). The decoder then learns to draw the real image from tokens with the DiT's own
+    kind of error (shapes between two codes, a wrong size), rather than only isotropic noise. It needs a
+    trained DiT and queries, so a stage with it runs after the generation stage.
     """
 
     name, trains = "decoder", ("decoder",)
+
+    def __init__(self, model: Blip3o, options: dict) -> None:
+        super().__init__(model, options)
+        self.dit_share = float(self.options.get("dit_tokens", 0.0))
+        if not 0.0 <= self.dit_share <= 1.0:
+            raise ValueError(f"stage option dit_tokens must be a share in [0, 1], got {self.dit_share!r}")
+        lo, hi = self.options.get("dit_from", (0.3, 0.7))
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"stage option dit_from must be [lo, hi] with 0 < lo <= hi <= 1, got {[lo, hi]}")
+        self.dit_from = (float(lo), float(hi))
+        self.dit_steps = int_option(self.options, "dit_steps", 8, minimum=1)
 
     def collate(self, items, indices, seed, device):
         g = sample_generator(seed, indices[0])
         c = self.model.config.dit
         sigma = torch.rand(len(items), 1, 1, generator=g) * self.options.get("token_noise", 0.0)
-        return {"pixels": pil_to_tensor([it["image"] for it in items]).to(device),
-                "token_noise": (sigma * torch.randn(len(items), c.num_tokens, c.in_channels, generator=g)).to(device),
-                "generator": g}
+        batch = {"pixels": pil_to_tensor([it["image"] for it in items]).to(device),
+                 "token_noise": (sigma * torch.randn(len(items), c.num_tokens, c.in_channels, generator=g)).to(device),
+                 "generator": g}
+        if self.dit_share > 0:  # drawn from generators of their own: runs without the option are unchanged
+            use, prompts, x_1 = [], [], []
+            for item, i in zip(items, indices, strict=True):
+                gi = torch.Generator().manual_seed((seed * 1_000_003 + i) * 31 + 17)
+                use.append(bool(torch.rand((), generator=gi) < self.dit_share))
+                x_1.append(torch.randn(c.num_tokens, c.in_channels, generator=gi))
+                prompts.append(random.Random(seed * 7919 + i).choice(complete_texts(item)))  # as generation
+            lo, hi = self.dit_from
+            first = torch.Generator().manual_seed((seed * 1_000_003 + indices[0]) * 31 + 18)
+            batch.update(dit=torch.tensor(use, device=device), dit_prompts=prompts, dit_x_1=torch.stack(x_1).to(device),
+                         dit_from=lo + (hi - lo) * torch.rand((), generator=first).item())
+        return batch
 
     def loss(self, batch):
         tokens = self.model.clip_encoder.encode(batch["pixels"])
-        tokens = tokens + batch["token_noise"].to(tokens.dtype)
-        return self.model.decoder.loss(tokens, batch["pixels"], generator=batch["generator"])
+        noisy = tokens + batch["token_noise"].to(tokens.dtype)
+        if "dit" in batch and batch["dit"].any():
+            use = batch["dit"]
+            redrawn = self.dit_redraw(tokens[use], [p for p, u in zip(batch["dit_prompts"], use.tolist(), strict=True) if u],
+                                      batch["dit_x_1"][use], batch["dit_from"])
+            noisy = noisy.clone()  # the frozen encoder's output: no graph to keep
+            noisy[use] = redrawn.to(noisy.dtype)
+        return self.model.decoder.loss(noisy, batch["pixels"], generator=batch["generator"])
+
+    @torch.no_grad()
+    def dit_redraw(self, tokens: torch.Tensor, prompts: list[str], x_1: torch.Tensor, t_0: float) -> torch.Tensor:
+        """The frozen DiT's version of real tokens (SDEdit): noise them to t_0, then sample back to 0 with
+        the text, `dit_steps` Euler steps at the model's guidance. What the decoder sees at generation time:
+        tokens that say the scene, with the DiT's kind of error."""
+        model, dit = self.model, self.model.dit
+        x_t = (1 - t_0) * dit.to_model_space(tokens) + t_0 * x_1.to(tokens.dtype)
+        times = [t_0 * (1 - k / self.dit_steps) for k in range(self.dit_steps + 1)]
+        velocity = dit.sampling_velocity(model.condition(prompts), model.config.guidance)
+        return dit.to_tokens(sample(velocity, x_t, times))
 
 
 # ---------------------------------------------------------------------------- understanding
