@@ -222,8 +222,8 @@ class DecoderStage(Stage):
         noisy = tokens + batch["token_noise"].to(tokens.dtype)
         if "dit" in batch and batch["dit"].any():
             use = batch["dit"]
-            redrawn = self.dit_redraw(tokens[use], [p for p, u in zip(batch["dit_prompts"], use.tolist(), strict=True) if u],
-                                      batch["dit_x_1"][use], batch["dit_from"])
+            prompts = [p for p, u in zip(batch["dit_prompts"], use.tolist(), strict=True) if u]
+            redrawn = self.dit_redraw(tokens[use], prompts, batch["dit_x_1"][use], batch["dit_from"])
             noisy = noisy.clone()  # the frozen encoder's output: no graph to keep
             noisy[use] = redrawn.to(noisy.dtype)
         return self.model.decoder.loss(noisy, batch["pixels"], generator=batch["generator"])
