@@ -146,9 +146,12 @@ BACKBONE_PRESETS: dict[str, BackboneConfig] = {
     ),
     # Shapes world: a 64x64 image is 16x16 patches of 4 px -> 8x8 = 64 language tokens, not resized.
     # (8 px patches, 16 tokens, read shapes badly: VQA 0.55 against 0.69 after 500 steps, shape 0.27 vs 0.46.)
+    # Untied embeddings: tied ones pulled the relation words (above/below/left/right) together while the
+    # understanding stage predicted them at chance, and generation's frozen condition lost the relation
+    # (above vs below 2.4% apart); untied they stay apart (docs/training.md, sessions 9 and 10).
     "nano": BackboneConfig(
         hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768, vocab_size=704,
-        tie_word_embeddings=True, max_position_embeddings=4096, mrope_section=[8, 12, 12],
+        tie_word_embeddings=False, max_position_embeddings=4096, mrope_section=[8, 12, 12],
         vision_depth=4, vision_hidden_size=128, vision_num_heads=4, vision_intermediate_size=256,
         patch_size=4, window_size=32, fullatt_block_indexes=[1, 3],
         min_pixels=64 * 64, max_pixels=64 * 64, tokenizer="builtin",
