@@ -12,7 +12,7 @@ PAIRS = [("a photo of a square above a circle", "a photo of a square below a cir
          ("a photo of a square", "a photo of a triangle", "square/triangle"),
          ("a photo of a red square and a blue circle", "a photo of a blue square and a red circle", "colour swap")]
 for path in sys.argv[1:]:
-    m = (Blip3o.from_preset(path) if path in ("debug", "nano") else Blip3o.from_pretrained(path)).eval()
+    m = (Blip3o.from_preset(path) if path in ("debug", "nano") else Blip3o.from_pretrained(path, dtype=torch.float32)).eval()
     with torch.no_grad():
         for a, b, name in PAIRS:
             c = m.condition([a, b]).float()

@@ -5,7 +5,7 @@ from blip3o import Blip3o
 from blip3o.evaluate import evaluate_generation
 path, per_tag, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-m = Blip3o.from_pretrained(path).eval()
+m = Blip3o.from_pretrained(path, dtype=torch.float32).eval()
 over = {}
 if "G" in os.environ: over["guidance"] = float(os.environ["G"])
 if "S" in os.environ: over["steps"] = int(os.environ["S"])

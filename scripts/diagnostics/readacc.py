@@ -6,7 +6,7 @@ from blip3o.shapes import make_sample
 from blip3o.shapes.questions import reading_questions
 torch.set_num_threads(2)
 path, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 200
-m = Blip3o.from_pretrained(path).eval()
+m = Blip3o.from_pretrained(path, dtype=torch.float32).eval()
 rng = random.Random(11)
 qs, answers, images = [], [], []
 i = 0

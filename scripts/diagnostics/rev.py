@@ -6,7 +6,7 @@ from blip3o.images import pil_to_tensor
 from blip3o.shapes import evaluation_prompts, render, scene_for, sample_prompt
 torch.set_num_threads(2)
 path, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 64
-m = Blip3o.from_pretrained(path).eval()
+m = Blip3o.from_pretrained(path, dtype=torch.float32).eval()
 rng = random.Random(7)
 SWAP = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 prompts, swapped, images = [], [], []

@@ -3,7 +3,7 @@ import inspect, json, sys, time, torch
 from blip3o import Blip3o
 from blip3o import evaluate as E
 torch.set_num_threads(int(sys.argv[2]))
-m = Blip3o.from_pretrained(sys.argv[1]).eval()
+m = Blip3o.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 t0 = time.time()
 r = E.evaluate_understanding(m, num_scenes=200, seed=E.EVAL_SEED)
 print(json.dumps({"model": sys.argv[1], "per_type": {k: round(v, 3) for k, v in r["per_type"].items()},
