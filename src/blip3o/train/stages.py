@@ -27,9 +27,11 @@ from blip3o.shapes.world import COLORS, SHAPES, Scene
 CAPTION_REQUEST = "describe the image."
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The generator that owns all randomness of global sample `index` of a run."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+def sample_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """The generator that owns all randomness of global sample `index` of a run. An option added later
+    draws from its own `stream` (> 0), so runs without it draw exactly as before."""
+    key = seed * 1_000_003 + index
+    return torch.Generator().manual_seed((key if stream == 0 else key * 31 + stream) % (2**63 - 1))
 
 
 def captions_of(item: dict) -> list[str]:
@@ -95,6 +97,12 @@ def complete_texts(item: dict) -> list[str]:
     return texts or captions_of(item)
 
 
+def generation_text(item: dict, seed: int, index: int) -> str:
+    """The text a generation-stage sample is conditioned on (one of its complete texts, fixed by seed
+    and index); the decoder's `dit_tokens` redraw uses the same one."""
+    return random.Random(seed * 7919 + index).choice(complete_texts(item))
+
+
 WHITENING_IMAGES = 2048  # images whose tokens fit the DiT's token whitening (131k token vectors)
 
 
@@ -139,7 +147,7 @@ class GenerationStage(Stage):
         prompts, x_1, t, keep, self_cond = [], [], [], [], []
         for item, i in zip(items, indices, strict=True):
             g = sample_generator(seed, i)
-            prompts.append(random.Random(seed * 7919 + i).choice(complete_texts(item)))
+            prompts.append(generation_text(item, seed, i))
             x_1.append(torch.randn(k, c.num_tokens, c.in_channels, generator=g))
             t.append(sample_t(k, self.options.get("time_sampling", "uniform"), generator=g))
             keep.append(torch.rand(k, generator=g) >= self.options.get("condition_drop", 0.1))
@@ -204,15 +212,15 @@ class DecoderStage(Stage):
         batch = {"pixels": pil_to_tensor([it["image"] for it in items]).to(device),
                  "token_noise": (sigma * torch.randn(len(items), c.num_tokens, c.in_channels, generator=g)).to(device),
                  "generator": g}
-        if self.dit_share > 0:  # drawn from generators of their own: runs without the option are unchanged
+        if self.dit_share > 0:  # drawn from streams of their own: runs without the option are unchanged
             use, prompts, x_1 = [], [], []
             for item, i in zip(items, indices, strict=True):
-                gi = torch.Generator().manual_seed((seed * 1_000_003 + i) * 31 + 17)
+                gi = sample_generator(seed, i, stream=1)
                 use.append(bool(torch.rand((), generator=gi) < self.dit_share))
                 x_1.append(torch.randn(c.num_tokens, c.in_channels, generator=gi))
-                prompts.append(random.Random(seed * 7919 + i).choice(complete_texts(item)))  # as generation
+                prompts.append(generation_text(item, seed, i))
             lo, hi = self.dit_from
-            first = torch.Generator().manual_seed((seed * 1_000_003 + indices[0]) * 31 + 18)
+            first = sample_generator(seed, indices[0], stream=2)
             batch.update(dit=torch.tensor(use, device=device), dit_prompts=prompts, dit_x_1=torch.stack(x_1).to(device),
                          dit_from=lo + (hi - lo) * torch.rand((), generator=first).item())
         return batch
