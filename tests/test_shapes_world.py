@@ -555,3 +555,15 @@ def test_scene_for_without_extras_holds_only_what_is_named():
             scene = scene_for(prompt, rng, extras=False)
             assert check(prompt, scene.objects)
             assert len(scene.objects) == sum(g.count for g in prompt.requirement.groups)
+
+
+def test_write_shards_prompt_first_share(tmp_path):
+    """`--prompt-first 1`: every sample pairs a GenEval prompt with a scene it describes whole."""
+    write_shards(tmp_path / "all", 40, seed=5, shard_size=20, prompt_first=1.0)
+    metas = [meta for _, meta in iter_samples(tmp_path / "all")]
+    assert len(metas) == 40 and all(m["prompt"] is not None for m in metas)
+    write_shards(tmp_path / "none", 20, seed=5, shard_size=20, prompt_first=0.0)
+    assert all(m["prompt"] is None for _, m in iter_samples(tmp_path / "none"))
+    with pytest.raises(ValueError, match="prompt_first must be a share"):
+        write_shards(tmp_path / "bad", 4, seed=5, prompt_first=1.5)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

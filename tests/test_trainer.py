@@ -507,3 +507,28 @@ def test_decoder_dit_tokens_option_reads_a_share_of_samples_through_the_frozen_d
                        ({"dit_from": [0.8, 0.2]}, "dit_from must be"), ({"dit_steps": 0}, "dit_steps must be")]:
         with pytest.raises(ValueError, match=match):
             Trainer(config(tmp_path / "c", "decoder", stage_options=bad), DATA)
+
+
+def test_generation_prompt_share_option_picks_the_prompt_that_often():
+    from blip3o.train.stages import GenerationStage, generation_text
+
+    drawn = {"image": DATA[0]["image"], "json": {"prompt": {"tag": "position", "prompt": "a photo of a square below a circle"},
+                                     "caption": "a red circle above a blue square"}}
+    texts = [generation_text(drawn, 0, i) for i in range(2000)]
+    assert abs(texts.count("a photo of a square below a circle") / 2000 - 0.5) < 0.05  # default: either text
+    for p in (0.0, 0.8, 1.0):
+        texts = [generation_text(drawn, 0, i, p) for i in range(2000)]
+        share = texts.count("a photo of a square below a circle") / 2000
+        assert abs(share - p) < 0.03 and set(texts) <= {"a photo of a square below a circle",
+                                                         "a red circle above a blue square"}
+        assert texts == [generation_text(drawn, 0, i, p) for i in range(2000)]  # fixed by (seed, index)
+    # a random scene (no prompt) keeps its caption, whatever the share
+    scene = {"image": DATA[1]["image"], "json": {"prompt": None, "caption": "a green cross"}}
+    assert {generation_text(scene, 0, i, 1.0) for i in range(50)} == {"a green cross"}
+    model = Blip3o.from_preset("debug")
+    stage = GenerationStage(model, {"prompt_share": 1.0})
+    batch = stage.collate([drawn, scene], [0, 1], 0, torch.device("cpu"))
+    assert batch["prompts"] == ["a photo of a square below a circle", "a green cross"]
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="prompt_share must be a share"):
+            GenerationStage(model, {"prompt_share": bad})

@@ -398,7 +398,7 @@ def cmd_convert(args) -> int:
 def cmd_data(args) -> int:
     from blip3o.shapes import write_shards
 
-    paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size)
+    paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, prompt_first=args.prompt_first)
     print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
     return EXIT_OK
 
@@ -531,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=40_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--prompt-first", type=float, default=0.5,
+                   help="share of scenes drawn for a random GenEval prompt (the rest: random scenes of 1-4 objects)")
 
     p = add("train", cmd_train, "train: `nano` runs the whole recipe (data + 4 stages); a stage name runs one "
                                 "stage from --config", model=False)

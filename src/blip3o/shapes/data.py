@@ -61,13 +61,18 @@ def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST) -> tu
     return render(scene, rasteriser=rasteriser), meta
 
 
-def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: int = 1000) -> list[Path]:
+def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: int = 1000,
+                 prompt_first: float = PROMPT_FIRST) -> list[Path]:
     """Write `num` samples as `shapes-000000.tar`, ... in `out_dir`; returns the shard paths.
 
+    `prompt_first` is make_sample's share of scenes drawn for a prompt (1.0: every sample pairs a GenEval
+    prompt with a scene it describes whole, e.g. for a generation stage that oversamples the prompts).
     Each shard is written to a temporary name and renamed, so a reader never sees half a shard.
     """
     if num < 1 or shard_size < 1:
         raise ValueError(f"num and shard_size must be positive, got num={num}, shard_size={shard_size}")
+    if not 0.0 <= prompt_first <= 1.0:
+        raise ValueError(f"prompt_first must be a share in [0, 1], got {prompt_first!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -76,7 +81,7 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, min(start + shard_size, num)):
-                image, meta = make_sample(seed, index)
+                image, meta = make_sample(seed, index, prompt_first)
                 png = io.BytesIO()
                 image.save(png, format="PNG")
                 key = f"{index:09d}"

@@ -53,6 +53,16 @@ def int_option(options: dict, name: str, default: int, *, minimum: int) -> int:
     return value
 
 
+def share_option(options: dict, name: str) -> float | None:
+    """A stage option that must be a share in [0, 1]; None when absent."""
+    value = options.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"stage option {name} must be a share in [0, 1], got {value!r}")
+    return float(value)
+
+
 class Stage:
     name = ""
     trains: tuple[str, ...] = ()  # attributes of Blip3o this stage trains
@@ -97,10 +107,18 @@ def complete_texts(item: dict) -> list[str]:
     return texts or captions_of(item)
 
 
-def generation_text(item: dict, seed: int, index: int) -> str:
+def generation_text(item: dict, seed: int, index: int, prompt_share: float | None = None) -> str:
     """The text a generation-stage sample is conditioned on (one of its complete texts, fixed by seed
-    and index); the decoder's `dit_tokens` redraw uses the same one."""
-    return random.Random(seed * 7919 + index).choice(complete_texts(item))
+    and index); the decoder's `dit_tokens` redraw uses the same one.
+
+    `prompt_share` = p (stage option, default None: each complete text equally likely): a sample drawn
+    for a GenEval prompt is conditioned on that prompt with probability p, on its caption otherwise.
+    With data written prompt-first (`blip3o data shapes --prompt-first 1`), p > 0.5 oversamples the
+    prompt forms the evaluation asks for."""
+    rng, texts = random.Random(seed * 7919 + index), complete_texts(item)
+    if prompt_share is None or len(texts) < 2 or not (item.get("json") or {}).get("prompt"):
+        return rng.choice(texts)
+    return texts[0] if rng.random() < prompt_share else rng.choice(texts[1:])
 
 
 WHITENING_IMAGES = 2048  # images whose tokens fit the DiT's token whitening (131k token vectors)
@@ -126,6 +144,7 @@ class GenerationStage(Stage):
     def __init__(self, model: Blip3o, options: dict) -> None:
         super().__init__(model, options)
         self.draws = int_option(self.options, "draws", 1, minimum=1)
+        self.prompt_share = share_option(self.options, "prompt_share")
 
     def prepare(self, dataset) -> None:
         """Fit the DiT's token whitening (DiTConfig.token_whitening) on the frozen encoder's tokens of the
@@ -147,7 +166,7 @@ class GenerationStage(Stage):
         prompts, x_1, t, keep, self_cond = [], [], [], [], []
         for item, i in zip(items, indices, strict=True):
             g = sample_generator(seed, i)
-            prompts.append(generation_text(item, seed, i))
+            prompts.append(generation_text(item, seed, i, self.prompt_share))
             x_1.append(torch.randn(k, c.num_tokens, c.in_channels, generator=g))
             t.append(sample_t(k, self.options.get("time_sampling", "uniform"), generator=g))
             keep.append(torch.rand(k, generator=g) >= self.options.get("condition_drop", 0.1))
@@ -204,6 +223,7 @@ class DecoderStage(Stage):
             raise ValueError(f"stage option dit_from must be [lo, hi] with 0 < lo <= hi <= 1, got {[lo, hi]}")
         self.dit_from = (float(lo), float(hi))
         self.dit_steps = int_option(self.options, "dit_steps", 8, minimum=1)
+        self.prompt_share = share_option(self.options, "prompt_share")  # the redraw's texts, as the generation stage's
 
     def collate(self, items, indices, seed, device):
         g = sample_generator(seed, indices[0])
@@ -218,7 +238,7 @@ class DecoderStage(Stage):
                 gi = sample_generator(seed, i, stream=1)
                 use.append(bool(torch.rand((), generator=gi) < self.dit_share))
                 x_1.append(torch.randn(c.num_tokens, c.in_channels, generator=gi))
-                prompts.append(generation_text(item, seed, i))
+                prompts.append(generation_text(item, seed, i, self.prompt_share))
             lo, hi = self.dit_from
             first = sample_generator(seed, indices[0], stream=2)
             batch.update(dit=torch.tensor(use, device=device), dit_prompts=prompts, dit_x_1=torch.stack(x_1).to(device),
