@@ -567,3 +567,24 @@ def test_write_shards_prompt_first_share(tmp_path):
     with pytest.raises(ValueError, match="prompt_first must be a share"):
         write_shards(tmp_path / "bad", 4, seed=5, prompt_first=1.5)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_locate_questions_name_one_object_and_its_third_of_the_image():
+    from blip3o.shapes.questions import locate_questions, where
+
+    rng = random.Random(2)
+    seen = set()
+    for _ in range(300):
+        scene = sample_scene(rng)
+        for question, answer in locate_questions(scene, rng, 4):
+            name = question.removeprefix("where is the ").removesuffix("?").split()
+            match = [o for o in scene.objects if o.shape == name[-1] and (len(name) == 1 or o.color == name[0])]
+            assert len(match) == 1, (question, scene)  # the question names exactly one object
+            o = match[0]
+            row = "top" if o.cy < 64 / 3 else "bottom" if o.cy >= 128 / 3 else "middle"
+            col = "left" if o.cx < 64 / 3 else "right" if o.cx >= 128 / 3 else "centre"
+            expected = col if row == "middle" else row if col == "centre" else f"{row} {col}"
+            assert answer == where(o) == expected, (question, o)
+            seen.add(answer)
+        assert len(locate_questions(scene, rng, 1)) <= 1
+    assert len(seen) == 9  # every third of the image comes up

@@ -316,6 +316,33 @@ def test_understanding_reading_turns_follow_the_image_turns(tmp_path):
             Trainer(config(tmp_path / "c", "understanding", stage_options={"reading": bad}), items)
 
 
+def test_understanding_locate_turns_follow_the_image_turns(tmp_path):
+    """Option locate = k: up to k `where is the X?` turns about the scene join each conversation after its image
+    turns, answered from the scene; the image turns are those drawn without the option."""
+    from blip3o.shapes import make_sample
+    from blip3o.shapes.questions import where
+    from blip3o.shapes.world import Scene
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(4, i) for i in range(6))]
+    plain = Trainer(config(tmp_path / "a", "understanding", stage_options={"max_turns": 2}), items).stage
+    stage = Trainer(config(tmp_path / "b", "understanding", stage_options={"max_turns": 2, "locate": 2}), items).stage
+    extra = 0
+    for i, item in enumerate(items):
+        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
+        assert turns[:len(base)] == base and len(turns) - len(base) <= 2
+        objects = Scene.from_dict(item["json"]["scene"]).objects
+        for text, answer in turns[len(base):]:
+            assert text.startswith("where is the ")
+            assert answer in {where(o) for o in objects}
+            extra += 1
+    assert extra >= 6
+    batch = stage.collate(items, list(range(6)), 0, torch.device("cpu"))
+    assert torch.isfinite(stage.loss(batch))
+    for bad in (-1, 0.5, True):
+        with pytest.raises(ValueError, match="locate"):
+            Trainer(config(tmp_path / "c", "understanding", stage_options={"locate": bad}), items)
+
+
 def test_understanding_object_labels_read_shape_and_colour_from_vision_tokens(tmp_path):
     """Option object_labels: each merged vision token's (shape, colour) label is the object whose box
     holds the cell centre; the loss adds the weighted read-out error; the head learns; no scene = no labels."""

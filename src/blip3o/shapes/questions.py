@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .prompts import check, describe, parse_description
-from .world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES, Located, Scene, plural, position_safe, relation_holds
+from .world import COLORS, IMAGE_SIZE, NUMBER_WORDS, RELATIONS, SHAPES, Located, Scene, plural, position_safe, relation_holds
 
 QUESTION_TYPES: tuple[str, ...] = ("count", "count_color", "color", "shape", "exist", "position")
 CAPTION_QUESTION = "describe the image."
@@ -212,6 +212,36 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
     rng.shuffle(relations)  # relation turns first: the image questions rarely teach them
     picked = relations[:k] + rng.sample(others, min(len(others), k - len(relations[:k])))
     return [(f"{description}. {question}", answer) for question, answer in picked]
+
+
+LOCATE_ROWS: tuple[str, ...] = ("top", "middle", "bottom")
+LOCATE_COLUMNS: tuple[str, ...] = ("left", "centre", "right")
+
+
+def where(o: Located) -> str:
+    """The third of the image (rows and columns) that holds the centre of `o`: `top left`, `top`, ...,
+    `centre`, ..., `bottom right`."""
+    third = IMAGE_SIZE / 3
+    row, col = LOCATE_ROWS[min(2, int(o.cy // third))], LOCATE_COLUMNS[min(2, int(o.cx // third))]
+    if row == "middle":
+        return col
+    return row if col == "centre" else f"{row} {col}"
+
+
+def locate_questions(scene: Scene, rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """Up to `k` turns `where is the {shape}?` / `where is the {color} {shape}?` -> `where(o)`, for objects
+    the question names uniquely (training only; not one of the evaluation's types). A one-object lookup
+    of an absolute position: the step before comparing two objects' positions, which the position
+    questions ask and which the image questions alone leave at the majority answer."""
+    objs = scene.objects
+    named = []
+    for o in objs:
+        if sum(p.shape == o.shape for p in objs) == 1 and rng.random() < 0.5:
+            named.append((f"where is the {o.shape}?", where(o)))
+        elif sum(p.shape == o.shape and p.color == o.color for p in objs) == 1:
+            named.append((f"where is the {o.color} {o.shape}?", where(o)))
+    rng.shuffle(named)
+    return named[:k]
 
 
 def normalize_answer(text: str) -> str:

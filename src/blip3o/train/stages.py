@@ -21,7 +21,7 @@ from torch import nn
 from blip3o.flow import sample, sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
-from blip3o.shapes.questions import reading_questions
+from blip3o.shapes.questions import locate_questions, reading_questions
 from blip3o.shapes.world import COLORS, SHAPES, Scene
 
 CAPTION_REQUEST = "describe the image."
@@ -301,6 +301,10 @@ class UnderstandingStage(Stage):
     at the majority answer, so the relation words' (tied) embeddings collapse onto one another and the
     frozen backbone's generation condition barely tells `above` from `below`; these turns teach the
     words' meaning from text (docs/training.md, session 9).
+
+    Stage option `locate` = k (default 0) adds up to k turns `where is the {shape}?` -> `top left`, ...,
+    `centre`, ... (`shapes.locate_questions`): one object's absolute position, a first-order lookup
+    that comes before the position questions' comparison of two objects (session 11).
     """
 
     name, trains = "understanding", ("backbone",)
@@ -314,6 +318,7 @@ class UnderstandingStage(Stage):
         if self.labels_at not in ("box", "centre"):
             raise ValueError(f"object_labels_at must be 'box' or 'centre', got {self.labels_at!r}")
         self.reading = int_option(options, "reading", 0, minimum=0)
+        self.locate = int_option(options, "locate", 0, minimum=0)
         self.object_head = None
         if self.object_labels:
             width = len(CELL_SHAPES) + len(CELL_COLORS) if self.labels_at == "box" else CENTRE_LABEL_WIDTH
@@ -355,6 +360,8 @@ class UnderstandingStage(Stage):
         pairs = pairs[: max(1, int(self.options.get("max_turns", 1)))]
         if self.reading and meta.get("caption"):  # drawn after the others: runs without it are unchanged
             pairs += reading_questions(meta["caption"], rng, self.reading)
+        if self.locate and meta.get("scene"):  # drawn after the others: runs without it are unchanged
+            pairs += locate_questions(Scene.from_dict(meta["scene"]), rng, self.locate)
         return pairs
 
     def answer_labels(self, input_ids: torch.Tensor, conversations: list[list[str]]) -> torch.Tensor:
