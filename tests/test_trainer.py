@@ -539,8 +539,8 @@ def test_decoder_dit_tokens_option_reads_a_share_of_samples_through_the_frozen_d
 def test_generation_prompt_share_option_picks_the_prompt_that_often():
     from blip3o.train.stages import GenerationStage, generation_text
 
-    drawn = {"image": DATA[0]["image"], "json": {"prompt": {"tag": "position", "prompt": "a photo of a square below a circle"},
-                                     "caption": "a red circle above a blue square"}}
+    prompt = {"tag": "position", "prompt": "a photo of a square below a circle"}
+    drawn = {"image": DATA[0]["image"], "json": {"prompt": prompt, "caption": "a red circle above a blue square"}}
     texts = [generation_text(drawn, 0, i) for i in range(2000)]
     assert abs(texts.count("a photo of a square below a circle") / 2000 - 0.5) < 0.05  # default: either text
     for p in (0.0, 0.8, 1.0):

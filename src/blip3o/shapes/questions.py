@@ -22,7 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .prompts import check, describe, parse_description
-from .world import COLORS, IMAGE_SIZE, NUMBER_WORDS, RELATIONS, SHAPES, Located, Scene, plural, position_safe, relation_holds
+from .world import (
+    COLORS,
+    IMAGE_SIZE,
+    NUMBER_WORDS,
+    RELATIONS,
+    SHAPES,
+    Located,
+    Scene,
+    plural,
+    position_safe,
+    relation_holds,
+)
 
 QUESTION_TYPES: tuple[str, ...] = ("count", "count_color", "color", "shape", "exist", "position")
 CAPTION_QUESTION = "describe the image."
