@@ -215,9 +215,7 @@ class DecoderStage(Stage):
 
     def __init__(self, model: Blip3o, options: dict) -> None:
         super().__init__(model, options)
-        self.dit_share = float(self.options.get("dit_tokens", 0.0))
-        if not 0.0 <= self.dit_share <= 1.0:
-            raise ValueError(f"stage option dit_tokens must be a share in [0, 1], got {self.dit_share!r}")
+        self.dit_share = share_option(self.options, "dit_tokens") or 0.0
         lo, hi = self.options.get("dit_from", (0.3, 0.7))
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"stage option dit_from must be [lo, hi] with 0 < lo <= hi <= 1, got {[lo, hi]}")
