@@ -175,6 +175,8 @@ def test_bad_input_exits_2_with_a_message(checkpoint, image_path, tmp_path, caps
     fails(["serve", "--model", "debug", "--allow-dir", str(tmp_path / "nowhere")], "no such folder")
     fails(["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4", "--prompt-first", "2"],
           "prompt_first must be a share in [0, 1]")
+    fails(["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4", "--ordered", "1.5"],
+          "ordered must be a share in [0, 1]")
 
 
 def test_runtime_failure_exits_1(monkeypatch, capsys):

@@ -569,6 +569,78 @@ def test_write_shards_prompt_first_share(tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
+def test_ordered_scenes_put_each_named_object_in_its_region():
+    """`ordered`: the region of every named object follows from the prompt's text, checked here from the
+    scene's own coordinates (not through follows_layout), for every family on 600 prompts."""
+    from blip3o.shapes.prompts import follows_layout
+
+    rng = random.Random(3)
+    for _ in range(100):
+        for tag in TAGS:
+            prompt = sample_prompt(rng, tag)
+            req = prompt.requirement
+            scene = scene_for(prompt, rng, extras=False, ordered=True)
+            objs = scene.objects
+            assert check(prompt, objs) and follows_layout(req, objs)
+            assert len(objs) == sum(g.count for g in req.groups)
+            if tag == "position":
+                (rel,) = req.relations
+                first = next(o for o in objs if o.shape == req.groups[rel.a].shape)
+                second = next(o for o in objs if o.shape == req.groups[rel.b].shape)
+                if rel.rel in ("left of", "right of"):
+                    left, right = (first, second) if rel.rel == "left of" else (second, first)
+                    assert left.cx < 32 <= right.cx, (prompt.text, scene)
+                else:
+                    top, bottom = (first, second) if rel.rel == "above" else (second, first)
+                    assert top.cy < 32 <= bottom.cy, (prompt.text, scene)
+            elif tag in ("two_object", "color_attr"):
+                first = next(o for o in objs if o.shape == req.groups[0].shape)
+                second = next(o for o in objs if o.shape == req.groups[1].shape)
+                assert first.cx < 32 <= second.cx, (prompt.text, scene)
+            elif tag == "counting":
+                n = len(objs)
+                quadrants, thirds = {(o.cx >= 32, o.cy >= 32) for o in objs}, {int(o.cx // (64 / n)) for o in objs}
+                cells = quadrants if n == 4 else thirds
+                assert len(cells) == n, (prompt.text, scene)  # one object in each region
+
+
+def test_follows_layout_refuses_objects_out_of_their_region():
+    from blip3o.shapes.prompts import follows_layout
+
+    req = parse_description("a red circle and a blue square")
+    right = _scene(("circle", "red", 5, 20, 14), ("square", "blue", 40, 20, 14))
+    swapped = _scene(("circle", "red", 40, 20, 14), ("square", "blue", 5, 20, 14))
+    assert follows_layout(req, right.objects) and not follows_layout(req, swapped.objects)
+    below = parse_description("a circle below a square")
+    assert follows_layout(below, _scene(("circle", "red", 20, 40, 14), ("square", "blue", 22, 5, 14)).objects)
+    assert not follows_layout(below, _scene(("circle", "red", 20, 5, 14), ("square", "blue", 22, 40, 14)).objects)
+    three = parse_description("three crosses")
+    spread = _scene(*[("cross", "red", x, 20, 14) for x in (3, 25, 46)])
+    crowded = _scene(("cross", "red", 3, 20, 14), ("cross", "red", 3, 40, 14), ("cross", "red", 46, 20, 14))
+    assert follows_layout(three, spread.objects) and not follows_layout(three, crowded.objects)
+    assert follows_layout(parse_description("a circle"), right.objects[:1])
+
+
+def test_write_shards_ordered_share(tmp_path):
+    """`--ordered 1` lays every prompt scene out in order and marks it; a sample the option leaves alone is
+    exactly the one written without it (`ordered` draws from a stream of its own)."""
+    from blip3o.shapes.prompts import follows_layout
+
+    write_shards(tmp_path / "ord", 30, seed=5, shard_size=30, prompt_first=1.0, ordered=1.0)
+    for _, meta in iter_samples(tmp_path / "ord"):
+        scene = Scene.from_dict(meta["scene"])
+        assert meta["ordered"] is True
+        assert follows_layout(parse_description(meta["prompt"]["prompt"]), scene.objects)
+    half = [make_sample(5, i, prompt_first=1.0, ordered=0.5)[1] for i in range(100)]
+    assert 30 <= sum(m.get("ordered", False) for m in half) <= 70
+    for i, meta in enumerate(half):  # a sample not laid out in order is the one written without the option
+        if not meta.get("ordered"):
+            assert meta == make_sample(5, i, prompt_first=1.0)[1]
+    with pytest.raises(ValueError, match="ordered must be a share"):
+        write_shards(tmp_path / "bad", 4, seed=5, ordered=-0.1)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_locate_questions_name_one_object_and_its_third_of_the_image():
     from blip3o.shapes.questions import locate_questions, where
 

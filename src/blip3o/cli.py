@@ -398,7 +398,8 @@ def cmd_convert(args) -> int:
 def cmd_data(args) -> int:
     from blip3o.shapes import write_shards
 
-    paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, prompt_first=args.prompt_first)
+    paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, prompt_first=args.prompt_first,
+                         ordered=args.ordered)
     print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
     return EXIT_OK
 
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--prompt-first", type=float, default=0.5,
                    help="share of scenes drawn for a random GenEval prompt (the rest: random scenes of 1-4 objects)")
+    p.add_argument("--ordered", type=float, default=0.0,
+                   help="share of those prompt scenes laid out in the prompt's ordered layout (one region per "
+                        "named object, in the order named; a relation's objects in the halves it names)")
 
     p = add("train", cmd_train, "train: `nano` runs the whole recipe (data + 4 stages); a stage name runs one "
                                 "stage from --config", model=False)

@@ -39,15 +39,19 @@ MAX_ERRORS_KEPT = 20  # ReadStats keeps the first messages only
 PROMPT_FIRST = 0.5  # share of samples whose scene is drawn for a random prompt
 
 
-def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST) -> tuple[Image.Image, dict]:
+def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
+                ordered: float = 0.0) -> tuple[Image.Image, dict]:
     """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict).
 
     `prompt_first` is the chance that the scene is drawn for a random prompt (0: always a random
-    scene of 1 to 4 objects, as the evaluation's questions use).
+    scene of 1 to 4 objects, as the evaluation's questions use). `ordered` is the chance that such a
+    scene follows the prompt's ordered layout (`follows_layout`; recorded as meta["ordered"]).
     """
     rng = random.Random(f"shapes-{seed}-{index}")  # str seeds hash with sha512: stable across runs
     prompt = sample_prompt(rng) if rng.random() < prompt_first else None
-    scene = scene_for(prompt, rng, extras=False) if prompt else sample_scene(rng)
+    # a stream of its own, so that data written without `ordered` is unchanged
+    in_order = prompt is not None and ordered > 0 and random.Random(f"shapes-{seed}-{index}-layout").random() < ordered
+    scene = scene_for(prompt, rng, extras=False, ordered=in_order) if prompt else sample_scene(rng)
     rasteriser = choose_rasteriser(rng)
     questions = questions_for_scene(scene, rng)
     meta = {
@@ -58,21 +62,26 @@ def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST) -> tu
         "questions": [{"type": q.type, "question": q.text, "answer": q.answer} for q in questions],
         "caption": describe(scene, rng),
     }
+    if in_order:
+        meta["ordered"] = True
     return render(scene, rasteriser=rasteriser), meta
 
 
 def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: int = 1000,
-                 prompt_first: float = PROMPT_FIRST) -> list[Path]:
+                 prompt_first: float = PROMPT_FIRST, ordered: float = 0.0) -> list[Path]:
     """Write `num` samples as `shapes-000000.tar`, ... in `out_dir`; returns the shard paths.
 
     `prompt_first` is make_sample's share of scenes drawn for a prompt (1.0: every sample pairs a GenEval
-    prompt with a scene it describes whole, e.g. for a generation stage that oversamples the prompts).
+    prompt with a scene it describes whole, e.g. for a generation stage that oversamples the prompts);
+    `ordered` the share of those scenes laid out in the prompt's ordered layout (make_sample).
     Each shard is written to a temporary name and renamed, so a reader never sees half a shard.
     """
     if num < 1 or shard_size < 1:
         raise ValueError(f"num and shard_size must be positive, got num={num}, shard_size={shard_size}")
     if not 0.0 <= prompt_first <= 1.0:
         raise ValueError(f"prompt_first must be a share in [0, 1], got {prompt_first!r}")
+    if not 0.0 <= ordered <= 1.0:
+        raise ValueError(f"ordered must be a share in [0, 1], got {ordered!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -81,7 +90,7 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, min(start + shard_size, num)):
-                image, meta = make_sample(seed, index, prompt_first)
+                image, meta = make_sample(seed, index, prompt_first, ordered)
                 png = io.BytesIO()
                 image.save(png, format="PNG")
                 key = f"{index:09d}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from .world import (
     COLORS,
+    IMAGE_SIZE,
     MAX_OBJECTS,
     NUMBER_WORDS,
     POSITION_MARGIN,
@@ -211,11 +212,12 @@ def geneval_scores(tags: Sequence[str], passed: Sequence[bool]) -> dict[str, flo
 
 
 def scene_for(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 10_000, *,
-              extras: bool = True) -> Scene:
+              extras: bool = True, ordered: bool = False) -> Scene:
     """A random scene that satisfies `spec` (position-safe if it has relations).
 
     With `extras` it may hold random further objects (up to the scene limit) unless the spec is
     complete; without, it holds exactly the objects the spec names, so the spec describes it whole.
+    With `ordered` the named objects also follow `follows_layout` (one region each, in the order named).
     """
     req = spec.requirement if isinstance(spec, Prompt) else spec
     needed = [ObjSpec(g.shape, g.color) for g in req.groups for _ in range(g.count)]
@@ -224,9 +226,52 @@ def scene_for(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 1
     n = len(needed) if req.complete or not extras else None
 
     def ok(scene: Scene) -> bool:
-        return check(req, scene.objects) and (not req.relations or position_safe(scene.objects))
+        return (check(req, scene.objects) and (not req.relations or position_safe(scene.objects))
+                and (not ordered or follows_layout(req, scene.objects)))
 
     return sample_scene(rng, n, objects=needed, where=ok, max_tries=max_tries)
+
+
+def layout_region(obj: Located, n: int) -> int:
+    """Which of `n` regions holds the object's centre: 1 the whole image; 2 the left and right halves;
+    3 vertical thirds; 4 the quadrants in reading order."""
+    half = IMAGE_SIZE / 2
+    if n == 4:
+        return 2 * (obj.cy >= half) + (obj.cx >= half)
+    return min(n - 1, int(obj.cx * n // IMAGE_SIZE))
+
+
+def follows_layout(req: Requirement, objects: Sequence[Located]) -> bool:
+    """Whether the objects a requirement names sit in its ordered layout (training data, `ordered`).
+
+    A random layout asks the DiT for relational computation: which cell gets the red circle depends on
+    where the blue square is forming. In the ordered layout each named object's region follows from the
+    text alone: a relation puts its first object in the half the relation names (`left of`: the left
+    half, the other object in the right one; `above`: the top half); otherwise the named objects take
+    the regions of `layout_region` in the order they are named (a group of k objects takes the next k
+    regions, one object each). A single object may be anywhere. Positions within a region stay random.
+    """
+    if req.relations:
+        half = IMAGE_SIZE / 2
+        for r in req.relations:
+            firsts, seconds = _members(req.groups[r.a], objects), _members(req.groups[r.b], objects)
+            axis = "cx" if r.rel in ("left of", "right of") else "cy"
+            low_first = r.rel in ("left of", "above")
+            lows, highs = (firsts, seconds) if low_first else (seconds, firsts)
+            if not (lows and highs and all(getattr(o, axis) < half for o in lows)
+                    and all(getattr(o, axis) >= half for o in highs)):
+                return False
+        return True
+    total = sum(g.count for g in req.groups)
+    if total <= 1:
+        return True
+    start = 0
+    for g in req.groups:
+        regions = sorted(layout_region(o, total) for o in _members(g, objects))
+        if regions != list(range(start, start + g.count)):
+            return False
+        start += g.count
+    return True
 
 
 # ---- prompts that a scene satisfies (training pairs) ----------------------------------------
