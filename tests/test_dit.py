@@ -374,3 +374,40 @@ def test_self_conditioned_sampling_feeds_each_step_the_last_guided_estimate(guid
         # a new sampling velocity starts again from zeros
         again = dit.sampling_velocity(c, guidance)(x_b, t_b)
         torch.testing.assert_close(again, manual(x_b, t_b, torch.zeros_like(x_b)))
+
+
+# --- absolute position ---------------------------------------------------------------------------
+
+
+def test_sincos_2d_encodes_row_then_column():
+    from blip3o.dit import sincos_2d
+
+    table = sincos_2d(8, 16)  # (64, 16): channels 0-7 the row, 8-15 the column; sines then cosines
+    assert table.shape == (64, 16) and table.dtype == torch.float32
+    freqs = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
+    for n in (0, 9, 23, 63):
+        row, col = divmod(n, 8)
+        expected = torch.cat([torch.sin(row * freqs), torch.cos(row * freqs), torch.sin(col * freqs),
+                              torch.cos(col * freqs)]).float()
+        torch.testing.assert_close(table[n], expected)
+    assert len({tuple(r.tolist()) for r in table}) == 64  # every cell has its own code
+
+
+def test_absolute_position_adds_the_table_to_the_patch_embedding():
+    from blip3o.dit import sincos_2d
+
+    cfg = dataclasses.replace(DIT_PRESETS["debug"], absolute_position=True)
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    plain = DiT(dataclasses.replace(cfg, absolute_position=False)).eval()
+    plain.load_state_dict(dit.state_dict())  # no parameters of its own: the same state dict
+    assert set(dit.state_dict()) == set(DiT(DIT_PRESETS["debug"]).state_dict())
+    x, t, c = torch.randn(2, 64, cfg.in_channels), torch.tensor([0.8, 0.3]), torch.randn(2, 5, cfg.cond_size)
+    with torch.no_grad():
+        got = dit.predict(x, t, dit.prepare_condition(c))
+        assert not torch.allclose(got, plain.predict(x, t, plain.prepare_condition(c)))
+        # the same as the plain DiT with the table added to its patch embedding's output, cell by cell
+        table = sincos_2d(8, cfg.hidden_size)
+        hook = plain.patch_embedder.proj.register_forward_hook(lambda module, args, out: out + table)
+        torch.testing.assert_close(got, plain.predict(x, t, plain.prepare_condition(c)))
+        hook.remove()

@@ -1,6 +1,6 @@
 """The DiT's clean-token error on real position scenes with the true prompt vs the relation swapped.
-usage: rev.py MODEL [N]"""
-import random, sys, torch
+usage: rev.py MODEL [N]; env ORDERED=1 draws the scenes in the ordered layout (blip3o data shapes --ordered)"""
+import os, random, sys, torch
 from blip3o import Blip3o
 from blip3o.images import pil_to_tensor
 from blip3o.shapes import evaluation_prompts, render, scene_for, sample_prompt
@@ -13,7 +13,7 @@ prompts, swapped, images = [], [], []
 while len(prompts) < n:
     p = sample_prompt(rng, "position")
     rel = next(r for r in SWAP if f" {r} " in p.text)
-    scene = scene_for(p, rng, extras=False)
+    scene = scene_for(p, rng, extras=False, ordered=os.environ.get("ORDERED") == "1")
     prompts.append(p.text); swapped.append(p.text.replace(f" {rel} ", f" {SWAP[rel]} "))
     images.append(render(scene, rng))
 with torch.no_grad():

@@ -64,6 +64,10 @@ class DiTConfig:
     # which lets it refine near-discrete targets instead of re-deriving them. An extra zero-initialised
     # linear embedding; not in the official model (False).
     self_condition: bool = False
+    # Fixed 2D sin-cos position embedding added to the patch embedding (DiT, Peebles & Xie 2023). Lumina-Next
+    # has RoPE only, which reaches a token's absolute place through cross-attention alone (RoPE on q, none
+    # on the condition's k). Not in the official model (False). (hidden_size % 4 == 0 follows from RoPE's check.)
+    absolute_position: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -136,6 +140,19 @@ def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> torch.Tens
     cols = torch.outer(pos, freqs)[None, :, :].expand(grid_size, grid_size, quarter)
     angles = torch.stack([rows, cols], dim=-1).reshape(grid_size * grid_size, 2 * quarter)  # (N, hd/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
+    """DiT's fixed 2D position embedding (N, dim) fp32, N = grid_size**2 in raster order: the first half
+    of the channels encodes the row, the second the column, each as sines then cosines of
+    pos * 10000 ** (-k / (dim / 4)), k = 0 .. dim / 4 - 1."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    angles = torch.outer(torch.arange(grid_size, dtype=torch.float64), freqs)  # (G, dim/4)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (G, dim/2)
+    rows = axis[:, None, :].expand(grid_size, grid_size, 2 * quarter)
+    cols = axis[None, :, :].expand(grid_size, grid_size, 2 * quarter)
+    return torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, 4 * quarter).float()
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -453,6 +470,7 @@ class DiT(nn.Module):
         # The RoPE table stays fp32 whatever the model's dtype, so it is a per-device cache, not a buffer
         # (Module.to(dtype) would cast a buffer; bf16 angles lose too much).
         self._rope: dict[torch.device, torch.Tensor] = {}
+        self._position: dict[torch.device, torch.Tensor] = {}  # absolute_position's table, fp32 per device
         self.initialize_weights()
 
     def fuse_projections(self, enabled: bool = True) -> DiT:
@@ -476,8 +494,9 @@ class DiT(nn.Module):
         return z if self.token_whitening is None else self.token_whitening.inverse(z)
 
     def init_buffers(self) -> None:
-        """Nothing to recompute: the RoPE table is built on first use on each device."""
+        """Nothing to recompute: the RoPE and position tables are built on first use on each device."""
         self._rope.clear()
+        self._position.clear()
 
     def rope(self, device: torch.device) -> torch.Tensor:
         """RoPE (cos, sin) table (N, head_dim / 2, 2) for `device`, computed once."""
@@ -485,6 +504,12 @@ class DiT(nn.Module):
             table = rope_2d(self.config.grid_size, self.config.head_dim, self.config.rope_theta)
             self._rope[device] = table.to(device)
         return self._rope[device]
+
+    def position(self, device: torch.device) -> torch.Tensor:
+        """The fixed absolute position embedding (N, D) fp32 for `device` (absolute_position), computed once."""
+        if device not in self._position:
+            self._position[device] = sincos_2d(self.config.grid_size, self.config.hidden_size).to(device)
+        return self._position[device]
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -581,6 +606,8 @@ class DiT(nn.Module):
         if self.self_condition is not None:
             previous = torch.zeros_like(x_t) if x_0_previous is None else x_0_previous.to(x_t.dtype)
             x = x + self.self_condition(previous)
+        if self.config.absolute_position:
+            x = x + self.position(x.device).to(x.dtype)
         rope = self.rope(x.device)
         for block, kv in zip(self.layers, cond.cross_kv, strict=True):
             x = block(x, c, rope, kv, cond.mask)
