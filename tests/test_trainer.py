@@ -559,3 +559,52 @@ def test_generation_prompt_share_option_picks_the_prompt_that_often():
     for bad in (1.5, -0.1, True, "half"):
         with pytest.raises(ValueError, match="prompt_share must be a share"):
             GenerationStage(model, {"prompt_share": bad})
+
+
+def test_generation_code_loss_reads_the_dits_estimate_through_a_frozen_fitted_head():
+    """Option code_loss: a linear object-code read-out, fitted before training on the frozen encoder's tokens
+    (deterministic, frozen), applied to the DiT's clean estimate; its weighted code loss joins the flow loss."""
+    from blip3o.presets import get_preset
+    from blip3o.train.stages import CODE_WIDTH, GenerationStage, code_loss
+
+    nano = get_preset("nano")
+    cfg = dataclasses.replace(nano, clip_encoder=dataclasses.replace(nano.clip_encoder, token_dim=32, depth=2),
+                              dit=dataclasses.replace(nano.dit, num_layers=1))
+    torch.manual_seed(0)
+    model = Blip3o(cfg)
+    items = shapes_items(48)
+    stage = GenerationStage(model, {"code_loss": 0.5})
+    stage.prepare(items)
+    head = stage.code_head
+    assert (head.in_features, head.out_features) == (32, CODE_WIDTH) and not head.weight.requires_grad
+    again = GenerationStage(model, {"code_loss": 0.5})
+    again.prepare(items)
+    torch.testing.assert_close(again.code_head.weight, head.weight)  # the same data fits the same head
+    batch = stage.collate(items[:8], list(range(8)), 0, torch.device("cpu"))
+    with torch.no_grad():  # the fit learned something: better than the untrained start of the fit
+        tokens = model.clip_encoder.encode(batch["pixels"])
+        start = torch.nn.Linear(32, CODE_WIDTH)
+        torch.nn.init.normal_(start.weight, std=0.01)
+        torch.nn.init.zeros_(start.bias)
+        assert code_loss(head(tokens), batch["codes"]) < 0.5 * code_loss(start(tokens), batch["codes"])
+    names = [n for n, _ in stage.trainable(model)]
+    assert not any("code_head" in n for n in names)
+    torch.nn.init.normal_(model.dit.norm_out.linear_2.weight, std=0.02)  # a DiT whose output moves
+    plain = GenerationStage(model, {})
+    with torch.no_grad():
+        x_0 = model.clip_encoder.encode(batch["pixels"])
+        from blip3o.flow import sample_path
+
+        path = sample_path(x_0, batch["x_1"], batch["t"])
+        flow, estimate = model.dit.loss(path, model.condition(batch["prompts"]) * batch["keep"].view(-1, 1, 1),
+                                        batch["self_condition"], with_estimate=True)
+        expected = flow + 0.5 * code_loss(head(estimate), batch["codes"])
+        torch.testing.assert_close(stage.loss(batch), expected)
+        torch.testing.assert_close(plain.loss({k: v for k, v in batch.items() if k != "codes"}), flow)
+    stage.loss(batch).backward()
+    assert model.queries.grad is not None and model.dit.norm_out.linear_2.weight.grad.abs().sum() > 0
+    for bad in (-1.0, True, "much"):
+        with pytest.raises(ValueError, match="code_loss must be a weight >= 0"):
+            GenerationStage(model, {"code_loss": bad})
+    with pytest.raises(ValueError, match="code_loss needs Shapes scenes"):
+        GenerationStage(model, {"code_loss": 0.5}).prepare(DATA)

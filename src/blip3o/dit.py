@@ -625,12 +625,14 @@ class DiT(nn.Module):
             raise ValueError(f"t {tuple(t.shape)} and cond batch {cond.shape[0]} must match x_t batch {b}")
         return self.velocity(x_t, t, self.prepare_condition(cond, cond_mask))
 
-    def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None, *,
+             with_estimate: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training loss at a path sample, in fp32: the network's own output against its target (the
         velocity; x_0 with `prediction="sample"`; F's unit-variance target with "preconditioned").
 
         self_condition (B,) bool, for a self-conditioned DiT: the samples that read the clean estimate of a
         first, gradient-free pass (the others read zeros, as the first sampling step does). None: all zeros.
+        with_estimate: also return the clean estimate x_0 (B, N, C) in model space, with its graph.
         """
         kind = self.config.prediction
         pre = Preconditioning(path.t, self.config.data_std) if kind == "preconditioned" else None
@@ -643,6 +645,8 @@ class DiT(nn.Module):
                 previous = estimate * self_condition.view(-1, 1, 1).to(estimate.dtype)
         out = self.predict(path.x_t, path.t, prepared, pre, previous)
         if kind == "velocity":
-            return flow_matching_loss(out, path)
-        target = path.x_0.float() if pre is None else pre.target(path.x_t, path.x_0)
-        return torch.mean((out.float() - target) ** 2)
+            loss = flow_matching_loss(out, path)
+        else:
+            target = path.x_0.float() if pre is None else pre.target(path.x_t, path.x_0)
+            loss = torch.mean((out.float() - target) ** 2)
+        return (loss, self.clean_estimate(path.x_t, path.t, out, pre)) if with_estimate else loss

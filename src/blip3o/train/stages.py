@@ -137,6 +137,14 @@ class GenerationStage(Stage):
     Stage option `self_condition_rate` (default 0.5), for a DiT built with `self_condition=True`: the share
     of path samples that read the DiT's own clean estimate from a first, gradient-free pass (the rest read
     zeros, as the first sampling step does).
+
+    Stage option `code_loss` = w (default 0; Shapes scenes): w times the object-code loss (`code_loss`: each
+    cell's shape or none, each centre's colour, size and offset) of a frozen linear read-out applied to the
+    DiT's clean estimate. Which named object sits where is worth little of the token MSE while the layout
+    is still uncertain (for two-object prompts the order of the names explains 0.5% of the token variance,
+    docs/training.md, session 12); cross-entropy on the read-out weighs a cell's shape as much as its
+    presence. The read-out is fitted once, before training, on the frozen encoder's tokens of the first
+    CODE_FIT_IMAGES samples (deterministic: every rank and a resumed run fit the same one).
     """
 
     name, trains = "generation", ("queries", "dit")
@@ -145,8 +153,18 @@ class GenerationStage(Stage):
         super().__init__(model, options)
         self.draws = int_option(self.options, "draws", 1, minimum=1)
         self.prompt_share = share_option(self.options, "prompt_share")
+        self.code_weight = self.options.get("code_loss", 0.0)
+        if isinstance(self.code_weight, bool) or not isinstance(self.code_weight, (int, float)) \
+                or not self.code_weight >= 0:
+            raise ValueError(f"stage option code_loss must be a weight >= 0, got {self.code_weight!r}")
+        self.code_head: nn.Linear | None = None
 
     def prepare(self, dataset) -> None:
+        self.fit_whitening(dataset)
+        if self.code_weight > 0:
+            self.code_head = fit_code_head(self.model, dataset)
+
+    def fit_whitening(self, dataset) -> None:
         """Fit the DiT's token whitening (DiTConfig.token_whitening) on the frozen encoder's tokens of the
         first WHITENING_IMAGES samples, unless the DiT already carries a fitted one. Deterministic, so every
         rank, and a resumed run, fits the same transform."""
@@ -172,7 +190,8 @@ class GenerationStage(Stage):
             keep.append(torch.rand(k, generator=g) >= self.options.get("condition_drop", 0.1))
             # drawn after the others, so runs without self-conditioning draw exactly as before
             self_cond.append(torch.rand(k, generator=g) < self.options.get("self_condition_rate", 0.5))
-        return {
+        codes = {"codes": torch.stack([object_codes_of(it) for it in items]).to(device)} if self.code_head else {}
+        return codes | {
             "prompts": prompts,
             "pixels": pil_to_tensor([it["image"] for it in items]).to(device),
             "x_1": torch.cat(x_1).to(device),  # (B K, 64, C), a sample's K draws consecutive
@@ -188,7 +207,42 @@ class GenerationStage(Stage):
         cond = model.condition(batch["prompts"])  # (B, 64, H), gradients reach the queries
         cond = cond.repeat_interleave(self.draws, 0) * batch["keep"].view(-1, 1, 1).to(cond.dtype)
         path = sample_path(x_0, batch["x_1"].to(x_0.dtype), batch["t"])
-        return model.dit.loss(path, cond, batch["self_condition"])
+        if self.code_head is None:
+            return model.dit.loss(path, cond, batch["self_condition"])
+        loss, estimate = model.dit.loss(path, cond, batch["self_condition"], with_estimate=True)
+        read = self.code_head(model.dit.to_tokens(estimate).float())  # (B K, 64, CODE_WIDTH)
+        return loss + self.code_weight * code_loss(read, batch["codes"].repeat_interleave(self.draws, 0))
+
+
+CODE_FIT_IMAGES, CODE_FIT_STEPS = 2048, 300  # the generation stage's frozen object-code read-out (`code_loss`)
+
+
+def fit_code_head(model: Blip3o, dataset) -> nn.Linear:
+    """A linear read-out of the object codes (`code_loss`) from the frozen encoder's tokens of the first
+    CODE_FIT_IMAGES samples: full-batch Adam from a seeded start, so the same data gives the same head.
+    Frozen (no gradient to its weights; the DiT's estimate gets one through it)."""
+    n = min(len(dataset), CODE_FIT_IMAGES)
+    tokens, codes = [], []
+    with torch.no_grad():
+        for start in range(0, n, 128):
+            items = [dataset[i] for i in range(start, min(n, start + 128))]
+            tokens.append(model.clip_encoder.encode(pil_to_tensor([it["image"] for it in items]).to(model.device)))
+            codes.append(torch.stack([object_codes_of(it) for it in items]))
+    tokens, codes = torch.cat(tokens).float(), torch.cat(codes).to(model.device)
+    if not bool((codes[..., 0] >= 0).any()):
+        raise ValueError("stage option code_loss needs Shapes scenes (json `scene`); the data has none")
+    head = nn.Linear(tokens.shape[-1], CODE_WIDTH).to(model.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+    opt = torch.optim.Adam(head.parameters(), lr=0.03)
+    with torch.enable_grad():
+        for _ in range(CODE_FIT_STEPS):
+            opt.zero_grad()
+            code_loss(head(tokens), codes).backward()
+            opt.step()
+    return head.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- decoder
