@@ -171,13 +171,7 @@ class GenerationStage(Stage):
         white = self.model.dit.token_whitening
         if white is None or white.is_fitted:
             return
-        n = min(len(dataset), WHITENING_IMAGES)
-        encoder, tokens = self.model.clip_encoder, []
-        with torch.no_grad():
-            for start in range(0, n, 128):
-                images = [dataset[i]["image"] for i in range(start, min(n, start + 128))]
-                tokens.append(encoder.encode(pil_to_tensor(images).to(self.model.device)).float())
-        white.fit(torch.cat(tokens))
+        white.fit(encode_first(self.model, dataset, WHITENING_IMAGES)[0])
 
     def collate(self, items, indices, seed, device):
         c, k = self.model.config.dit, self.draws
@@ -190,7 +184,9 @@ class GenerationStage(Stage):
             keep.append(torch.rand(k, generator=g) >= self.options.get("condition_drop", 0.1))
             # drawn after the others, so runs without self-conditioning draw exactly as before
             self_cond.append(torch.rand(k, generator=g) < self.options.get("self_condition_rate", 0.5))
-        codes = {"codes": torch.stack([object_codes_of(it) for it in items]).to(device)} if self.code_head else {}
+        codes = {}
+        if self.code_head is not None:  # the read-out's targets
+            codes["codes"] = torch.stack([object_codes_of(it) for it in items]).to(device)  # (B, 64, 7)
         return codes | {
             "prompts": prompts,
             "pixels": pil_to_tensor([it["image"] for it in items]).to(device),
@@ -214,6 +210,16 @@ class GenerationStage(Stage):
         return loss + self.code_weight * code_loss(read, batch["codes"].repeat_interleave(self.draws, 0))
 
 
+def encode_first(model: Blip3o, dataset, n: int) -> tuple[torch.Tensor, list[dict]]:
+    """The frozen encoder's tokens (fp32) of the first n samples (fewer if the dataset is smaller), in
+    chunks of 128, and those samples."""
+    items = [dataset[i] for i in range(min(len(dataset), n))]
+    with torch.no_grad():
+        tokens = [model.clip_encoder.encode(pil_to_tensor([it["image"] for it in items[s:s + 128]]).to(model.device))
+                  for s in range(0, len(items), 128)]
+    return torch.cat(tokens).float(), items
+
+
 CODE_FIT_IMAGES, CODE_FIT_STEPS = 2048, 300  # the generation stage's frozen object-code read-out (`code_loss`)
 
 
@@ -221,14 +227,8 @@ def fit_code_head(model: Blip3o, dataset) -> nn.Linear:
     """A linear read-out of the object codes (`code_loss`) from the frozen encoder's tokens of the first
     CODE_FIT_IMAGES samples: full-batch Adam from a seeded start, so the same data gives the same head.
     Frozen (no gradient to its weights; the DiT's estimate gets one through it)."""
-    n = min(len(dataset), CODE_FIT_IMAGES)
-    tokens, codes = [], []
-    with torch.no_grad():
-        for start in range(0, n, 128):
-            items = [dataset[i] for i in range(start, min(n, start + 128))]
-            tokens.append(model.clip_encoder.encode(pil_to_tensor([it["image"] for it in items]).to(model.device)))
-            codes.append(torch.stack([object_codes_of(it) for it in items]))
-    tokens, codes = torch.cat(tokens).float(), torch.cat(codes).to(model.device)
+    tokens, items = encode_first(model, dataset, CODE_FIT_IMAGES)
+    codes = torch.stack([object_codes_of(it) for it in items]).to(model.device)
     if not bool((codes[..., 0] >= 0).any()):
         raise ValueError("stage option code_loss needs Shapes scenes (json `scene`); the data has none")
     head = nn.Linear(tokens.shape[-1], CODE_WIDTH).to(model.device)
