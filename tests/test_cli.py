@@ -177,6 +177,8 @@ def test_bad_input_exits_2_with_a_message(checkpoint, image_path, tmp_path, caps
           "prompt_first must be a share in [0, 1]")
     fails(["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4", "--ordered", "1.5"],
           "ordered must be a share in [0, 1]")
+    fails(["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4", "--canonical", "-1"],
+          "canonical must be a share")
 
 
 def test_runtime_failure_exits_1(monkeypatch, capsys):

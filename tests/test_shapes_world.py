@@ -641,6 +641,64 @@ def test_write_shards_ordered_share(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_canonical_scenes_centre_each_named_object_in_its_cell():
+    """`canonical`: each named object's centre lies in the cell its name and order give, within the jitter;
+    the scene holds exactly those objects, satisfies the prompt, and the detector reads it back."""
+    from blip3o.shapes.prompts import SLOT_JITTER, canonical_cells, canonical_scene
+
+    rng = random.Random(4)
+    for _ in range(100):
+        for tag in TAGS:
+            prompt = sample_prompt(rng, tag)
+            req = prompt.requirement
+            scene = canonical_scene(prompt, rng)
+            objs = scene.objects
+            assert not scene_errors(scene) and check(prompt, objs)
+            assert check(prompt, detect(render(scene, rng)))
+            cells = canonical_cells(req)
+            assert len(objs) == len(cells) == sum(g.count for g in req.groups)
+            named = [g for g in req.groups for _ in range(g.count)]
+            for o, g, (col, row) in zip(objs, named, cells, strict=True):
+                assert o.shape == g.shape and (g.color is None or o.color == g.color)
+                assert (int(o.cx // 8), int(o.cy // 8)) == (col, row), (prompt.text, scene)
+                assert abs(o.cx - (8 * col + 4)) <= SLOT_JITTER + 0.5 and abs(o.cy - (8 * row + 4)) <= SLOT_JITTER + 0.5
+            if tag == "position":  # the relation's first object sits where the relation names, in the middle row/column
+                (rel,) = req.relations
+                first, second = objs
+                axis = "cx" if rel.rel in ("left of", "right of") else "cy"
+                low_first = rel.rel in ("left of", "above")
+                assert (getattr(first, axis) < getattr(second, axis)) == low_first
+    # the cells, by hand: two objects left and right, a relation by its word, the first named first
+    assert canonical_cells(parse_description("a red circle and a blue square")) == [(2, 4), (5, 4)]
+    assert canonical_cells(parse_description("a circle below a square")) == [(4, 5), (4, 2)]
+    assert canonical_cells(parse_description("four crosses")) == [(2, 2), (5, 2), (2, 5), (5, 5)]
+    with pytest.raises(ValueError, match="one relation between two single objects"):
+        canonical_cells(parse_description("a red circle left of two blue squares"))
+
+
+def test_write_shards_canonical_share(tmp_path):
+    """`--canonical 1` lays every prompt scene out in its cells and marks it; a sample the option leaves alone
+    is exactly the one written without it; canonical and ordered share the prompt scenes."""
+    from blip3o.shapes.prompts import canonical_cells
+
+    write_shards(tmp_path / "can", 30, seed=5, shard_size=30, prompt_first=1.0, canonical=1.0)
+    for _, meta in iter_samples(tmp_path / "can"):
+        objs = Scene.from_dict(meta["scene"]).objects
+        assert meta["canonical"] is True and "ordered" not in meta
+        cells = canonical_cells(parse_description(meta["prompt"]["prompt"]))
+        assert [(int(o.cx // 8), int(o.cy // 8)) for o in objs] == cells
+    mixed = [make_sample(5, i, prompt_first=1.0, ordered=0.4, canonical=0.4)[1] for i in range(150)]
+    n_can, n_ord = sum(m.get("canonical", False) for m in mixed), sum(m.get("ordered", False) for m in mixed)
+    assert 35 <= n_can <= 85 and 35 <= n_ord <= 85
+    assert not any(m.get("canonical") and m.get("ordered") for m in mixed)
+    for i, meta in enumerate(mixed):  # neither: the sample written without either option
+        if not meta.get("canonical") and not meta.get("ordered"):
+            assert meta == make_sample(5, i, prompt_first=1.0)[1]
+    with pytest.raises(ValueError, match="canonical must be a share"):
+        write_shards(tmp_path / "bad", 4, seed=5, ordered=0.6, canonical=0.5)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_locate_questions_name_one_object_and_its_third_of_the_image():
     from blip3o.shapes.questions import locate_questions, where
 

@@ -399,7 +399,7 @@ def cmd_data(args) -> int:
     from blip3o.shapes import write_shards
 
     paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, prompt_first=args.prompt_first,
-                         ordered=args.ordered)
+                         ordered=args.ordered, canonical=args.canonical)
     print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
     return EXIT_OK
 
@@ -537,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ordered", type=float, default=0.0,
                    help="share of those prompt scenes laid out in the prompt's ordered layout (one region per "
                         "named object, in the order named; a relation's objects in the halves it names)")
+    p.add_argument("--canonical", type=float, default=0.0,
+                   help="share of those prompt scenes with each named object centred in its canonical cell (a few "
+                        "px of jitter): the text decides the layout (at most 1 - --ordered)")
 
     p = add("train", cmd_train, "train: `nano` runs the whole recipe (data + 4 stages); a stage name runs one "
                                 "stage from --config", model=False)

@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from .prompts import describe, prompts_from_scene, sample_prompt, scene_for
+from .prompts import canonical_scene, describe, prompts_from_scene, sample_prompt, scene_for
 from .questions import questions_for_scene
 from .render import choose_rasteriser, render
 from .world import sample_scene
@@ -40,18 +40,26 @@ PROMPT_FIRST = 0.5  # share of samples whose scene is drawn for a random prompt
 
 
 def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
-                ordered: float = 0.0) -> tuple[Image.Image, dict]:
+                ordered: float = 0.0, canonical: float = 0.0) -> tuple[Image.Image, dict]:
     """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict).
 
     `prompt_first` is the chance that the scene is drawn for a random prompt (0: always a random
-    scene of 1 to 4 objects, as the evaluation's questions use). `ordered` is the chance that such a
-    scene follows the prompt's ordered layout (`follows_layout`; recorded as meta["ordered"]).
+    scene of 1 to 4 objects, as the evaluation's questions use). `canonical` is the chance that such a
+    scene puts each named object in its canonical cell (`canonical_scene`; meta["canonical"]), `ordered` the
+    chance that it follows the prompt's ordered layout instead (`follows_layout`; meta["ordered"]).
     """
     rng = random.Random(f"shapes-{seed}-{index}")  # str seeds hash with sha512: stable across runs
     prompt = sample_prompt(rng) if rng.random() < prompt_first else None
-    # a stream of its own, so that data written without `ordered` is unchanged
-    in_order = prompt is not None and ordered > 0 and random.Random(f"shapes-{seed}-{index}-layout").random() < ordered
-    scene = scene_for(prompt, rng, extras=False, ordered=in_order) if prompt else sample_scene(rng)
+    # a stream of its own, so that data written without `ordered` or `canonical` is unchanged
+    layout = random.Random(f"shapes-{seed}-{index}-layout").random() if prompt is not None else 1.0
+    in_canonical = canonical > 0 and layout < canonical
+    in_order = not in_canonical and ordered > 0 and layout < canonical + ordered
+    if prompt is None:
+        scene = sample_scene(rng)
+    elif in_canonical:
+        scene = canonical_scene(prompt, rng)
+    else:
+        scene = scene_for(prompt, rng, extras=False, ordered=in_order)
     rasteriser = choose_rasteriser(rng)
     questions = questions_for_scene(scene, rng)
     meta = {
@@ -64,16 +72,19 @@ def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
     }
     if in_order:
         meta["ordered"] = True
+    if in_canonical:
+        meta["canonical"] = True
     return render(scene, rasteriser=rasteriser), meta
 
 
 def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: int = 1000,
-                 prompt_first: float = PROMPT_FIRST, ordered: float = 0.0) -> list[Path]:
+                 prompt_first: float = PROMPT_FIRST, ordered: float = 0.0, canonical: float = 0.0) -> list[Path]:
     """Write `num` samples as `shapes-000000.tar`, ... in `out_dir`; returns the shard paths.
 
     `prompt_first` is make_sample's share of scenes drawn for a prompt (1.0: every sample pairs a GenEval
     prompt with a scene it describes whole, e.g. for a generation stage that oversamples the prompts);
-    `ordered` the share of those scenes laid out in the prompt's ordered layout (make_sample).
+    `ordered` the share of those scenes laid out in the prompt's ordered layout and `canonical` the share laid
+    out in its canonical cells (make_sample; together at most 1).
     Each shard is written to a temporary name and renamed, so a reader never sees half a shard.
     """
     if num < 1 or shard_size < 1:
@@ -82,6 +93,8 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
         raise ValueError(f"prompt_first must be a share in [0, 1], got {prompt_first!r}")
     if not 0.0 <= ordered <= 1.0:
         raise ValueError(f"ordered must be a share in [0, 1], got {ordered!r}")
+    if not 0.0 <= canonical <= 1.0 - ordered:
+        raise ValueError(f"canonical must be a share in [0, 1 - ordered] = [0, {1.0 - ordered:g}], got {canonical!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -90,7 +103,7 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, min(start + shard_size, num)):
-                image, meta = make_sample(seed, index, prompt_first, ordered)
+                image, meta = make_sample(seed, index, prompt_first, ordered, canonical)
                 png = io.BytesIO()
                 image.save(png, format="PNG")
                 key = f"{index:09d}"

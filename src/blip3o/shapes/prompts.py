@@ -32,11 +32,14 @@ from .world import (
     COLORS,
     IMAGE_SIZE,
     MAX_OBJECTS,
+    MAX_SIZE,
+    MIN_SIZE,
     NUMBER_WORDS,
     POSITION_MARGIN,
     RELATIONS,
     SHAPES,
     Located,
+    Obj,
     ObjSpec,
     Scene,
     plural,
@@ -44,6 +47,7 @@ from .world import (
     relation_holds,
     relation_margin,
     sample_scene,
+    scene_errors,
 )
 
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -230,6 +234,67 @@ def scene_for(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 1
                 and (not ordered or follows_layout(req, scene.objects)))
 
     return sample_scene(rng, n, objects=needed, where=ok, max_tries=max_tries)
+
+
+# Canonical layouts (training data, `canonical`): the cells (column, row) of the 8 x 8 token grid, 8 px each,
+# that hold the named objects' box centres, by how many objects the prompt names (in the order named), or by
+# the relation (first object, second object). Centres move by up to SLOT_JITTER px and stay in their cell.
+SLOTS: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((4, 4),),
+    2: ((2, 4), (5, 4)),
+    3: ((2, 2), (5, 2), (4, 5)),
+    4: ((2, 2), (5, 2), (2, 5), (5, 5)),
+}
+RELATION_SLOTS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "left of": ((2, 4), (5, 4)),
+    "right of": ((5, 4), (2, 4)),
+    "above": ((4, 2), (4, 5)),
+    "below": ((4, 5), (4, 2)),
+}
+SLOT_JITTER = 3
+CELL = IMAGE_SIZE // 8
+
+
+def canonical_cells(spec: Requirement | Prompt) -> list[tuple[int, int]]:
+    """The cell of each named object's centre in the canonical layout, objects in the order named (a group
+    of k objects: k consecutive entries)."""
+    req = spec.requirement if isinstance(spec, Prompt) else spec
+    total = sum(g.count for g in req.groups)
+    if not req.relations:
+        if not 1 <= total <= MAX_OBJECTS:
+            raise ValueError(f"a canonical layout holds 1 to {MAX_OBJECTS} named objects, got {total}")
+        return list(SLOTS[total])
+    if len(req.relations) != 1 or len(req.groups) != 2 or total != 2:
+        raise ValueError("a canonical layout knows one relation between two single objects (the position "
+                         f"prompts), got {len(req.relations)} relation(s) over {total} objects")
+    r = req.relations[0]
+    first, second = RELATION_SLOTS[r.rel]
+    return [first, second] if (r.a, r.b) == (0, 1) else [second, first]
+
+
+def canonical_scene(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 1000) -> Scene:
+    """A scene holding exactly the objects `spec` names, each centred in its canonical cell (`canonical_cells`)
+    up to SLOT_JITTER px, with random sizes (and random shape or colour where the spec leaves them open).
+
+    Random layouts leave a generator to spread every object over all the places it might take, so the
+    token loss pays little for which named object goes where (docs/training.md, session 12); here the text
+    decides the layout up to a few pixels, so the place of each object follows from its name and order.
+    """
+    req = spec.requirement if isinstance(spec, Prompt) else spec
+    named = [g for g in req.groups for _ in range(g.count)]
+    cells = canonical_cells(req)
+    for _ in range(max_tries):
+        objects = []
+        for group, (col, row) in zip(named, cells, strict=True):
+            size = rng.randint(MIN_SIZE, MAX_SIZE)
+            cx = CELL * col + CELL // 2 + rng.randint(-SLOT_JITTER, SLOT_JITTER)
+            cy = CELL * row + CELL // 2 + rng.randint(-SLOT_JITTER, SLOT_JITTER)
+            objects.append(Obj(group.shape or rng.choice(SHAPES), group.color or rng.choice(COLORS),
+                               cx - size // 2, cy - size // 2, size))
+        scene = Scene(tuple(objects))
+        if not scene_errors(scene) and check(req, objects) and (not req.relations or position_safe(objects)):
+            return scene
+    raise RuntimeError(f"no canonical scene for {spec!r} in {max_tries} tries")
 
 
 def layout_region(obj: Located, n: int) -> int:
