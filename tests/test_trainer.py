@@ -150,12 +150,13 @@ def test_clip_object_codes_read_each_object_from_the_token_of_its_centre(tmp_pat
     before = read_out_error()
     trainer.fit()
     assert read_out_error() < 0.6 * before
-    with pytest.raises(ValueError, match="object_codes must be >= 0"):
-        ClipStage(trainer.model, {"object_codes": -1})
+    for bad in (-1, "4", True, float("nan")):
+        with pytest.raises(ValueError, match="object_codes must be a weight >= 0"):
+            ClipStage(trainer.model, {"object_codes": bad})
 
 
 def test_clip_patch_reconstruction_rejects_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match="patch_reconstruction must be >= 0"):
+    with pytest.raises(ValueError, match="patch_reconstruction must be a weight >= 0"):
         Trainer(config(tmp_path, "clip", init="nano", stage_options={"patch_reconstruction": -1}), DATA)
     from blip3o.train.stages import ClipStage
 

@@ -1,11 +1,12 @@
 """Which condition path the DiT reads: its clean-token error on real prompt scenes with the full condition,
 with the cross-attention shut (gates at 0), with the pooled caption (adaLN) taken from the empty condition,
 and with the prompt's two objects named in the other order.
-usage: paths.py MODEL [N] [TAG]; env ORDERED=1 draws ordered scenes (blip3o data shapes --ordered)"""
+usage: paths.py MODEL [N] [TAG]; env ORDERED=1 draws ordered scenes (blip3o data shapes --ordered), CANONICAL=1
+canonical ones (--canonical)"""
 import os, random, sys, torch
 from blip3o import Blip3o
 from blip3o.images import pil_to_tensor
-from blip3o.shapes import render, sample_prompt, scene_for
+from blip3o.shapes import canonical_scene, render, sample_prompt, scene_for
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 path = sys.argv[1]
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 64
@@ -19,7 +20,10 @@ for _ in range(n):
     g = p.requirement.groups
     prompts.append(p.text)
     swapped.append(p.text.replace(g[0].shape, "@").replace(g[1].shape, g[0].shape).replace("@", g[1].shape))
-    images.append(render(scene_for(p, rng, extras=False, ordered=os.environ.get("ORDERED") == "1"), rng))
+    if os.environ.get("CANONICAL") == "1":
+        images.append(render(canonical_scene(p, rng), rng))
+    else:
+        images.append(render(scene_for(p, rng, extras=False, ordered=os.environ.get("ORDERED") == "1"), rng))
 with torch.no_grad():
     x0 = dit.to_model_space(m.clip_encoder.encode(pil_to_tensor(images)))
     cond, cswap = m.condition(prompts), m.condition(swapped)

@@ -63,6 +63,14 @@ def share_option(options: dict, name: str) -> float | None:
     return float(value)
 
 
+def weight_option(options: dict, name: str) -> float:
+    """A stage option that must be a loss weight >= 0 (bools and NaN are refused); 0 when absent."""
+    value = options.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"stage option {name} must be a weight >= 0, got {value!r}")
+    return float(value)
+
+
 class Stage:
     name = ""
     trains: tuple[str, ...] = ()  # attributes of Blip3o this stage trains
@@ -153,10 +161,7 @@ class GenerationStage(Stage):
         super().__init__(model, options)
         self.draws = int_option(self.options, "draws", 1, minimum=1)
         self.prompt_share = share_option(self.options, "prompt_share")
-        self.code_weight = self.options.get("code_loss", 0.0)
-        if isinstance(self.code_weight, bool) or not isinstance(self.code_weight, (int, float)) \
-                or not self.code_weight >= 0:
-            raise ValueError(f"stage option code_loss must be a weight >= 0, got {self.code_weight!r}")
+        self.code_weight = weight_option(self.options, "code_loss")
         self.code_head: nn.Linear | None = None
 
     def prepare(self, dataset) -> None:
@@ -535,9 +540,7 @@ class ClipStage(Stage):
     def __init__(self, model, options):
         super().__init__(model, options)
         enc = model.clip_encoder.config
-        self.reconstruction = float(options.get("patch_reconstruction", 0.0))
-        if self.reconstruction < 0:
-            raise ValueError(f"patch_reconstruction must be >= 0, got {self.reconstruction}")
+        self.reconstruction = weight_option(options, "patch_reconstruction")
         if self.reconstruction and not hasattr(model.clip_encoder, "patches"):
             raise ValueError("patch_reconstruction needs an encoder with a patch grid of its own (the Shapes "
                              f"encoder), not {type(model.clip_encoder).__name__}")
@@ -546,9 +549,7 @@ class ClipStage(Stage):
         # SigLIP's initialisation: t = log 10, b = -10
         self.logit_scale = nn.Parameter(torch.tensor(2.302585, device=model.device))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0, device=model.device))
-        self.codes = float(options.get("object_codes", 0.0))
-        if self.codes < 0:
-            raise ValueError(f"object_codes must be >= 0, got {self.codes}")
+        self.codes = weight_option(options, "object_codes")
         width = model.clip_encoder.width  # the tokens' width
         self.patch_head = self.code_head = None
         if self.reconstruction:
