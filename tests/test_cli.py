@@ -179,6 +179,10 @@ def test_bad_input_exits_2_with_a_message(checkpoint, image_path, tmp_path, caps
           "ordered must be a share in [0, 1]")
     fails(["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4", "--canonical", "-1"],
           "canonical must be a share")
+    fails(["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4", "--tag-weights", "position"],
+          "expected FAMILY=WEIGHT pairs")
+    fails(["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4", "--tag-weights", "where=2"],
+          "unknown prompt family 'where'")
 
 
 def test_runtime_failure_exits_1(monkeypatch, capsys):

@@ -699,6 +699,22 @@ def test_write_shards_canonical_share(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_tag_weights_draw_the_families_unevenly(tmp_path):
+    """`tag_weights`: a family of weight 0 never appears, the others in proportion; data written without the
+    option is unchanged; bad weights are refused before anything is written."""
+    metas = [make_sample(3, i, prompt_first=1.0, tag_weights={"position": 3, "single_object": 0})[1]
+             for i in range(400)]
+    tags = Counter(m["prompt"]["tag"] for m in metas)
+    assert "single_object" not in tags and set(tags) == set(TAGS) - {"single_object"}
+    assert tags["position"] > 2 * max(tags[t] for t in tags if t != "position")  # 3 : 1 expected
+    assert make_sample(3, 5)[1] == make_sample(3, 5, tag_weights=None)[1]
+    for bad, message in (({"bogus": 1}, "unknown prompt family 'bogus'"), ({"position": -1}, "must be a number >= 0"),
+                         (dict.fromkeys(TAGS, 0), "all zero")):
+        with pytest.raises(ValueError, match=message):
+            write_shards(tmp_path / "bad", 4, seed=5, tag_weights=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_locate_questions_name_one_object_and_its_third_of_the_image():
     from blip3o.shapes.questions import locate_questions, where
 

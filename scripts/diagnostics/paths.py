@@ -19,7 +19,8 @@ for _ in range(n):
     p = sample_prompt(rng, tag)
     g = p.requirement.groups
     prompts.append(p.text)
-    swapped.append(p.text.replace(g[0].shape, "@").replace(g[1].shape, g[0].shape).replace("@", g[1].shape))
+    items = [f"{x.color} {x.shape}" if x.color else x.shape for x in g[:2]]  # the two named objects, whole
+    swapped.append(p.text.replace(items[0], "@").replace(items[1], items[0]).replace("@", items[1]))
     if os.environ.get("CANONICAL") == "1":
         images.append(render(canonical_scene(p, rng), rng))
     else:

@@ -4,14 +4,15 @@ second on the right, with the frozen backbone's conditions computed once. It pri
 fresh scenes with the true prompt and with the two objects named in the other order (colours and shapes
 swapped together), every EVAL steps. If the swapped error never rises above the true one, the DiT cannot read
 the order even when it decides the target; if it rises, the real data's dilution is what hides the order.
-usage: toyorder.py MODEL STEPS [OUT]; env FIXED=1 (fixed centres (16, 32) and (48, 32), size 16: one target
+usage: toyorder.py MODEL STEPS; env CANON=1 (canonical scenes), MIX=1 (train on prompts of every family, canonical
+scenes; the test stays color_attr), FIXED=1 (fixed centres (16, 32) and (48, 32), size 16: one target
 per prompt), JITTER=k (centres moved by up to k px), THREADS, LR (1e-3), EVAL (250), SAVE (a path: the DiT's
 state_dict at the end)"""
 import itertools, os, random, sys, time, torch
 from blip3o import Blip3o
 from blip3o.flow import sample_path
 from blip3o.images import pil_to_tensor
-from blip3o.shapes import render
+from blip3o.shapes import canonical_scene, make_prompt, render, sample_prompt
 from blip3o.shapes.world import COLORS, SHAPES, Obj, Scene
 from blip3o.dit import DiT
 
@@ -19,6 +20,7 @@ torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 m = Blip3o.from_pretrained(sys.argv[1], dtype=torch.float32).eval().requires_grad_(False)
 steps, every = int(sys.argv[2]), int(os.environ.get("EVAL", "250"))
 fixed, jitter = os.environ.get("FIXED") == "1", int(os.environ.get("JITTER", "0"))
+canon, mix = os.environ.get("CANON") == "1", os.environ.get("MIX") == "1"
 pairs = [(c1, s1, c2, s2) for (c1, c2) in itertools.permutations(COLORS, 2)
          for (s1, s2) in itertools.permutations(SHAPES, 2)]
 text = lambda c1, s1, c2, s2: f"a photo of a {c1} {s1} and a {c2} {s2}"  # noqa: E731
@@ -30,6 +32,8 @@ with torch.no_grad():
 
 def scene(p, rng):
     c1, s1, c2, s2 = p
+    if canon:
+        return canonical_scene(make_prompt("color_attr", [s1, s2], [c1, c2]), rng)
     if fixed:
         dx = [rng.randint(-jitter, jitter) for _ in range(4)]
         return Scene((Obj(s1, c1, 8 + dx[0], 24 + dx[1], 16), Obj(s2, c2, 40 + dx[2], 24 + dx[3], 16)))
@@ -73,8 +77,15 @@ def evaluate(step):
 
 start = time.time()
 for step in range(1, steps + 1):
-    idx, x0 = batch(32, rng)
-    c = cond[idx] * (torch.rand(32, generator=g) >= 0.1).view(-1, 1, 1).float()
+    if mix:  # prompts of every family, canonical scenes, conditions computed per batch
+        ps = [sample_prompt(rng) for _ in range(32)]
+        with torch.no_grad():
+            x0 = m.dit.to_model_space(m.clip_encoder.encode(pil_to_tensor([render(canonical_scene(p, rng), rng) for p in ps])))
+            c = m.condition([p.text for p in ps])
+    else:
+        idx, x0 = batch(32, rng)
+        c = cond[idx]
+    c = c * (torch.rand(32, generator=g) >= 0.1).view(-1, 1, 1).float()
     lr = float(os.environ.get("LR", "1e-3")) * min(1.0, step / 100)
     for group in opt.param_groups:
         group["lr"] = lr

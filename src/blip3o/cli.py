@@ -395,11 +395,25 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
+def tag_weights_arg(text: str) -> dict[str, float]:
+    """`position=3,color_attr=2` -> {"position": 3.0, "color_attr": 2.0} (argparse type of --tag-weights)."""
+    weights = {}
+    for part in text.split(","):
+        tag, sep, value = part.partition("=")
+        try:
+            weights[tag.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected FAMILY=WEIGHT pairs separated by commas, got {part!r}")
+    return weights
+
+
 def cmd_data(args) -> int:
     from blip3o.shapes import write_shards
 
     paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, prompt_first=args.prompt_first,
-                         ordered=args.ordered, canonical=args.canonical)
+                         ordered=args.ordered, canonical=args.canonical, tag_weights=args.tag_weights)
     print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
     return EXIT_OK
 
@@ -540,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canonical", type=float, default=0.0,
                    help="share of those prompt scenes with each named object centred in its canonical cell (a few "
                         "px of jitter): the text decides the layout (at most 1 - --ordered)")
+    p.add_argument("--tag-weights", type=tag_weights_arg, default=None, metavar="FAMILY=W,...",
+                   help="how often each prompt family is drawn, e.g. position=3,color_attr=3 (unnamed families 1)")
 
     p = add("train", cmd_train, "train: `nano` runs the whole recipe (data + 4 stages); a stage name runs one "
                                 "stage from --config", model=False)

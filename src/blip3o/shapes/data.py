@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from .prompts import canonical_scene, describe, prompts_from_scene, sample_prompt, scene_for
+from .prompts import TAGS, canonical_scene, describe, prompts_from_scene, sample_prompt, scene_for
 from .questions import questions_for_scene
 from .render import choose_rasteriser, render
 from .world import sample_scene
@@ -39,17 +39,39 @@ MAX_ERRORS_KEPT = 20  # ReadStats keeps the first messages only
 PROMPT_FIRST = 0.5  # share of samples whose scene is drawn for a random prompt
 
 
+def tag_weights_of(weights: dict[str, float] | None) -> list[float] | None:
+    """The prompt families' weights in TAGS order (a family not named weighs 1); None for None. Refuses
+    unknown families and weights that are negative, not numbers, or all zero."""
+    if weights is None:
+        return None
+    unknown = sorted(set(weights) - set(TAGS))
+    if unknown:
+        raise ValueError(f"unknown prompt family {unknown[0]!r} in tag weights; expected some of {TAGS}")
+    for tag, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise ValueError(f"tag weight of {tag} must be a number >= 0, got {w!r}")
+    out = [float(weights.get(tag, 1.0)) for tag in TAGS]
+    if not any(out):
+        raise ValueError("tag weights are all zero: no prompt family left to draw")
+    return out
+
+
 def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
-                ordered: float = 0.0, canonical: float = 0.0) -> tuple[Image.Image, dict]:
+                ordered: float = 0.0, canonical: float = 0.0,
+                tag_weights: dict[str, float] | None = None) -> tuple[Image.Image, dict]:
     """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict).
 
     `prompt_first` is the chance that the scene is drawn for a random prompt (0: always a random
     scene of 1 to 4 objects, as the evaluation's questions use). `canonical` is the chance that such a
     scene puts each named object in its canonical cell (`canonical_scene`; meta["canonical"]), `ordered` the
     chance that it follows the prompt's ordered layout instead (`follows_layout`; meta["ordered"]).
+    `tag_weights` ({family: weight}, unnamed families 1) draws the prompt's family unevenly (default: evenly).
     """
+    weights = tag_weights_of(tag_weights)
     rng = random.Random(f"shapes-{seed}-{index}")  # str seeds hash with sha512: stable across runs
-    prompt = sample_prompt(rng) if rng.random() < prompt_first else None
+    prompt = None
+    if rng.random() < prompt_first:
+        prompt = sample_prompt(rng, None if weights is None else rng.choices(TAGS, weights)[0])
     # a stream of its own, so that data written without `ordered` or `canonical` is unchanged
     layout = random.Random(f"shapes-{seed}-{index}-layout").random() if prompt is not None else 1.0
     in_canonical = canonical > 0 and layout < canonical
@@ -78,13 +100,15 @@ def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
 
 
 def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: int = 1000,
-                 prompt_first: float = PROMPT_FIRST, ordered: float = 0.0, canonical: float = 0.0) -> list[Path]:
+                 prompt_first: float = PROMPT_FIRST, ordered: float = 0.0, canonical: float = 0.0,
+                 tag_weights: dict[str, float] | None = None) -> list[Path]:
     """Write `num` samples as `shapes-000000.tar`, ... in `out_dir`; returns the shard paths.
 
     `prompt_first` is make_sample's share of scenes drawn for a prompt (1.0: every sample pairs a GenEval
     prompt with a scene it describes whole, e.g. for a generation stage that oversamples the prompts);
     `ordered` the share of those scenes laid out in the prompt's ordered layout and `canonical` the share laid
-    out in its canonical cells (make_sample; together at most 1).
+    out in its canonical cells (make_sample; together at most 1); `tag_weights` how often each prompt family is
+    drawn (make_sample).
     Each shard is written to a temporary name and renamed, so a reader never sees half a shard.
     """
     if num < 1 or shard_size < 1:
@@ -95,6 +119,7 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
         raise ValueError(f"ordered must be a share in [0, 1], got {ordered!r}")
     if not 0.0 <= canonical <= 1.0 - ordered:
         raise ValueError(f"canonical must be a share in [0, 1 - ordered] = [0, {1.0 - ordered:g}], got {canonical!r}")
+    tag_weights_of(tag_weights)  # refused before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -103,7 +128,7 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, min(start + shard_size, num)):
-                image, meta = make_sample(seed, index, prompt_first, ordered, canonical)
+                image, meta = make_sample(seed, index, prompt_first, ordered, canonical, tag_weights)
                 png = io.BytesIO()
                 image.save(png, format="PNG")
                 key = f"{index:09d}"
