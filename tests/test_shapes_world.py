@@ -696,7 +696,14 @@ def test_write_shards_canonical_share(tmp_path):
             assert meta == make_sample(5, i, prompt_first=1.0)[1]
     with pytest.raises(ValueError, match="canonical must be a share"):
         write_shards(tmp_path / "bad", 4, seed=5, ordered=0.6, canonical=0.5)
+    with pytest.raises(ValueError, match="canonical jitter must be an integer in 0..3"):
+        write_shards(tmp_path / "bad", 4, seed=5, canonical=1.0, canonical_jitter=4)
     assert not (tmp_path / "bad").exists()
+    # jitter 0: every centre on its cell's middle (up to half a pixel for odd sizes), every object 16 px
+    write_shards(tmp_path / "still", 20, seed=5, shard_size=20, prompt_first=1.0, canonical=1.0, canonical_jitter=0)
+    for _, meta in iter_samples(tmp_path / "still"):
+        for o in Scene.from_dict(meta["scene"]).objects:
+            assert o.size == 16 and o.cx % 8 == 4 and o.cy % 8 == 4
 
 
 def test_tag_weights_draw_the_families_unevenly(tmp_path):

@@ -5,7 +5,7 @@ fresh scenes with the true prompt and with the two objects named in the other or
 swapped together), every EVAL steps. If the swapped error never rises above the true one, the DiT cannot read
 the order even when it decides the target; if it rises, the real data's dilution is what hides the order.
 usage: toyorder.py MODEL STEPS; env CANON=1 (canonical scenes), MIX=1 (train on prompts of every family, canonical
-scenes; the test stays color_attr), FIXED=1 (fixed centres (16, 32) and (48, 32), size 16: one target
+scenes; the test stays color_attr), CJ (their jitter, 3), FIXED=1 (fixed centres (16, 32) and (48, 32), size 16: one target
 per prompt), JITTER=k (centres moved by up to k px), THREADS, LR (1e-3), EVAL (250), SAVE (a path: the DiT's
 state_dict at the end)"""
 import itertools, os, random, sys, time, torch
@@ -21,6 +21,7 @@ m = Blip3o.from_pretrained(sys.argv[1], dtype=torch.float32).eval().requires_gra
 steps, every = int(sys.argv[2]), int(os.environ.get("EVAL", "250"))
 fixed, jitter = os.environ.get("FIXED") == "1", int(os.environ.get("JITTER", "0"))
 canon, mix = os.environ.get("CANON") == "1", os.environ.get("MIX") == "1"
+cj = int(os.environ.get("CJ", "3"))  # the canonical layouts' jitter
 pairs = [(c1, s1, c2, s2) for (c1, c2) in itertools.permutations(COLORS, 2)
          for (s1, s2) in itertools.permutations(SHAPES, 2)]
 text = lambda c1, s1, c2, s2: f"a photo of a {c1} {s1} and a {c2} {s2}"  # noqa: E731
@@ -33,7 +34,7 @@ with torch.no_grad():
 def scene(p, rng):
     c1, s1, c2, s2 = p
     if canon:
-        return canonical_scene(make_prompt("color_attr", [s1, s2], [c1, c2]), rng)
+        return canonical_scene(make_prompt("color_attr", [s1, s2], [c1, c2]), rng, jitter=cj)
     if fixed:
         dx = [rng.randint(-jitter, jitter) for _ in range(4)]
         return Scene((Obj(s1, c1, 8 + dx[0], 24 + dx[1], 16), Obj(s2, c2, 40 + dx[2], 24 + dx[3], 16)))
@@ -80,7 +81,7 @@ for step in range(1, steps + 1):
     if mix:  # prompts of every family, canonical scenes, conditions computed per batch
         ps = [sample_prompt(rng) for _ in range(32)]
         with torch.no_grad():
-            x0 = m.dit.to_model_space(m.clip_encoder.encode(pil_to_tensor([render(canonical_scene(p, rng), rng) for p in ps])))
+            x0 = m.dit.to_model_space(m.clip_encoder.encode(pil_to_tensor([render(canonical_scene(p, rng, jitter=cj), rng) for p in ps])))
             c = m.condition([p.text for p in ps])
     else:
         idx, x0 = batch(32, rng)

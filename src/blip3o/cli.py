@@ -413,7 +413,8 @@ def cmd_data(args) -> int:
     from blip3o.shapes import write_shards
 
     paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, prompt_first=args.prompt_first,
-                         ordered=args.ordered, canonical=args.canonical, tag_weights=args.tag_weights)
+                         ordered=args.ordered, canonical=args.canonical, tag_weights=args.tag_weights,
+                         canonical_jitter=args.canonical_jitter)
     print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
     return EXIT_OK
 
@@ -554,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canonical", type=float, default=0.0,
                    help="share of those prompt scenes with each named object centred in its canonical cell (a few "
                         "px of jitter): the text decides the layout (at most 1 - --ordered)")
+    p.add_argument("--canonical-jitter", type=int, default=3, metavar="J",
+                   help="canonical layouts move each centre by up to J px (0..3) and draw sizes in 16-2J..16+J")
     p.add_argument("--tag-weights", type=tag_weights_arg, default=None, metavar="FAMILY=W,...",
                    help="how often each prompt family is drawn, e.g. position=3,color_attr=3 (unnamed families 1)")
 

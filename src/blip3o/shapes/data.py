@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from .prompts import TAGS, canonical_scene, describe, prompts_from_scene, sample_prompt, scene_for
+from .prompts import SLOT_JITTER, TAGS, canonical_scene, describe, prompts_from_scene, sample_prompt, scene_for
 from .questions import questions_for_scene
 from .render import choose_rasteriser, render
 from .world import sample_scene
@@ -58,12 +58,14 @@ def tag_weights_of(weights: dict[str, float] | None) -> list[float] | None:
 
 def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
                 ordered: float = 0.0, canonical: float = 0.0,
-                tag_weights: dict[str, float] | None = None) -> tuple[Image.Image, dict]:
+                tag_weights: dict[str, float] | None = None,
+                canonical_jitter: int = SLOT_JITTER) -> tuple[Image.Image, dict]:
     """Sample `index` of the Shapes dataset for `seed`: (64x64 RGB image, metadata dict).
 
     `prompt_first` is the chance that the scene is drawn for a random prompt (0: always a random
     scene of 1 to 4 objects, as the evaluation's questions use). `canonical` is the chance that such a
-    scene puts each named object in its canonical cell (`canonical_scene`; meta["canonical"]), `ordered` the
+    scene puts each named object in its canonical cell, up to `canonical_jitter` px (`canonical_scene`;
+    meta["canonical"]), `ordered` the
     chance that it follows the prompt's ordered layout instead (`follows_layout`; meta["ordered"]).
     `tag_weights` ({family: weight}, unnamed families 1) draws the prompt's family unevenly (default: evenly).
     """
@@ -79,7 +81,7 @@ def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
     if prompt is None:
         scene = sample_scene(rng)
     elif in_canonical:
-        scene = canonical_scene(prompt, rng)
+        scene = canonical_scene(prompt, rng, jitter=canonical_jitter)
     else:
         scene = scene_for(prompt, rng, extras=False, ordered=in_order)
     rasteriser = choose_rasteriser(rng)
@@ -101,14 +103,14 @@ def make_sample(seed: int, index: int, prompt_first: float = PROMPT_FIRST,
 
 def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: int = 1000,
                  prompt_first: float = PROMPT_FIRST, ordered: float = 0.0, canonical: float = 0.0,
-                 tag_weights: dict[str, float] | None = None) -> list[Path]:
+                 tag_weights: dict[str, float] | None = None, canonical_jitter: int = SLOT_JITTER) -> list[Path]:
     """Write `num` samples as `shapes-000000.tar`, ... in `out_dir`; returns the shard paths.
 
     `prompt_first` is make_sample's share of scenes drawn for a prompt (1.0: every sample pairs a GenEval
     prompt with a scene it describes whole, e.g. for a generation stage that oversamples the prompts);
     `ordered` the share of those scenes laid out in the prompt's ordered layout and `canonical` the share laid
-    out in its canonical cells (make_sample; together at most 1); `tag_weights` how often each prompt family is
-    drawn (make_sample).
+    out in its canonical cells (make_sample; together at most 1), up to `canonical_jitter` px; `tag_weights`
+    how often each prompt family is drawn (make_sample).
     Each shard is written to a temporary name and renamed, so a reader never sees half a shard.
     """
     if num < 1 or shard_size < 1:
@@ -120,6 +122,9 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
     if not 0.0 <= canonical <= 1.0 - ordered:
         raise ValueError(f"canonical must be a share in [0, 1 - ordered] = [0, {1.0 - ordered:g}], got {canonical!r}")
     tag_weights_of(tag_weights)  # refused before anything is written
+    if isinstance(canonical_jitter, bool) or not isinstance(canonical_jitter, int) \
+            or not 0 <= canonical_jitter <= SLOT_JITTER:
+        raise ValueError(f"canonical jitter must be an integer in 0..{SLOT_JITTER} px, got {canonical_jitter!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -128,7 +133,8 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, min(start + shard_size, num)):
-                image, meta = make_sample(seed, index, prompt_first, ordered, canonical, tag_weights)
+                image, meta = make_sample(seed, index, prompt_first, ordered, canonical, tag_weights,
+                                          canonical_jitter)
                 png = io.BytesIO()
                 image.save(png, format="PNG")
                 key = f"{index:09d}"

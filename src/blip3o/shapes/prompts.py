@@ -272,23 +272,32 @@ def canonical_cells(spec: Requirement | Prompt) -> list[tuple[int, int]]:
     return [first, second] if (r.a, r.b) == (0, 1) else [second, first]
 
 
-def canonical_scene(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 1000) -> Scene:
+def canonical_sizes(jitter: int) -> tuple[int, int]:
+    """The size range of a canonical layout with `jitter` px: 16 at 0, widening to the spec's 12..18."""
+    return max(MIN_SIZE, 16 - 2 * jitter), min(MAX_SIZE, 16 + jitter)
+
+
+def canonical_scene(spec: Requirement | Prompt, rng: random.Random, max_tries: int = 1000, *,
+                    jitter: int = SLOT_JITTER) -> Scene:
     """A scene holding exactly the objects `spec` names, each centred in its canonical cell (`canonical_cells`)
-    up to SLOT_JITTER px, with random sizes (and random shape or colour where the spec leaves them open).
+    up to `jitter` px (0..SLOT_JITTER), with random sizes in `canonical_sizes(jitter)` (and random shape or
+    colour where the spec leaves them open).
 
     Random layouts leave a generator to spread every object over all the places it might take, so the
     token loss pays little for which named object goes where (docs/training.md, session 12); here the text
     decides the layout up to a few pixels, so the place of each object follows from its name and order.
     """
+    if isinstance(jitter, bool) or not isinstance(jitter, int) or not 0 <= jitter <= SLOT_JITTER:
+        raise ValueError(f"canonical jitter must be an integer in 0..{SLOT_JITTER} px, got {jitter!r}")
     req = spec.requirement if isinstance(spec, Prompt) else spec
     named = [g for g in req.groups for _ in range(g.count)]
-    cells = canonical_cells(req)
+    cells, (small, large) = canonical_cells(req), canonical_sizes(jitter)
     for _ in range(max_tries):
         objects = []
         for group, (col, row) in zip(named, cells, strict=True):
-            size = rng.randint(MIN_SIZE, MAX_SIZE)
-            cx = CELL * col + CELL // 2 + rng.randint(-SLOT_JITTER, SLOT_JITTER)
-            cy = CELL * row + CELL // 2 + rng.randint(-SLOT_JITTER, SLOT_JITTER)
+            size = rng.randint(small, large)
+            cx = CELL * col + CELL // 2 + rng.randint(-jitter, jitter)
+            cy = CELL * row + CELL // 2 + rng.randint(-jitter, jitter)
             objects.append(Obj(group.shape or rng.choice(SHAPES), group.color or rng.choice(COLORS),
                                cx - size // 2, cy - size // 2, size))
         scene = Scene(tuple(objects))
