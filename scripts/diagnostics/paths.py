@@ -2,7 +2,7 @@
 with the cross-attention shut (gates at 0), with the pooled caption (adaLN) taken from the empty condition,
 and with the prompt's two objects named in the other order.
 usage: paths.py MODEL [N] [TAG]; env ORDERED=1 draws ordered scenes (blip3o data shapes --ordered), CANONICAL=1
-canonical ones (--canonical)"""
+canonical ones (--canonical; CJ their jitter, 3)"""
 import os, random, sys, torch
 from blip3o import Blip3o
 from blip3o.images import pil_to_tensor
@@ -22,7 +22,7 @@ for _ in range(n):
     items = [f"{x.color} {x.shape}" if x.color else x.shape for x in g[:2]]  # the two named objects, whole
     swapped.append(p.text.replace(items[0], "@").replace(items[1], items[0]).replace("@", items[1]))
     if os.environ.get("CANONICAL") == "1":
-        images.append(render(canonical_scene(p, rng), rng))
+        images.append(render(canonical_scene(p, rng, jitter=int(os.environ.get("CJ", "3"))), rng))
     else:
         images.append(render(scene_for(p, rng, extras=False, ordered=os.environ.get("ORDERED") == "1"), rng))
 with torch.no_grad():
