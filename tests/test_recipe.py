@@ -27,6 +27,16 @@ def test_recipe_runs_all_stages_in_order(nano_run):
     assert set(timings) >= {"clip", "understanding", "decoder", "generation", "total_s"}
     model = Blip3o.from_pretrained(final)
     assert model.config.decoder_negative == "zeros"
+    # the generation stage trained on shards of its own: prompt scenes in their canonical cells
+    import torch
+
+    from blip3o.shapes import iter_samples
+
+    metas = [meta for _, meta in iter_samples(out / "data_generation")]
+    assert len(metas) == round(64 * 0.8) and all(m["prompt"] is not None and m["canonical"] for m in metas)
+    state = torch.load(out / "generation" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    assert state["identity"]["train"]["data"] == [str(out / "data_generation")]
+    assert state["identity"]["train"]["stage_options"] == {"prompt_share": 0.9}
 
 
 def test_recipe_runs_in_parts(nano_run, tmp_path):
