@@ -28,7 +28,16 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from .prompts import SLOT_JITTER, TAGS, canonical_scene, describe, prompts_from_scene, sample_prompt, scene_for
+from .prompts import (
+    SLOT_JITTER,
+    TAGS,
+    canonical_scene,
+    check_canonical_jitter,
+    describe,
+    prompts_from_scene,
+    sample_prompt,
+    scene_for,
+)
 from .questions import questions_for_scene
 from .render import choose_rasteriser, render
 from .world import sample_scene
@@ -122,9 +131,7 @@ def write_shards(out_dir: str | os.PathLike, num: int, seed: int, shard_size: in
     if not 0.0 <= canonical <= 1.0 - ordered:
         raise ValueError(f"canonical must be a share in [0, 1 - ordered] = [0, {1.0 - ordered:g}], got {canonical!r}")
     tag_weights_of(tag_weights)  # refused before anything is written
-    if isinstance(canonical_jitter, bool) or not isinstance(canonical_jitter, int) \
-            or not 0 <= canonical_jitter <= SLOT_JITTER:
-        raise ValueError(f"canonical jitter must be an integer in 0..{SLOT_JITTER} px, got {canonical_jitter!r}")
+    check_canonical_jitter(canonical_jitter)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -272,6 +272,13 @@ def canonical_cells(spec: Requirement | Prompt) -> list[tuple[int, int]]:
     return [first, second] if (r.a, r.b) == (0, 1) else [second, first]
 
 
+def check_canonical_jitter(jitter: int) -> int:
+    """`jitter` if it is an integer in 0..SLOT_JITTER px (bools refused), else a ValueError."""
+    if isinstance(jitter, bool) or not isinstance(jitter, int) or not 0 <= jitter <= SLOT_JITTER:
+        raise ValueError(f"canonical jitter must be an integer in 0..{SLOT_JITTER} px, got {jitter!r}")
+    return jitter
+
+
 def canonical_sizes(jitter: int) -> tuple[int, int]:
     """The size range of a canonical layout with `jitter` px: 16 at 0, widening to the spec's 12..18."""
     return max(MIN_SIZE, 16 - 2 * jitter), min(MAX_SIZE, 16 + jitter)
@@ -287,8 +294,7 @@ def canonical_scene(spec: Requirement | Prompt, rng: random.Random, max_tries: i
     token loss pays little for which named object goes where (docs/training.md, session 12); here the text
     decides the layout up to a few pixels, so the place of each object follows from its name and order.
     """
-    if isinstance(jitter, bool) or not isinstance(jitter, int) or not 0 <= jitter <= SLOT_JITTER:
-        raise ValueError(f"canonical jitter must be an integer in 0..{SLOT_JITTER} px, got {jitter!r}")
+    check_canonical_jitter(jitter)
     req = spec.requirement if isinstance(spec, Prompt) else spec
     named = [g for g in req.groups for _ in range(g.count)]
     cells, (small, large) = canonical_cells(req), canonical_sizes(jitter)
