@@ -54,6 +54,26 @@ def test_stage_trains_only_its_parts(tmp_path, stage, trained, capsys):
     assert exported.num_parameters() == trainer.model.num_parameters()
 
 
+def test_understanding_freeze_language_trains_the_vision_tower_and_keeps_the_condition(tmp_path, capsys):
+    trainer = Trainer(config(tmp_path, "understanding", steps=2, stage_options={"freeze_language": True}), DATA)
+    model, prompts = trainer.model, ["a photo of a red circle", "two squares"]
+    with torch.no_grad():
+        cond = model.condition(prompts)
+    named = dict(model.backbone.named_parameters())
+    vision = {n for n in named if n.startswith("model.model.visual.")}
+    assert vision and len(vision) < len(named)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    trainer.fit()
+    moved = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
+    assert moved and moved <= vision  # the language model did not move; the vision tower did
+    assert {n for n, _ in trainer.named_params} == {f"backbone.{n}" for n in vision}
+    assert f"trains {sum(named[n].numel() for n in vision):,} parameters" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.equal(model.condition(prompts), cond)
+    with pytest.raises(ValueError, match="freeze_language must be true or false"):
+        Trainer(config(tmp_path, "understanding", stage_options={"freeze_language": "yes"}), DATA)
+
+
 def test_clip_stage_runs_on_nano(tmp_path):
     trainer = Trainer(config(tmp_path, "clip", init="nano", steps=2, ema_decay=0.0), DATA)
     before = states(trainer.model, "clip_encoder")

@@ -110,16 +110,19 @@ class Blip3o(nn.Module):
     # ------------------------------------------------------------------ construction and persistence
 
     @classmethod
-    def from_preset(cls, name: str, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> Blip3o:
-        """Build a preset (`debug`, `nano`, `blip3o-4b`, `blip3o-8b`); `device="meta"` allocates nothing.
+    def from_preset(cls, name: str | None = None, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, *, pretrained: bool = True) -> Blip3o:
+        """Build a preset (`debug`, `nano`, `blip3o-4b`, `blip3o-8b`; None: the default, `nano`);
+        `device="meta"` allocates nothing.
 
-        Presets that ship trained weights (see `blip3o.presets`) load them; the others start random.
+        Presets that ship trained weights (`nano`, see `blip3o.presets`) load them unless `pretrained` is
+        False (the recipe starts from random weights); the others start random.
         """
-        from blip3o.presets import get_preset, preset_weights
+        from blip3o.presets import DEFAULT_MODEL, get_preset, preset_weights
 
+        name = DEFAULT_MODEL if name is None else name
         config = get_preset(name)
-        weights = preset_weights(name)
+        weights = preset_weights(name) if pretrained else None
         if weights is not None and str(device) != "meta":
             # shipped weights are stored in fp16 to stay small; compute in fp32 unless asked otherwise
             return cls.from_pretrained(weights, device=device, dtype=dtype or torch.float32)

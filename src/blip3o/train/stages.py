@@ -362,6 +362,11 @@ class UnderstandingStage(Stage):
     Stage option `locate` = k (default 0) adds up to k turns `where is the {shape}?` -> `top left`, ...,
     `centre`, ... (`shapes.locate_questions`): one object's absolute position, a first-order lookup
     that comes before the position questions' comparison of two objects (session 11).
+
+    Stage option `freeze_language` (default false): only the vision tower and its merger train; the
+    language model (embeddings, layers, norm, lm_head) stays frozen. The generation condition reads
+    text alone through the language model, so it stays bit-identical, and a trained DiT keeps working:
+    understanding can be improved after generation without retraining it (session 14).
     """
 
     name, trains = "understanding", ("backbone",)
@@ -376,10 +381,22 @@ class UnderstandingStage(Stage):
             raise ValueError(f"object_labels_at must be 'box' or 'centre', got {self.labels_at!r}")
         self.reading = int_option(options, "reading", 0, minimum=0)
         self.locate = int_option(options, "locate", 0, minimum=0)
+        self.freeze_language = options.get("freeze_language", False)
+        if not isinstance(self.freeze_language, bool):
+            raise ValueError(f"stage option freeze_language must be true or false, got {self.freeze_language!r}")
         self.object_head = None
         if self.object_labels:
             width = len(CELL_SHAPES) + len(CELL_COLORS) if self.labels_at == "box" else CENTRE_LABEL_WIDTH
             self.object_head = nn.Linear(model.backbone.hidden_size, width).to(model.device)
+
+    def trainable(self, model):
+        named = super().trainable(model)
+        if not self.freeze_language:
+            return named
+        vision = {id(p) for p in model.backbone.model.model.visual.parameters()}
+        for p in model.backbone.parameters():
+            p.requires_grad_(id(p) in vision)
+        return [(n, p) for n, p in named if p.requires_grad]
 
     def aux_parameters(self):
         head = self.object_head.named_parameters() if self.object_head is not None else []

@@ -102,7 +102,7 @@ def load_init(init: str, device: torch.device) -> Blip3o:
     if Path(init).is_dir():
         return Blip3o.from_pretrained(init, device=device)
     torch.manual_seed(0)  # a fresh preset starts from the same random weights on every rank
-    return Blip3o.from_preset(init, device=device)
+    return Blip3o.from_preset(init, device=device, pretrained=False)  # never the shipped nano weights
 
 
 class Trainer:
