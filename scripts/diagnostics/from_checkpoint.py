@@ -9,6 +9,8 @@ weights = state["params"] if os.environ.get("RAW") == "1" or state.get("ema") is
 params = dict(m.named_parameters())
 with torch.no_grad():
     for n, t in weights.items():
+        if n.startswith('aux.'):  # a stage's training-only heads
+            continue
         params[n].copy_(t)
 print("step", state.get("step"), "loaded", len(weights), "tensors")
 m.save_pretrained(out)

@@ -4,9 +4,9 @@ second on the right, with the frozen backbone's conditions computed once. It pri
 fresh scenes with the true prompt and with the two objects named in the other order (colours and shapes
 swapped together), every EVAL steps. If the swapped error never rises above the true one, the DiT cannot read
 the order even when it decides the target; if it rises, the real data's dilution is what hides the order.
-usage: toyorder.py MODEL STEPS; env CANON=1 (canonical scenes), MIX=1 (train on prompts of every family, canonical
+usage: toyorder.py MODEL STEPS; env POS=1 (position prompts in canonical scenes; the test flips the relation), CANON=1 (canonical scenes), MIX=1 (train on prompts of every family, canonical
 scenes; the test stays color_attr), CJ (their jitter, 3), FIXED=1 (fixed centres (16, 32) and (48, 32), size 16: one target
-per prompt), JITTER=k (centres moved by up to k px), THREADS, LR (1e-3), EVAL (250), SAVE (a path: the DiT's
+per prompt), JITTER=k (centres moved by up to k px), THREADS, LR (1e-3), QUERIES=1 (the queries train too), EVAL (250), SAVE (a path: the DiT's
 state_dict at the end)"""
 import itertools, os, random, sys, time, torch
 from blip3o import Blip3o
@@ -22,16 +22,25 @@ steps, every = int(sys.argv[2]), int(os.environ.get("EVAL", "250"))
 fixed, jitter = os.environ.get("FIXED") == "1", int(os.environ.get("JITTER", "0"))
 canon, mix = os.environ.get("CANON") == "1", os.environ.get("MIX") == "1"
 cj = int(os.environ.get("CJ", "3"))  # the canonical layouts' jitter
-pairs = [(c1, s1, c2, s2) for (c1, c2) in itertools.permutations(COLORS, 2)
-         for (s1, s2) in itertools.permutations(SHAPES, 2)]
-text = lambda c1, s1, c2, s2: f"a photo of a {c1} {s1} and a {c2} {s2}"  # noqa: E731
+pos = os.environ.get("POS") == "1"  # position prompts `a photo of a {s1} {rel} a {s2}`; the swap flips the relation
+FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+if pos:
+    pairs = [(s1, rel, s2) for (s1, s2) in itertools.permutations(SHAPES, 2) for rel in FLIP]
+    text = lambda s1, rel, s2: f"a photo of a {s1} {rel} a {s2}"  # noqa: E731
+    swapped = lambda s1, rel, s2: text(s1, FLIP[rel], s2)  # noqa: E731
+else:
+    pairs = [(c1, s1, c2, s2) for (c1, c2) in itertools.permutations(COLORS, 2)
+             for (s1, s2) in itertools.permutations(SHAPES, 2)]
+    text = lambda c1, s1, c2, s2: f"a photo of a {c1} {s1} and a {c2} {s2}"  # noqa: E731
+    swapped = lambda c1, s1, c2, s2: text(c2, s2, c1, s1)  # noqa: E731
 with torch.no_grad():
     cond = torch.cat([m.condition([text(*p) for p in pairs[i:i + 64]]) for i in range(0, len(pairs), 64)])
-    swap = torch.cat([m.condition([text(c2, s2, c1, s1) for c1, s1, c2, s2 in pairs[i:i + 64]])
-                      for i in range(0, len(pairs), 64)])
+    swap = torch.cat([m.condition([swapped(*p) for p in pairs[i:i + 64]]) for i in range(0, len(pairs), 64)])
 
 
 def scene(p, rng):
+    if pos:
+        return canonical_scene(make_prompt("position", [p[0], p[2]], rel=p[1]), rng, jitter=cj)
     c1, s1, c2, s2 = p
     if canon:
         return canonical_scene(make_prompt("color_attr", [s1, s2], [c1, c2]), rng, jitter=cj)
@@ -53,7 +62,10 @@ def batch(n, rng):
 
 
 dit = DiT(m.config.dit).float()
-opt = torch.optim.AdamW(dit.parameters(), lr=float(os.environ.get("LR", "1e-3")), weight_decay=0.0)
+train_queries = os.environ.get("QUERIES") == "1"  # the queries train too (conditions recomputed every step)
+if train_queries:
+    m.queries.requires_grad_(True)
+opt = torch.optim.AdamW([*dit.parameters(), *([m.queries] if train_queries else [])], lr=float(os.environ.get("LR", "1e-3")), weight_decay=0.0)
 rng, g = random.Random(0), torch.Generator().manual_seed(0)
 test_idx, test_x0 = batch(128, random.Random(99))
 test_noise = torch.randn(test_x0.shape, generator=torch.Generator().manual_seed(1))
@@ -67,7 +79,9 @@ def evaluate(step):
             xt = (1 - tv) * test_x0 + tv * test_noise
             t = torch.full((len(test_idx),), tv)
             e = {}
-            for name, c in (("true", cond[test_idx]), ("swapped", swap[test_idx]), ("none", torch.zeros_like(cond[test_idx]))):
+            ct = m.condition([text(*pairs[i]) for i in test_idx]) if train_queries else cond[test_idx]
+            cs = m.condition([swapped(*pairs[i]) for i in test_idx]) if train_queries else swap[test_idx]
+            for name, c in (("true", ct), ("swapped", cs), ("none", torch.zeros_like(ct))):
                 v = dit.velocity(xt, t, dit.prepare_condition(c))
                 e[name] = (((xt - tv * v) - test_x0) ** 2).mean().item()
             out.append(f"t={tv}: true {e['true']:.4f} swapped {e['swapped']:.4f} none {e['none']:.4f} "
@@ -85,7 +99,7 @@ for step in range(1, steps + 1):
             c = m.condition([p.text for p in ps])
     else:
         idx, x0 = batch(32, rng)
-        c = cond[idx]
+        c = m.condition([text(*pairs[i]) for i in idx]) if train_queries else cond[idx]
     c = c * (torch.rand(32, generator=g) >= 0.1).view(-1, 1, 1).float()
     lr = float(os.environ.get("LR", "1e-3")) * min(1.0, step / 100)
     for group in opt.param_groups:

@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", action="store_true", help="build on the meta device (no memory; any size)")
 
     p = add("demo", cmd_demo, "generate an image from a prompt, then answer a question about it")
-    p.add_argument("--prompt", default="a photo of a red circle left of a blue square")
+    p.add_argument("--prompt", default="a photo of a red circle and a blue square")
     p.add_argument("--question", default="how many circles are there?")
     p.add_argument("--outdir", default="demo_out")
     p.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from blip3o.model import Blip3o
 from blip3o.shapes import (
     CAPTION,
+    TAGS,
     check,
     detect,
     evaluation_prompts,
@@ -28,6 +29,7 @@ from blip3o.shapes.questions import Question
 from blip3o.shapes.world import Scene
 
 EVAL_SEED = 1_000_003  # far from any training seed
+GRID_PER_TAG = 8  # samples.png: a row of 8 images per tag
 
 
 def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: int, batch: int = 16) -> dict:
@@ -43,11 +45,13 @@ def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: i
             tags.append(prompt.tag)
             layouts[prompt.text + str(start + j // num_images)].add(tuple(sorted((o.shape, o.color, o.box)
                                                                                   for o in objects)))
-            if j % num_images == 0 and len(samples) < 48:
-                samples.append((prompt.text, image))
+            if j % num_images == 0 and sum(t == prompt.tag for t, _, _ in samples) < GRID_PER_TAG:
+                samples.append((prompt.tag, prompt.text, image))
     scores = geneval_scores(tags, passed)
     # diverse: the num_images samples of a prompt are not all the same layout
     diverse = sum(len(v) > 1 for v in layouts.values()) / max(1, len(layouts))
+    # the grid: a row per tag, the first image of its first GRID_PER_TAG prompts (as drawn, never picked)
+    samples = [(text, image) for tag in TAGS for t, text, image in samples if t == tag]
     return {"scores": scores, "num_images": len(passed), "diverse_prompts": diverse, "samples": samples}
 
 
@@ -89,7 +93,7 @@ def evaluate_shapes(model: Blip3o, out_dir: str | Path, *, per_tag: int = 25, nu
     out.mkdir(parents=True, exist_ok=True)
     gen = evaluate_generation(model, per_tag=per_tag, num_images=num_images, seed=seed)
     und = evaluate_understanding(model, num_scenes=num_scenes, seed=seed)
-    image_grid(gen.pop("samples")).save(out / "samples.png")
+    image_grid(gen.pop("samples"), columns=GRID_PER_TAG).save(out / "samples.png")
     results = {"generation": gen, "understanding": und, "settings": {
         "per_tag": per_tag, "num_images": num_images, "num_scenes": num_scenes, "seed": seed}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
