@@ -34,7 +34,7 @@ GRID_PER_TAG = 8  # samples.png: a row of 8 images per tag
 
 def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: int, batch: int = 16) -> dict:
     prompts = evaluation_prompts(per_tag, seed)
-    passed, tags, samples, layouts = [], [], [], defaultdict(set)
+    passed, tags, grid, layouts = [], [], defaultdict(list), defaultdict(set)
     for start in tqdm(range(0, len(prompts), batch), desc="generate", leave=False):
         chunk = prompts[start:start + batch]
         images = model.generate([p.text for p in chunk], num_images=num_images, seed=seed + start)
@@ -45,13 +45,13 @@ def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: i
             tags.append(prompt.tag)
             layouts[prompt.text + str(start + j // num_images)].add(tuple(sorted((o.shape, o.color, o.box)
                                                                                   for o in objects)))
-            if j % num_images == 0 and sum(t == prompt.tag for t, _, _ in samples) < GRID_PER_TAG:
-                samples.append((prompt.tag, prompt.text, image))
+            if j % num_images == 0 and len(grid[prompt.tag]) < GRID_PER_TAG:
+                grid[prompt.tag].append((prompt.text, image))
     scores = geneval_scores(tags, passed)
     # diverse: the num_images samples of a prompt are not all the same layout
     diverse = sum(len(v) > 1 for v in layouts.values()) / max(1, len(layouts))
     # the grid: a row per tag, the first image of its first GRID_PER_TAG prompts (as drawn, never picked)
-    samples = [(text, image) for tag in TAGS for t, text, image in samples if t == tag]
+    samples = [sample for tag in TAGS for sample in grid[tag]]
     return {"scores": scores, "num_images": len(passed), "diverse_prompts": diverse, "samples": samples}
 
 
