@@ -52,6 +52,7 @@ from blip3o.shapes import (
     prompts_from_scene,
     questions_for_scene,
     reading_questions,
+    restate_questions,
     relation_holds,
     relation_margin,
     render,
@@ -432,6 +433,31 @@ def test_reading_questions_are_answered_by_their_description_alone():
             relation_answers[answer] += 1
     assert relation_answers["yes"] > 100 and relation_answers["no"] > 100
     assert reading_questions("a photo of a square above a circle", rng, 2) == []  # uncoloured items: no turns
+
+
+def test_restate_questions_answer_with_the_converse():
+    """Text-only turns `{A rel B}. the other way round?` -> `{B converse A}`: both sentences parse to the same
+    two items and the relation reversed; every relation, plain and coloured items, and counts appear."""
+    rng = random.Random(2)
+    rels, forms = Counter(), Counter()
+    for _ in range(400):
+        (text, answer), = restate_questions(rng, 1)
+        sentence, request = text.split(". ", 1)
+        assert request == "the other way round?"
+        q, a = parse_description(sentence), parse_description(answer)
+        assert not q.unknown_words and not a.unknown_words, (text, answer)
+        assert len(q.groups) == len(a.groups) == 2 and len(q.relations) == len(a.relations) == 1
+        assert q.groups == a.groups[::-1] and q.groups[0].shape != q.groups[1].shape
+        rel, back = q.relations[0].rel, a.relations[0].rel
+        assert back == {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
+        rels[rel] += 1
+        forms["photo" if sentence.startswith("a photo of ") else "plain"] += 1
+        forms["coloured"] += q.groups[0].color is not None
+        forms["counted"] += max(g.count for g in q.groups) > 1
+    assert set(rels) == {"left of", "right of", "above", "below"} and min(rels.values()) > 60
+    assert min(forms.values()) > 40, forms
+    assert restate_questions(random.Random(5), 3) == restate_questions(random.Random(5), 3)
+    assert restate_questions(rng, 0) == []
 
 
 def test_score_answer_normalisation():

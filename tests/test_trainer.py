@@ -337,6 +337,27 @@ def test_understanding_reading_turns_follow_the_image_turns(tmp_path):
             Trainer(config(tmp_path / "c", "understanding", stage_options={"reading": bad}), items)
 
 
+def test_understanding_restate_turns_follow_the_image_turns(tmp_path):
+    """Option restate = k: k text-only `the other way round?` turns join each conversation after its image turns,
+    labelled like any answer; the image turns are those drawn without the option."""
+    from blip3o.shapes import make_sample
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(3, i) for i in range(4))]
+    plain = Trainer(config(tmp_path / "a", "understanding", stage_options={"max_turns": 2}), items).stage
+    trainer = Trainer(config(tmp_path / "b", "understanding", stage_options={"max_turns": 2, "restate": 2}), items)
+    stage = trainer.stage
+    for i, item in enumerate(items):
+        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
+        assert turns[:len(base)] == base and len(turns) - len(base) == 2
+        assert all(text.endswith(". the other way round?") for text, _ in turns[len(base):])
+    batch = stage.collate(items, list(range(4)), 0, torch.device("cpu"))
+    labelled = trainer.model.backbone.tokenizer.decode([t for t in batch["labels"][1].tolist() if t != -100])
+    assert labelled == "".join(a + "<|im_end|>" for _, a in stage.pick(items[1], random.Random(1)))
+    assert torch.isfinite(stage.loss(batch))
+    with pytest.raises(ValueError, match="restate"):
+        Trainer(config(tmp_path / "c", "understanding", stage_options={"restate": -1}), items)
+
+
 def test_understanding_locate_turns_follow_the_image_turns(tmp_path):
     """Option locate = k: up to k `where is the X?` turns about the scene join each conversation after its image
     turns, answered from the scene; the image turns are those drawn without the option."""

@@ -45,6 +45,7 @@ from .questions import (
     normalize_answer,
     questions_for_scene,
     reading_questions,
+    restate_questions,
     score_answer,
 )
 from .render import ANTIALIASED, RASTERISERS, choose_rasteriser, coverage, render
@@ -127,6 +128,7 @@ __all__ = [
     "prompts_from_scene",
     "questions_for_scene",
     "reading_questions",
+    "restate_questions",
     "relation_holds",
     "relation_margin",
     "render",

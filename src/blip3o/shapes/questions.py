@@ -225,6 +225,40 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
     return [(f"{description}. {question}", answer) for question, answer in picked]
 
 
+RESTATE_REQUEST = "the other way round?"
+
+
+def _phrase(shape: str, color: str | None, count: int) -> str:
+    noun = shape if count == 1 else plural(shape)
+    return " ".join(w for w in ("a" if count == 1 else NUMBER_WORDS[count], color, noun) if w)
+
+
+def restate_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """`k` text-only turns: a random relation sentence in the prompt grammar followed by
+    `the other way round?`, answered by its converse (`a red circle left of two squares. the other way
+    round?` -> `two squares right of a red circle`); a third of them in the position prompts' form (`a
+    photo of a square above a circle`, uncoloured).
+
+    Its answer's relation word is a function of the question's, one token back along a fixed path: a
+    dense, easy target that makes the backbone carry what the relation word says (yes/no questions
+    about relations give one bit per turn and leave it at the majority answer, docs/training.md,
+    sessions 9 and 10). The generation condition needs exactly that: `a square left of a circle` and
+    `a square right of a circle` must differ, and before this they differed by 4% (session 15).
+    """
+    turns = []
+    for _ in range(k):
+        s1, s2 = rng.sample(SHAPES, 2)
+        rel = rng.choice(RELATIONS)
+        if rng.random() < 1 / 3:
+            a, b, prefix = _phrase(s1, None, 1), _phrase(s2, None, 1), "a photo of "
+        else:
+            colors = rng.sample(COLORS, 2) if rng.random() < 0.7 else [None, None]
+            counts = [1 if rng.random() < 0.7 else rng.randint(2, 4) for _ in range(2)]
+            a, b, prefix = _phrase(s1, colors[0], counts[0]), _phrase(s2, colors[1], counts[1]), ""
+        turns.append((f"{prefix}{a} {rel} {b}. {RESTATE_REQUEST}", f"{b} {CONVERSE[rel]} {a}"))
+    return turns
+
+
 LOCATE_ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 LOCATE_COLUMNS: tuple[str, ...] = ("left", "centre", "right")
 

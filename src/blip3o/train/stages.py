@@ -21,7 +21,7 @@ from torch import nn
 from blip3o.flow import sample, sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
-from blip3o.shapes.questions import locate_questions, reading_questions
+from blip3o.shapes.questions import locate_questions, reading_questions, restate_questions
 from blip3o.shapes.world import COLORS, SHAPES, Scene
 
 CAPTION_REQUEST = "describe the image."
@@ -363,6 +363,12 @@ class UnderstandingStage(Stage):
     `centre`, ... (`shapes.locate_questions`): one object's absolute position, a first-order lookup
     that comes before the position questions' comparison of two objects (session 11).
 
+    Stage option `restate` = k (default 0) adds k text-only turns `{A rel B}. the other way round?` ->
+    `{B converse A}` (`shapes.restate_questions`). The answer's relation word follows from the question's
+    alone, so the language model must carry what that word says, which nothing else in the stage asks of
+    it: the relation questions are yes/no and stay at the majority answer, and without these turns the
+    generation condition of `a square left of a circle` differs from `right of` by 4% (session 15).
+
     Stage option `freeze_language` (default false): only the vision tower and its merger train; the
     language model (embeddings, layers, norm, lm_head) stays frozen. The generation condition reads
     text alone through the language model, so it stays bit-identical, and a trained DiT keeps working:
@@ -381,6 +387,7 @@ class UnderstandingStage(Stage):
             raise ValueError(f"object_labels_at must be 'box' or 'centre', got {self.labels_at!r}")
         self.reading = int_option(options, "reading", 0, minimum=0)
         self.locate = int_option(options, "locate", 0, minimum=0)
+        self.restate = int_option(options, "restate", 0, minimum=0)
         self.freeze_language = options.get("freeze_language", False)
         if not isinstance(self.freeze_language, bool):
             raise ValueError(f"stage option freeze_language must be true or false, got {self.freeze_language!r}")
@@ -436,6 +443,8 @@ class UnderstandingStage(Stage):
             pairs += reading_questions(meta["caption"], rng, self.reading)
         if self.locate and meta.get("scene"):  # drawn after the others: runs without it are unchanged
             pairs += locate_questions(Scene.from_dict(meta["scene"]), rng, self.locate)
+        if self.restate:  # drawn after the others: runs without it are unchanged
+            pairs += restate_questions(rng, self.restate)
         return pairs
 
     def answer_labels(self, input_ids: torch.Tensor, conversations: list[list[str]]) -> torch.Tensor:
