@@ -19,7 +19,9 @@ for path in sys.argv[1:]:
             print(f"{path}  {name:16s} {((c[0]-c[1]).norm()/c[0].norm()).item():.3f}")
         tok = m.backbone.processor.tokenizer if hasattr(m.backbone, "processor") else None
         emb = m.backbone.model.get_input_embeddings().weight
-        ids = {w: tok.convert_tokens_to_ids(w) for w in ["above", "below", "left", "right", "circle", "square"]}
+        # the words as prompts hold them (after a space: `Ġleft`); sessions 9 and 10 read the rows of the bare
+        # words (`left`), which no prompt uses (session 15)
+        ids = {w: tok.convert_tokens_to_ids("Ġ" + w) for w in ["above", "below", "left", "right", "circle", "square"]}
         print("ids", ids)
         for x, y in [("above", "below"), ("left", "right"), ("above", "left"), ("circle", "square")]:
             ex, ey = emb[ids[x]], emb[ids[y]]
