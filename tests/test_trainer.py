@@ -312,19 +312,32 @@ def test_understanding_conversation_labels_every_answer(tmp_path):
     assert torch.isfinite(loss)
 
 
+def turn_option_trainer(tmp_path, option: str, k: int, *, seed: int, n: int):
+    """n Shapes items (make_sample(seed, i)) and an understanding-stage trainer with `option` = k, max_turns 2."""
+    from blip3o.shapes import make_sample
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(seed, i) for i in range(n))]
+    stage_options = {"max_turns": 2, option: k}
+    return items, Trainer(config(tmp_path / option, "understanding", stage_options=stage_options), items)
+
+
+def extra_turns(tmp_path, items, stage):
+    """(item, the turns an option added): each conversation begins with the turns drawn without the option."""
+    plain = Trainer(config(tmp_path / "plain", "understanding", stage_options={"max_turns": 2}), items).stage
+    for i, item in enumerate(items):
+        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
+        assert turns[:len(base)] == base
+        yield item, turns[len(base):]
+
+
 def test_understanding_reading_turns_follow_the_image_turns(tmp_path):
     """Option reading = k: up to k text-only turns about the caption join each conversation after its image
     turns, each labelled like any answer; the image turns are those drawn without the option."""
-    from blip3o.shapes import make_sample
-
-    items = [{"image": image, "json": meta} for image, meta in (make_sample(3, i) for i in range(6))]
-    plain = Trainer(config(tmp_path / "a", "understanding", stage_options={"max_turns": 2}), items).stage
-    trainer = Trainer(config(tmp_path / "b", "understanding", stage_options={"max_turns": 2, "reading": 2}), items)
+    items, trainer = turn_option_trainer(tmp_path, "reading", 2, seed=3, n=6)
     stage = trainer.stage
-    for i, item in enumerate(items):
-        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
-        assert turns[:len(base)] == base and 1 <= len(turns) - len(base) <= 2
-        for text, answer in turns[len(base):]:
+    for item, extra in extra_turns(tmp_path, items, stage):
+        assert 1 <= len(extra) <= 2
+        for text, answer in extra:
             assert text.startswith(item["json"]["caption"] + ". ") and answer
     batch = stage.collate(items, list(range(6)), 0, torch.device("cpu"))
     tok = trainer.model.backbone.tokenizer
@@ -340,16 +353,11 @@ def test_understanding_reading_turns_follow_the_image_turns(tmp_path):
 def test_understanding_restate_turns_follow_the_image_turns(tmp_path):
     """Option restate = k: k text-only `the other way round?` turns join each conversation after its image turns,
     labelled like any answer; the image turns are those drawn without the option."""
-    from blip3o.shapes import make_sample
-
-    items = [{"image": image, "json": meta} for image, meta in (make_sample(3, i) for i in range(4))]
-    plain = Trainer(config(tmp_path / "a", "understanding", stage_options={"max_turns": 2}), items).stage
-    trainer = Trainer(config(tmp_path / "b", "understanding", stage_options={"max_turns": 2, "restate": 2}), items)
+    items, trainer = turn_option_trainer(tmp_path, "restate", 2, seed=3, n=4)
     stage = trainer.stage
-    for i, item in enumerate(items):
-        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
-        assert turns[:len(base)] == base and len(turns) - len(base) == 2
-        assert all(text.endswith(". the other way round?") for text, _ in turns[len(base):])
+    for _, extra in extra_turns(tmp_path, items, stage):
+        assert len(extra) == 2
+        assert all(text.endswith(". the other way round?") for text, _ in extra)
     batch = stage.collate(items, list(range(4)), 0, torch.device("cpu"))
     labelled = trainer.model.backbone.tokenizer.decode([t for t in batch["labels"][1].tolist() if t != -100])
     assert labelled == "".join(a + "<|im_end|>" for _, a in stage.pick(items[1], random.Random(1)))
@@ -361,23 +369,20 @@ def test_understanding_restate_turns_follow_the_image_turns(tmp_path):
 def test_understanding_locate_turns_follow_the_image_turns(tmp_path):
     """Option locate = k: up to k `where is the X?` turns about the scene join each conversation after its image
     turns, answered from the scene; the image turns are those drawn without the option."""
-    from blip3o.shapes import make_sample
     from blip3o.shapes.questions import where
     from blip3o.shapes.world import Scene
 
-    items = [{"image": image, "json": meta} for image, meta in (make_sample(4, i) for i in range(6))]
-    plain = Trainer(config(tmp_path / "a", "understanding", stage_options={"max_turns": 2}), items).stage
-    stage = Trainer(config(tmp_path / "b", "understanding", stage_options={"max_turns": 2, "locate": 2}), items).stage
-    extra = 0
-    for i, item in enumerate(items):
-        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
-        assert turns[:len(base)] == base and len(turns) - len(base) <= 2
+    items, trainer = turn_option_trainer(tmp_path, "locate", 2, seed=4, n=6)
+    stage = trainer.stage
+    count = 0
+    for item, extra in extra_turns(tmp_path, items, stage):
+        assert len(extra) <= 2
         objects = Scene.from_dict(item["json"]["scene"]).objects
-        for text, answer in turns[len(base):]:
+        for text, answer in extra:
             assert text.startswith("where is the ")
             assert answer in {where(o) for o in objects}
-            extra += 1
-    assert extra >= 6
+            count += 1
+    assert count >= 6
     batch = stage.collate(items, list(range(6)), 0, torch.device("cpu"))
     assert torch.isfinite(stage.loss(batch))
     for bad in (-1, 0.5, True):

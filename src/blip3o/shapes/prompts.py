@@ -398,8 +398,10 @@ def prompts_from_scene(scene: Scene, rng: random.Random) -> list[Prompt]:
 # ---- free descriptions ----------------------------------------------------------------------
 
 
-def _count_word(n: int) -> str:
-    return "a" if n == 1 else NUMBER_WORDS[n]
+def item_phrase(shape: str, color: str | None, count: int) -> str:
+    """One item of the prompt grammar: `a red circle`, `two squares`, `three blue crosses`."""
+    noun = shape if count == 1 else plural(shape)
+    return " ".join(w for w in ("a" if count == 1 else NUMBER_WORDS[count], color, noun) if w)
 
 
 def describe(scene: Scene, rng: random.Random | None = None) -> str:
@@ -425,7 +427,7 @@ def describe(scene: Scene, rng: random.Random | None = None) -> str:
             rels = _clear_relations(items[i - 1][1], members)
             use = rels and (rng is None or rng.random() < 0.7)
             words.append((rels[0] if rng is None else rng.choice(rels)) if use else "and")
-        words.append(f"{_count_word(len(members))} {color} {shape if len(members) == 1 else plural(shape)}")
+        words.append(item_phrase(shape, color, len(members)))
     return " ".join(words)
 
 

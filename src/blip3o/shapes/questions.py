@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from .prompts import check, describe, parse_description
+from .prompts import check, describe, item_phrase, parse_description
 from .world import (
     COLORS,
     IMAGE_SIZE,
@@ -228,11 +228,6 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
 RESTATE_REQUEST = "the other way round?"
 
 
-def _phrase(shape: str, color: str | None, count: int) -> str:
-    noun = shape if count == 1 else plural(shape)
-    return " ".join(w for w in ("a" if count == 1 else NUMBER_WORDS[count], color, noun) if w)
-
-
 def restate_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
     """`k` text-only turns: a random relation sentence in the prompt grammar followed by
     `the other way round?`, answered by its converse (`a red circle left of two squares. the other way
@@ -250,11 +245,11 @@ def restate_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
         s1, s2 = rng.sample(SHAPES, 2)
         rel = rng.choice(RELATIONS)
         if rng.random() < 1 / 3:
-            a, b, prefix = _phrase(s1, None, 1), _phrase(s2, None, 1), "a photo of "
+            a, b, prefix = item_phrase(s1, None, 1), item_phrase(s2, None, 1), "a photo of "
         else:
             colors = rng.sample(COLORS, 2) if rng.random() < 0.7 else [None, None]
             counts = [1 if rng.random() < 0.7 else rng.randint(2, 4) for _ in range(2)]
-            a, b, prefix = _phrase(s1, colors[0], counts[0]), _phrase(s2, colors[1], counts[1]), ""
+            a, b, prefix = item_phrase(s1, colors[0], counts[0]), item_phrase(s2, colors[1], counts[1]), ""
         turns.append((f"{prefix}{a} {rel} {b}. {RESTATE_REQUEST}", f"{b} {CONVERSE[rel]} {a}"))
     return turns
 
