@@ -60,6 +60,11 @@ gen = []
 for s in range(0, n, 16):
     gen += m.generate([p.text for p in prompts[s:s + 16]], num_images=2, seed=4242 + s)
 print("generated:", tally(lambda i, p: gen[2 * i:2 * i + 2]), flush=True)
+if tag == "position":  # pass rate by relation word: a DiT that ignores the word passes one of each pair
+    by_rel = collections.defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_rel[p.requirement.relations[0].rel] += [check(p, detect(im)) for im in gen[2 * i:2 * i + 2]]
+    print("pass by relation:", {r: f"{sum(v)}/{len(v)}" for r, v in sorted(by_rel.items())}, flush=True)
 if os.environ.get("REAL") == "1":
     r2 = random.Random(7)
     real = [render(canonical_scene(p, r2, jitter=0), r2) for p in prompts]
