@@ -47,6 +47,7 @@ from blip3o.shapes import (
     make_sample,
     normalize_answer,
     parse_description,
+    plan_questions,
     position_safe,
     prompt_from_scene,
     prompts_from_scene,
@@ -458,6 +459,34 @@ def test_restate_questions_answer_with_the_converse():
     assert min(forms.values()) > 40, forms
     assert restate_questions(random.Random(5), 3) == restate_questions(random.Random(5), 3)
     assert restate_questions(rng, 0) == []
+
+
+def test_plan_questions_put_the_left_or_top_item_first():
+    """(prompt, plan) pairs: the plan names the prompt's two items, the one drawn left or on top first, with
+    `left of` or `above`; a canonical scene drawn for the prompt satisfies the plan as well; every relation,
+    the `a photo of` form and coloured and counted items appear."""
+    from blip3o.shapes.prompts import canonical_scene
+
+    rng, scene_rng = random.Random(4), random.Random(9)
+    rels, forms = Counter(), Counter()
+    for _ in range(400):
+        (prompt, plan), = plan_questions(rng, 1)
+        q, a = parse_description(prompt), parse_description(plan)
+        assert not q.unknown_words and not a.unknown_words, (prompt, plan)
+        rel, stated = q.relations[0].rel, a.relations[0].rel
+        assert stated == ("left of" if rel in ("left of", "right of") else "above"), (prompt, plan)
+        assert a.groups == (q.groups if rel == stated else q.groups[::-1]), (prompt, plan)
+        if sum(g.count for g in q.groups) == 2:  # a canonical scene for it satisfies the plan as well
+            scene = canonical_scene(q, scene_rng)
+            assert check(q, scene.objects) and check(a, scene.objects), (prompt, plan)
+            forms["canonical"] += 1
+        forms["photo"] += prompt.startswith("a photo of ")
+        forms["coloured"] += q.groups[0].color is not None
+        forms["counted"] += max(g.count for g in q.groups) > 1
+        rels[rel] += 1
+    assert set(rels) == {"left of", "right of", "above", "below"} and min(rels.values()) > 60
+    assert min(forms.values()) > 40, forms
+    assert plan_questions(random.Random(5), 3) == plan_questions(random.Random(5), 3)
 
 
 def test_score_answer_normalisation():

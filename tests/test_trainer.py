@@ -366,6 +366,32 @@ def test_understanding_restate_turns_follow_the_image_turns(tmp_path):
         Trainer(config(tmp_path / "c", "understanding", stage_options={"restate": -1}), items)
 
 
+def test_understanding_plan_turns_ask_as_generation_does(tmp_path):
+    """Option plan = k: k text-only turns ask for a relation prompt in the generation request's words and are
+    answered by its layout; the assistant header they are answered after is the one the generation prompt ends
+    with, so the first answer word is predicted where the condition's [IMG] and queries follow."""
+    from blip3o.backbone import GENERATION_PROMPT, GENERATION_REQUEST
+
+    items, trainer = turn_option_trainer(tmp_path, "plan", 2, seed=3, n=4)
+    stage = trainer.stage
+    for _, extra in extra_turns(tmp_path, items, stage):
+        assert len(extra) == 2
+        for text, answer in extra:
+            assert text.startswith(GENERATION_REQUEST) and (" left of " in answer or " above " in answer)
+            assert GENERATION_PROMPT.format(prompt=text.removeprefix(GENERATION_REQUEST)).endswith(
+                f"{text}<|im_end|>\n<|im_start|>assistant\n")
+    batch = stage.collate(items, list(range(4)), 0, torch.device("cpu"))
+    tok = trainer.model.backbone.tokenizer
+    turns = stage.pick(items[2], random.Random(2))
+    labelled = tok.decode([t for t in batch["labels"][2].tolist() if t != -100])
+    assert labelled == "".join(a + "<|im_end|>" for _, a in turns)
+    text = tok.decode(batch["input_ids"][2])
+    assert f"<|im_start|>user\n{turns[-1][0]}<|im_end|>\n<|im_start|>assistant\n{turns[-1][1]}" in text
+    assert torch.isfinite(stage.loss(batch))
+    with pytest.raises(ValueError, match="plan"):
+        Trainer(config(tmp_path / "c", "understanding", stage_options={"plan": -1}), items)
+
+
 def test_understanding_locate_turns_follow_the_image_turns(tmp_path):
     """Option locate = k: up to k `where is the X?` turns about the scene join each conversation after its image
     turns, answered from the scene; the image turns are those drawn without the option."""

@@ -27,9 +27,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from blip3o.images import check_images
 from blip3o.tokenizer import BLIP3O_SPECIAL_TOKENS, CHAT_TEMPLATE, SPECIAL_IDS, load_builtin_tokenizer
 
+GENERATION_REQUEST = "Please generate image based on the following caption: "
 GENERATION_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "<|im_start|>user\nPlease generate image based on the following caption: {prompt}<|im_end|>\n"
+    f"<|im_start|>user\n{GENERATION_REQUEST}{{prompt}}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
 IMG_TOKEN = "[IMG]"

@@ -254,6 +254,31 @@ def restate_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
     return turns
 
 
+# the relation each plan states: the item drawn first in reading order (left, or top) comes first
+PLAN_RELATION = {"left of": "left of", "right of": "left of", "above": "above", "below": "above"}
+
+
+def plan_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """`k` (prompt, plan) pairs: a random relation prompt (half in the position prompts' uncoloured `a photo
+    of a square below a circle` form, the rest with colours or counts) and its layout in reading order,
+    the item that goes left (or on top) first: `a circle above a square`. The understanding stage asks
+    for the prompt as the generation request (`plan`), so the backbone has to work out, right where
+    the generation condition's queries follow, which named item goes where."""
+    turns = []
+    for _ in range(k):
+        s1, s2 = rng.sample(SHAPES, 2)
+        rel = rng.choice(RELATIONS)
+        if rng.random() < 0.5:
+            a, b, prefix = item_phrase(s1, None, 1), item_phrase(s2, None, 1), "a photo of "
+        else:
+            colors = rng.sample(COLORS, 2) if rng.random() < 0.7 else [None, None]
+            counts = [1 if rng.random() < 0.7 else rng.randint(2, 4) for _ in range(2)]
+            a, b, prefix = item_phrase(s1, colors[0], counts[0]), item_phrase(s2, colors[1], counts[1]), ""
+        first, second = (a, b) if PLAN_RELATION[rel] == rel else (b, a)
+        turns.append((f"{prefix}{a} {rel} {b}", f"{first} {PLAN_RELATION[rel]} {second}"))
+    return turns
+
+
 LOCATE_ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 LOCATE_COLUMNS: tuple[str, ...] = ("left", "centre", "right")
 

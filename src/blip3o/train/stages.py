@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip3o.backbone import GENERATION_REQUEST
 from blip3o.flow import sample, sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
-from blip3o.shapes.questions import locate_questions, reading_questions, restate_questions
+from blip3o.shapes.questions import locate_questions, plan_questions, reading_questions, restate_questions
 from blip3o.shapes.world import COLORS, SHAPES, Scene
 
 CAPTION_REQUEST = "describe the image."
@@ -369,6 +370,14 @@ class UnderstandingStage(Stage):
     it: the relation questions are yes/no and stay at the majority answer, and without these turns the
     generation condition of `a square left of a circle` differs from `right of` by 4% (session 15).
 
+    Stage option `plan` = k (default 0) adds k text-only turns that ask for a relation prompt exactly as
+    generation does (`Please generate image based on the following caption: a photo of a square below a
+    circle`) and are answered by its layout in reading order, the item drawn left or on top first (`a
+    circle above a square`; `shapes.plan_questions`). The first answer word is predicted at the
+    assistant header's last token, the token the generation condition's `[IMG]` and queries follow, so
+    the backbone must work out there which named item goes where: what `right of` and `below` prompts
+    need and restate alone left weak (session 16).
+
     Stage option `freeze_language` (default false): only the vision tower and its merger train; the
     language model (embeddings, layers, norm, lm_head) stays frozen. The generation condition reads
     text alone through the language model, so it stays bit-identical, and a trained DiT keeps working:
@@ -388,6 +397,7 @@ class UnderstandingStage(Stage):
         self.reading = int_option(options, "reading", 0, minimum=0)
         self.locate = int_option(options, "locate", 0, minimum=0)
         self.restate = int_option(options, "restate", 0, minimum=0)
+        self.plan = int_option(options, "plan", 0, minimum=0)
         self.freeze_language = options.get("freeze_language", False)
         if not isinstance(self.freeze_language, bool):
             raise ValueError(f"stage option freeze_language must be true or false, got {self.freeze_language!r}")
@@ -445,6 +455,8 @@ class UnderstandingStage(Stage):
             pairs += locate_questions(Scene.from_dict(meta["scene"]), rng, self.locate)
         if self.restate:  # drawn after the others: runs without it are unchanged
             pairs += restate_questions(rng, self.restate)
+        if self.plan:  # drawn after the others: runs without it are unchanged
+            pairs += [(GENERATION_REQUEST + prompt, layout) for prompt, layout in plan_questions(rng, self.plan)]
         return pairs
 
     def answer_labels(self, input_ids: torch.Tensor, conversations: list[list[str]]) -> torch.Tensor:
