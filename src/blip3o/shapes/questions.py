@@ -261,9 +261,10 @@ PLAN_RELATION = {"left of": "left of", "right of": "left of", "above": "above", 
 def plan_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
     """`k` (prompt, plan) pairs: a random relation prompt (half in the position prompts' uncoloured `a photo
     of a square below a circle` form, the rest with colours or counts) and its layout in reading order,
-    the item that goes left (or on top) first: `a circle above a square`. The understanding stage asks
-    for the prompt as the generation request (`plan`), so the backbone has to work out, right where
-    the generation condition's queries follow, which named item goes where."""
+    the two shapes alone, the one that goes left (or on top) first: `triangle above square`. The first
+    word is a shape, so the token before the answer must already know which one it is. The understanding
+    stage asks for the prompt as the generation request (`plan`): that token is where the generation
+    condition's `[IMG]` and queries follow."""
     turns = []
     for _ in range(k):
         s1, s2 = rng.sample(SHAPES, 2)
@@ -274,7 +275,7 @@ def plan_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
             colors = rng.sample(COLORS, 2) if rng.random() < 0.7 else [None, None]
             counts = [1 if rng.random() < 0.7 else rng.randint(2, 4) for _ in range(2)]
             a, b, prefix = item_phrase(s1, colors[0], counts[0]), item_phrase(s2, colors[1], counts[1]), ""
-        first, second = (a, b) if PLAN_RELATION[rel] == rel else (b, a)
+        first, second = (s1, s2) if PLAN_RELATION[rel] == rel else (s2, s1)
         turns.append((f"{prefix}{a} {rel} {b}", f"{first} {PLAN_RELATION[rel]} {second}"))
     return turns
 

@@ -372,8 +372,8 @@ class UnderstandingStage(Stage):
 
     Stage option `plan` = k (default 0) adds k text-only turns that ask for a relation prompt exactly as
     generation does (`Please generate image based on the following caption: a photo of a square below a
-    circle`) and are answered by its layout in reading order, the item drawn left or on top first (`a
-    circle above a square`; `shapes.plan_questions`). The first answer word is predicted at the
+    circle`) and are answered by its layout in reading order, the shape drawn left or on top first
+    (`circle above square`; `shapes.plan_questions`). The first answer word is predicted at the
     assistant header's last token, the token the generation condition's `[IMG]` and queries follow, so
     the backbone must work out there which named item goes where: what `right of` and `below` prompts
     need and restate alone left weak (session 16).
