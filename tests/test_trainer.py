@@ -368,25 +368,29 @@ def test_understanding_restate_turns_follow_the_image_turns(tmp_path):
 
 def test_understanding_plan_turns_ask_as_generation_does(tmp_path):
     """Option plan = k: k text-only turns ask for a relation prompt in the generation request's words and are
-    answered by its layout; the assistant header they are answered after is the one the generation prompt ends
-    with, so the first answer word is predicted where the condition's [IMG] and queries follow."""
+    answered by its layout. They open the conversation (the image turns after them are those drawn without
+    the option), so the first reads token for token as the generation prompt: its first answer word is
+    predicted where the condition's [IMG] and queries follow."""
     from blip3o.backbone import GENERATION_PROMPT, GENERATION_REQUEST
 
     items, trainer = turn_option_trainer(tmp_path, "plan", 2, seed=3, n=4)
     stage = trainer.stage
-    for _, extra in extra_turns(tmp_path, items, stage):
-        assert len(extra) == 2
-        for text, answer in extra:
+    plain = Trainer(config(tmp_path / "plain", "understanding", stage_options={"max_turns": 2}), items).stage
+    for i, item in enumerate(items):
+        turns = stage.pick(item, random.Random(i))
+        assert turns[2:] == plain.pick(item, random.Random(i))
+        for text, answer in turns[:2]:
             assert text.startswith(GENERATION_REQUEST) and (" left of " in answer or " above " in answer)
-            assert GENERATION_PROMPT.format(prompt=text.removeprefix(GENERATION_REQUEST)).endswith(
-                f"{text}<|im_end|>\n<|im_start|>assistant\n")
     batch = stage.collate(items, list(range(4)), 0, torch.device("cpu"))
     tok = trainer.model.backbone.tokenizer
     turns = stage.pick(items[2], random.Random(2))
     labelled = tok.decode([t for t in batch["labels"][2].tolist() if t != -100])
     assert labelled == "".join(a + "<|im_end|>" for _, a in turns)
-    text = tok.decode(batch["input_ids"][2])
-    assert f"<|im_start|>user\n{turns[-1][0]}<|im_end|>\n<|im_start|>assistant\n{turns[-1][1]}" in text
+    text = tok.decode([t for t in batch["input_ids"][2].tolist() if t != tok.pad_token_id])  # left padding
+    prompt = GENERATION_PROMPT.format(prompt=turns[0][0].removeprefix(GENERATION_REQUEST))
+    assert text.startswith(prompt + turns[0][1] + "<|im_end|>")
+    image_at = text.index("<|image_pad|>")  # the image sits in the first turn after the plans
+    assert text.rindex(turns[1][1], 0, image_at) > 0 and turns[2][1] in text[image_at:]
     assert torch.isfinite(stage.loss(batch))
     with pytest.raises(ValueError, match="plan"):
         Trainer(config(tmp_path / "c", "understanding", stage_options={"plan": -1}), items)

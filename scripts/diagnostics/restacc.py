@@ -1,6 +1,8 @@
 """Teacher-forced accuracy on the understanding option `restate`'s answers. usage: restacc.py MODEL [THREADS]. For 96
 fresh scenes (seed 991) it builds one image turn and one restate turn (as the stage trains them) and prints the
-accuracy of every answer token of the restate turn and of its relation word alone (left/right/above/below)."""
+accuracy of every answer token of the restate turn and of its relation word alone (left/right/above/below).
+Env OPTION=plan: a `plan` turn instead, and the accuracy of its first token (the shape that goes left or on top)."""
+import os
 import sys
 
 import torch
@@ -11,7 +13,8 @@ from blip3o.train.stages import UnderstandingStage
 
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 m = Blip3o.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-st = UnderstandingStage(m, {"max_turns": 1, "restate": 1})
+option = os.environ.get("OPTION", "restate")
+st = UnderstandingStage(m, {"max_turns": 1, option: 1})
 tok = m.backbone.tokenizer
 rel_ids = set(tok(" left right above below", add_special_tokens=False).input_ids)
 items = [{"image": im, "json": meta} for im, meta in (make_sample(991, i) for i in range(96))]
@@ -33,9 +36,13 @@ with torch.no_grad():
                     cur = []
                 cur.append(p)
             runs.append(cur)
-            for p in runs[-1]:
+            turn = runs[0] if option == "plan" else runs[-1]  # plan turns open the conversation
+            if option == "plan":  # the first answer token: which shape goes left / on top
+                rtot, rcorr = rtot + 1, rcorr + int(pred[r, turn[0]] == tgt[r, turn[0]])
+            for p in turn:
                 hit = int(pred[r, p] == tgt[r, p])
                 tot, corr = tot + 1, corr + hit
-                if tgt[r, p].item() in rel_ids:
+                if option == "restate" and tgt[r, p].item() in rel_ids:
                     rtot, rcorr = rtot + 1, rcorr + hit
-print(sys.argv[1], "restate token acc", round(corr/tot, 3), "relation token acc", round(rcorr/rtot, 3), rtot)
+key = "first (shape) token acc" if option == "plan" else "relation token acc"
+print(sys.argv[1], option, "token acc", round(corr / tot, 3), key, round(rcorr / rtot, 3), rtot)

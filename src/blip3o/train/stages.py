@@ -373,10 +373,12 @@ class UnderstandingStage(Stage):
     Stage option `plan` = k (default 0) adds k text-only turns that ask for a relation prompt exactly as
     generation does (`Please generate image based on the following caption: a photo of a square below a
     circle`) and are answered by its layout in reading order, the shape drawn left or on top first
-    (`circle above square`; `shapes.plan_questions`). The first answer word is predicted at the
-    assistant header's last token, the token the generation condition's `[IMG]` and queries follow, so
-    the backbone must work out there which named item goes where: what `right of` and `below` prompts
-    need and restate alone left weak (session 16).
+    (`circle above square`; `shapes.plan_questions`). They open the conversation, before the image turn,
+    so the first one reads token for token as the generation prompt (system, request, assistant header)
+    and its first answer word is predicted at the very token the condition's `[IMG]` and queries follow:
+    the backbone must work out there which named shape goes where, what `right of` and `below` prompts
+    need and restate alone left weak (session 16). Asked after the image turns instead, they were learned
+    in that place only (first shape 0.66 there, 0.06 after a single image turn).
 
     Stage option `freeze_language` (default false): only the vision tower and its merger train; the
     language model (embeddings, layers, norm, lm_head) stays frozen. The generation condition reads
@@ -425,8 +427,10 @@ class UnderstandingStage(Stage):
         for item, i in zip(items, indices, strict=True):
             turns = self.pick(item, random.Random(seed * 7919 + i))
             messages = []
+            # the image comes with the first turn about it; `plan` turns go before it, so the first one
+            # reads exactly as the generation prompt does up to where its [IMG] and queries follow
             for k, (question, answer) in enumerate(turns):
-                content = [{"type": "image"}, {"type": "text", "text": question}] if k == 0 else question
+                content = [{"type": "image"}, {"type": "text", "text": question}] if k == self.plan else question
                 messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
             texts.append(backbone.tokenizer.apply_chat_template(messages, tokenize=False))
             conversations.append([answer for _, answer in turns])
@@ -455,8 +459,8 @@ class UnderstandingStage(Stage):
             pairs += locate_questions(Scene.from_dict(meta["scene"]), rng, self.locate)
         if self.restate:  # drawn after the others: runs without it are unchanged
             pairs += restate_questions(rng, self.restate)
-        if self.plan:  # drawn after the others: runs without it are unchanged
-            pairs += [(GENERATION_REQUEST + prompt, layout) for prompt, layout in plan_questions(rng, self.plan)]
+        if self.plan:  # drawn after the others (runs without it are unchanged) but asked first: see collate
+            pairs = [(GENERATION_REQUEST + p, layout) for p, layout in plan_questions(rng, self.plan)] + pairs
         return pairs
 
     def answer_labels(self, input_ids: torch.Tensor, conversations: list[list[str]]) -> torch.Tensor:
