@@ -28,7 +28,7 @@ with torch.no_grad():
         pred = logits.argmax(-1)
         for r in range(tgt.shape[0]):
             pos = (tgt[r] != -100).nonzero().flatten().tolist()
-            # last answer = restate turn: take label positions after the last gap
+            # split the labelled positions into turns (runs of consecutive positions)
             runs, cur = [], []
             for p in pos:
                 if cur and p != cur[-1] + 1:
