@@ -30,8 +30,11 @@ NANO_STAGES: list[TrainConfig] = [
     # and each object labelled on the vision token of its box centre (object code read-out): VQA 0.961 against 0.840
     # and two text-only `the other way round?` turns (restate): the condition of `left of` and `right of` prompts
     # then differs 2.6x more (0.044 -> 0.116) and the DiT can place the objects by the relation (session 15)
+    # and two `plan` turns opening the conversation (a relation prompt asked as generation asks it -> its two
+    # shapes in reading order): the token the queries follow knows which shape goes where (session 16)
     TrainConfig(stage="understanding", steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
-                stage_options={"max_turns": 8, "object_labels": 1.0, "object_labels_at": "centre", "restate": 2}),
+                stage_options={"max_turns": 8, "object_labels": 1.0, "object_labels_at": "centre", "restate": 2,
+                               "plan": 2}),
     # tokens noised (std up to 0.3) so that the decoder draws clean shapes from the DiT's inexact tokens
     TrainConfig(stage="decoder", steps=1200, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"token_noise": 0.3}),
