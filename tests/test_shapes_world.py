@@ -473,11 +473,11 @@ def test_plan_questions_put_the_left_or_top_item_first():
         (prompt, plan), = plan_questions(rng, 1)
         q, a = parse_description(prompt), parse_description(plan)
         assert not q.unknown_words and not a.unknown_words, (prompt, plan)
-        first, stated, second = re.fullmatch(r"(\w+) (left of|above) (\w+)", plan).groups()
-        assert a.relations[0].rel == stated == ("left of" if q.relations[0].rel in ("left of", "right of") else "above")
-        shapes = [g.shape for g in q.groups]
-        assert [first, second] == (shapes if q.relations[0].rel == stated else shapes[::-1]), (prompt, plan)
         rel = q.relations[0].rel
+        first, stated, second = re.fullmatch(r"(\w+) (left of|above) (\w+)", plan).groups()
+        assert a.relations[0].rel == stated == ("left of" if rel in ("left of", "right of") else "above")
+        shapes = [g.shape for g in q.groups]
+        assert [first, second] == (shapes if rel == stated else shapes[::-1]), (prompt, plan)
         if sum(g.count for g in q.groups) == 2:  # a canonical scene for it satisfies the plan as well
             scene = canonical_scene(q, scene_rng)
             assert check(q, scene.objects) and check(a, scene.objects), (prompt, plan)

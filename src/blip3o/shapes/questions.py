@@ -228,6 +228,20 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
 RESTATE_REQUEST = "the other way round?"
 
 
+def relation_sentence(rng: random.Random, *, photo_share: float) -> tuple[str, str, str, str, str, str]:
+    """A random relation sentence in the prompt grammar, as its parts (shape1, shape2, rel, item1, item2,
+    prefix): `{prefix}{item1} {rel} {item2}`. With chance `photo_share` it is in the position prompts'
+    uncoloured form (`a photo of a square above a circle`), otherwise its items are coloured 70% of the
+    time and counted (2 to 4) 30% of the time each."""
+    s1, s2 = rng.sample(SHAPES, 2)
+    rel = rng.choice(RELATIONS)
+    if rng.random() < photo_share:
+        return s1, s2, rel, item_phrase(s1, None, 1), item_phrase(s2, None, 1), "a photo of "
+    colors = rng.sample(COLORS, 2) if rng.random() < 0.7 else [None, None]
+    counts = [1 if rng.random() < 0.7 else rng.randint(2, 4) for _ in range(2)]
+    return s1, s2, rel, item_phrase(s1, colors[0], counts[0]), item_phrase(s2, colors[1], counts[1]), ""
+
+
 def restate_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
     """`k` text-only turns: a random relation sentence in the prompt grammar followed by
     `the other way round?`, answered by its converse (`a red circle left of two squares. the other way
@@ -242,14 +256,7 @@ def restate_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
     """
     turns = []
     for _ in range(k):
-        s1, s2 = rng.sample(SHAPES, 2)
-        rel = rng.choice(RELATIONS)
-        if rng.random() < 1 / 3:
-            a, b, prefix = item_phrase(s1, None, 1), item_phrase(s2, None, 1), "a photo of "
-        else:
-            colors = rng.sample(COLORS, 2) if rng.random() < 0.7 else [None, None]
-            counts = [1 if rng.random() < 0.7 else rng.randint(2, 4) for _ in range(2)]
-            a, b, prefix = item_phrase(s1, colors[0], counts[0]), item_phrase(s2, colors[1], counts[1]), ""
+        _, _, rel, a, b, prefix = relation_sentence(rng, photo_share=1 / 3)
         turns.append((f"{prefix}{a} {rel} {b}. {RESTATE_REQUEST}", f"{b} {CONVERSE[rel]} {a}"))
     return turns
 
@@ -267,14 +274,7 @@ def plan_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
     condition's `[IMG]` and queries follow."""
     turns = []
     for _ in range(k):
-        s1, s2 = rng.sample(SHAPES, 2)
-        rel = rng.choice(RELATIONS)
-        if rng.random() < 0.5:
-            a, b, prefix = item_phrase(s1, None, 1), item_phrase(s2, None, 1), "a photo of "
-        else:
-            colors = rng.sample(COLORS, 2) if rng.random() < 0.7 else [None, None]
-            counts = [1 if rng.random() < 0.7 else rng.randint(2, 4) for _ in range(2)]
-            a, b, prefix = item_phrase(s1, colors[0], counts[0]), item_phrase(s2, colors[1], counts[1]), ""
+        s1, s2, rel, a, b, prefix = relation_sentence(rng, photo_share=0.5)
         first, second = (s1, s2) if PLAN_RELATION[rel] == rel else (s2, s1)
         turns.append((f"{prefix}{a} {rel} {b}", f"{first} {PLAN_RELATION[rel]} {second}"))
     return turns
