@@ -32,14 +32,18 @@ NANO_STAGES: list[TrainConfig] = [
     # then differs 2.6x more (0.044 -> 0.116) and the DiT can place the objects by the relation (session 15)
     # and two `plan` turns opening the conversation (a relation prompt asked as generation asks it -> its two
     # shapes in reading order): the token the queries follow knows which shape goes where (session 16)
-    TrainConfig(stage="understanding", steps=1800, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
+    # 1000 steps (1800 until session 17): the turns above made a step 2.6 s at 2 threads, and the recipe must fit
+    # its 90 minutes
+    TrainConfig(stage="understanding", steps=1000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"max_turns": 8, "object_labels": 1.0, "object_labels_at": "centre", "restate": 2,
                                "plan": 2}),
-    # tokens noised (std up to 0.3) so that the decoder draws clean shapes from the DiT's inexact tokens
-    TrainConfig(stage="decoder", steps=1200, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
+    # tokens noised (std up to 0.3) so that the decoder draws clean shapes from the DiT's inexact tokens;
+    # 600 steps (1200 until session 17; 1.4 s a step), for the 90 minutes
+    TrainConfig(stage="decoder", steps=600, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"token_noise": 0.3}),
-    # on shards of its own (NANO_GENERATION_DATA); the text is the prompt 9 times in 10, the caption otherwise
-    TrainConfig(stage="generation", steps=2500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
+    # on shards of its own (NANO_GENERATION_DATA); the text is the prompt 9 times in 10, the caption otherwise;
+    # 2000 steps (2500 until session 17; 0.75 s a step), for the 90 minutes
+    TrainConfig(stage="generation", steps=2000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"prompt_share": 0.9}),
 ]
 NANO_SAMPLES = 40_000
@@ -52,13 +56,18 @@ NANO_GENERATION_DATA: dict = {"prompt_first": 1.0, "canonical": 1.0, "canonical_
 GENERATION_SHARE = 0.8
 
 
-def ensure_shapes_data(data_dir: Path, num: int, seed: int, **options) -> Path:
-    """Write the Shapes shards once (options: write_shards'); a folder that already has them is reused."""
+def ensure_shapes_data(data_dir: Path, num: int, seed: int, timings: dict | None = None, key: str = "data",
+                       **options) -> Path:
+    """Write the Shapes shards once (options: write_shards'); a folder that already has them is reused.
+    The seconds spent writing go to timings[key]."""
     from blip3o.shapes import write_shards
 
     if not sorted(data_dir.glob("shapes-*.tar")):
         print(f"writing {num} Shapes samples to {data_dir}", flush=True)
+        started = time.perf_counter()
         write_shards(data_dir, num, seed, **options)
+        if timings is not None:
+            timings[key] = time.perf_counter() - started
     return data_dir
 
 
@@ -71,30 +80,29 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
     times of every stage run so far.
     """
     out = Path(out)
-    data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed)
+    timings: dict[str, float] = {}  # seconds of what this call did: writing shards, training stages
+    data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed, timings)
     dataset = ShardDataset(data_dir, seed=seed)
     print(f"data: {dataset.describe()}", flush=True)
-    init, timings, last_run = "nano", {}, None
+    init, last_run = "nano", None
     for base in NANO_STAGES:
         stage_data, stage_dataset = data_dir, dataset
         if base.stage == "generation" and (stages is None or "generation" in stages):
             stage_data = ensure_shapes_data(out / "data_generation", max(1, round(num_samples * GENERATION_SHARE)),
-                                            seed + 1, **NANO_GENERATION_DATA)
+                                            seed + 1, timings, "data_generation", **NANO_GENERATION_DATA)
             stage_dataset = ShardDataset(stage_data, seed=seed)
             print(f"generation data: {stage_dataset.describe()}", flush=True)
         cfg = dataclasses.replace(base, init=init, out_dir=str(out / base.stage), data=[str(stage_data)], seed=seed,
                                   device=device, steps=max(1, round(base.steps * scale)))
         if stages is None or cfg.stage in stages:
             started = time.perf_counter()
-            last_run = Trainer(cfg, stage_dataset).fit()
-            timings[cfg.stage] = time.perf_counter() - started
+            trainer = Trainer(cfg, stage_dataset)
+            last_run = trainer.fit()
+            # a stage resumed from its checkpoint counts the loop time its earlier runs recorded there
+            timings[cfg.stage] = time.perf_counter() - started + trainer.resumed_seconds
+            record_timings(out, timings)  # after every stage: a run stopped later keeps what it did
         init = str(out / cfg.stage / "model")
-    # timings of this call's stages join those of earlier calls (a recipe run stage by stage)
-    record = out / "timings.json"
-    earlier = json.loads(record.read_text()) if record.exists() else {}
-    stage_s = {k: v for k, v in earlier.items() if k in {s.stage for s in NANO_STAGES}} | timings
-    record.write_text(json.dumps({**stage_s, "total_s": sum(stage_s.values()), "threads": torch.get_num_threads()},
-                                 indent=2))
+    record_timings(out, timings)
     if not (Path(init) / "config.json").exists():  # the last stage has not run yet: no nano model
         print(f"stages {', '.join(timings)} done; run the later ones to get {out / 'model'}", flush=True)
         return Path(last_run) if last_run is not None else out
@@ -103,6 +111,18 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
         shutil.rmtree(final)
     shutil.copytree(init, final)
     return final
+
+
+def record_timings(out: Path, timings: dict[str, float]) -> None:
+    """OUT/timings.json: these seconds joined to those recorded by earlier calls (a recipe run in parts)."""
+    record = out / "timings.json"
+    earlier = json.loads(record.read_text()) if record.exists() else {}
+    parts = {s.stage for s in NANO_STAGES} | {"data", "data_generation"}
+    seconds = {k: v for k, v in earlier.items() if k in parts} | timings
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**seconds, "total_s": sum(seconds.values()), "threads": torch.get_num_threads()},
+                              indent=2))
+    tmp.replace(record)  # atomic: never a half-written record
 
 
 def train_stage(config_path: str | Path) -> Path:

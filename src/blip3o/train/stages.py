@@ -490,16 +490,23 @@ class UnderstandingStage(Stage):
         visual = self.model.backbone.model.model.visual
         hook = visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output)) \
             if cells is not None else None
+        vlm = self.model.backbone.model
         try:
-            logits = self.model.backbone.model(**batch).logits[:, :-1].float()  # (B, L-1, V)
+            hidden = vlm.model(**batch).last_hidden_state  # (B, L, H)
         finally:
             if hook is not None:
                 hook.remove()
-        targets = labels[:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        mask = (targets != -100).float()
+        # the vocabulary projection only where a label follows (answers are ~1/4 of the tokens): the same
+        # loss as over every position's logits, without their time and memory
+        targets = labels[:, 1:]  # (B, L-1): token t + 1 is predicted at position t
+        mask = targets != -100
+        rows = mask.nonzero()[:, 0]
+        logits = vlm.lm_head(hidden[:, :-1][mask]).float()  # (answer tokens, V)
+        per_token = F.cross_entropy(logits, targets[mask], reduction="none")
+        counts = mask.sum(1)
         # mean per sample, then over samples: splitting the batch over ranks changes nothing
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+        per_sample = per_token.new_zeros(len(mask)).index_add(0, rows, per_token)
+        loss = (per_sample / counts.clamp_min(1)).mean()
         if cells is None:
             return loss
         out = self.object_head(seen[0].float())  # (cells, read-out)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from blip3o import checkpoints
+from blip3o.allocator import keep_freed_memory
 from blip3o.distributed import World, all_mean, average_gradients, barrier, init_world
 from blip3o.model import Blip3o
 from blip3o.train.stages import STAGES, Stage
@@ -111,6 +112,8 @@ class Trainer:
             raise ValueError(f"unknown stage {config.stage!r}; stages: {', '.join(STAGES)}")
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the same activations every step: reuse their memory, no fresh pages
         self.world = world or init_world(self.device)
         if config.batch_size % self.world.size:
             raise ValueError(f"batch_size {config.batch_size} does not split over {self.world.size} processes")
@@ -126,6 +129,8 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio))
         self.ema = {n: p.detach().clone() for n, p in self.named_params} if config.ema_decay > 0 else None
         self.step = 0
+        self.seconds = 0.0  # wall time spent in the training loop, over every run of it (resumes included)
+        self.resumed_seconds = 0.0  # the part of it that earlier runs spent (from the checkpoint)
         self.out = Path(config.out_dir)
 
     # ------------------------------------------------------------------ state
@@ -145,6 +150,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
+            "seconds": self.seconds,
             "params": {n: p.detach().cpu().clone() for n, p in self.named_params},
             "ema": None if self.ema is None else {n: t.cpu().clone() for n, t in self.ema.items()},
             "optimizer": self.optimizer.state_dict(),
@@ -184,6 +190,7 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         self.step = state["step"]
+        self.seconds = self.resumed_seconds = float(state.get("seconds", 0.0))  # older checkpoints lack it
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -225,6 +232,7 @@ class Trainer:
         started, done_at_start = time.perf_counter(), self.step
         while self.step < self.config.steps:
             loss = self.train_step()
+            self.seconds = self.resumed_seconds + time.perf_counter() - started
             bar.update(1)
             if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                 loss = all_mean(loss, self.world)
