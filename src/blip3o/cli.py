@@ -591,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     if getattr(args, "model", None) is None and args.command != "demo":
         args.model = default_model()
+    from blip3o.allocator import keep_freed_memory
+
+    keep_freed_memory()  # CPU work reuses its freed activations instead of faulting in fresh pages (allocator.py)
     try:
         if getattr(args, "model", None) is not None:
             check_model_name(args.model)
