@@ -8,6 +8,9 @@ faster) and a last line `ratio=` for the understanding stage, the recipe's longe
 
     python benchmarks/cpu_train_step.py                 # every stage, 6 steps each, torch's default threads
     python benchmarks/cpu_train_step.py --stages understanding --steps 12
+    python benchmarks/cpu_train_step.py --against HEAD~1   # this tree's code against a git revision's, both
+                                                           # with freed memory kept, 3 alternated runs each
+                                                           # (--rounds): ratio=<this/REF>
 """
 
 from __future__ import annotations
@@ -46,17 +49,39 @@ print(json.dumps({"step_s": sum(times[1:]) / (steps - 1),
 """
 
 
-def run(stage: str, data: Path, steps: int, keep: bool, tmp: Path) -> dict:
+def run(stage: str, data: Path, steps: int, keep: bool, tmp: Path, src: Path | None = None) -> dict:
+    """One fresh process; `src` (a tree's src/ folder) replaces the installed blip3o."""
     env = {**os.environ, "BLIP3O_KEEP_FREED_MEMORY": "1" if keep else "0", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", CHILD, stage, str(data), str(steps), str(tmp / f"{stage}-{keep}")],
-                         env=env, capture_output=True, text=True, check=True)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
+    out = subprocess.run([sys.executable, "-c", CHILD, stage, str(data), str(steps),
+                          str(tmp / f"{stage}-{keep}-{src is not None}")], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{stage} step timing failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mean_of(results: list[dict]) -> dict:
+    """The per-key mean of several runs' results."""
+    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+
+def compare(label: str, a: dict, b: dict, names: tuple[str, str]) -> float:
+    """Print one stage's two timings; returns b's step time over a's."""
+    ratio = b["step_s"] / a["step_s"]
+    print(f"{label:14s} {names[0]} {a['step_s']:.3f} s/step ({a['faults_per_step']:.0f} page faults)"
+          f"  {names[1]} {b['step_s']:.3f} s/step ({b['faults_per_step']:.0f})  threads {b['threads']}"
+          f"  ratio={ratio:.3f}")
+    return ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=["clip", "understanding", "decoder", "generation"])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--against", metavar="REF", help="time this tree's code against git revision REF's "
+                        "(both with freed memory kept) instead of the two allocator settings")
+    parser.add_argument("--rounds", type=int, default=3, help="with --against: alternated runs of each tree")
     args = parser.parse_args()
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (the first step is not timed)")
@@ -67,18 +92,30 @@ def main() -> None:
     print(f"device: cpu ({platform.processor() or platform.machine()}), {os.cpu_count()} cores; "
           f"{args.steps} steps a stage, the recipe's batch and options")
     ratios = {}
+    root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = batch * args.steps
         write_shards(tmp / "data", n, 0)
         write_shards(tmp / "data_generation", n, 1, **NANO_GENERATION_DATA)
-        for stage in args.stages:
-            data = tmp / ("data_generation" if stage == "generation" else "data")
-            default, kept = run(stage, data, args.steps, False, tmp), run(stage, data, args.steps, True, tmp)
-            ratios[stage] = kept["step_s"] / default["step_s"]
-            print(f"{stage:14s} default {default['step_s']:.3f} s/step ({default['faults_per_step']:.0f} page faults)"
-                  f"  kept {kept['step_s']:.3f} s/step ({kept['faults_per_step']:.0f})  threads {kept['threads']}"
-                  f"  ratio={ratios[stage]:.3f}")
+        if args.against:  # the revision's tree, checked out beside this one
+            subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "ref"), args.against],
+                           check=True, capture_output=True)
+        try:
+            for stage in args.stages:
+                data = tmp / ("data_generation" if stage == "generation" else "data")
+                if args.against:  # alternated, so that a drift of the machine's speed hits both alike
+                    runs = [(run(stage, data, args.steps, True, tmp, tmp / "ref" / "src"),
+                             run(stage, data, args.steps, True, tmp, root / "src")) for _ in range(args.rounds)]
+                    ref, this = (mean_of([r[k] for r in runs]) for k in (0, 1))
+                    ratios[stage] = compare(stage, ref, this, (args.against, "this tree"))
+                else:
+                    default, kept = run(stage, data, args.steps, False, tmp), run(stage, data, args.steps, True, tmp)
+                    ratios[stage] = compare(stage, default, kept, ("default", "kept"))
+        finally:
+            if args.against:
+                subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "ref")],
+                               capture_output=True)
     last = "understanding" if "understanding" in ratios else args.stages[-1]
     print(f"ratio={ratios[last]:.3f}")
 

@@ -282,3 +282,29 @@ def test_decode_is_device_independent(decoder):
     on_gpu = decoder.to("cuda").decode(tokens.cuda(), steps=2, generator=seeded(12))
     decoder.to("cpu")
     torch.testing.assert_close(on_gpu.cpu(), expected, atol=2e-3, rtol=0)
+
+
+def test_shapes_decoder_channels_last_gives_the_same_loss_gradients_and_images(shapes):
+    pixels = torch.rand(3, 3, 64, 64, generator=seeded(3))
+    tokens = tokens_for(shapes, batch=3, seed=4)
+
+    def run():
+        shapes.zero_grad(set_to_none=True)
+        loss = shapes.loss(tokens, pixels, generator=seeded(5))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in shapes.named_parameters()}
+        return loss.detach(), grads, shapes.decode(tokens, steps=3, generator=seeded(6))
+
+    want_loss, want_grads, want_images = run()
+    shapes.set_channels_last(True)
+    try:
+        assert shapes.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        got_loss, got_grads, got_images = run()
+    finally:
+        shapes.set_channels_last(False)
+        shapes.zero_grad(set_to_none=True)
+    assert shapes.conv_in.weight.is_contiguous() and not shapes.channels_last
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(got_images, want_images, rtol=1e-4, atol=1e-5)

@@ -347,6 +347,22 @@ def test_self_conditioned_loss_reads_a_gradient_free_first_estimate(prediction):
     assert dit.self_condition.weight.grad is not None and dit.self_condition.weight.grad.abs().sum() > 0
 
 
+def test_condition_select_equals_the_condition_of_those_rows():
+    dit, _ = _self_conditioned()
+    c = torch.randn(4, 5, dit.config.cond_size)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 1, 0, 0, 0], [1] * 5]).bool()
+    rows = torch.tensor([0, 2])
+    with torch.no_grad():
+        got, want = dit.prepare_condition(c, mask).select(rows), dit.prepare_condition(c[rows], mask[rows])
+        one = dit.prepare_condition(c[:1])
+    torch.testing.assert_close(got.context, want.context)
+    assert torch.equal(got.mask, want.mask)
+    for (k, v), (k2, v2) in zip(got.cross_kv, want.cross_kv, strict=True):
+        torch.testing.assert_close(k, k2)
+        torch.testing.assert_close(v, v2)
+    assert one.select(rows) is one  # a batch-1 condition broadcasts to any rows
+
+
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_self_conditioned_sampling_feeds_each_step_the_last_guided_estimate(guidance):
     dit, _ = _self_conditioned()

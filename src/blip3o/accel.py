@@ -245,7 +245,7 @@ def disable_static_cache(backbone: Backbone) -> None:
 class AccelOptions:
     dit_graph: bool = True  # the whole DiT sampling loop as one CUDA graph
     fuse_projections: bool = True  # one GEMM for the DiT's q/k/v/q2 and SwiGLU inputs
-    channels_last: bool = True  # the SDXL UNet's weights and activations in NHWC (cuDNN's fast layout)
+    channels_last: bool = True  # the decoder's conv weights and activations in NHWC (cuDNN's and oneDNN's fast layout)
     unet_graph: bool = True  # the UNet's CFG step as a CUDA graph
     static_cache: bool = True  # static KV cache for `answer`/`chat`
     compile: bool = False  # torch.compile the DiT velocity, the UNet and the decode step (minutes to warm up)
@@ -263,8 +263,9 @@ def accelerate(model: Blip3o, options: AccelOptions | None = None, **overrides: 
         compile = False
     model.dit.fuse_projections(options.fuse_projections)
     model.fast_sampler = DiTSampler(model, cuda_graph=options.dit_graph, compile=compile)
-    if isinstance(model.decoder, SdxlUnetDecoder):
+    if hasattr(model.decoder, "set_channels_last"):
         model.decoder.set_channels_last(options.channels_last)
+    if isinstance(model.decoder, SdxlUnetDecoder):
         model.decoder.fast_predict = UNetStepGraph(model.decoder, compile=compile) if options.unet_graph else None
     if options.static_cache:
         enable_static_cache(model.backbone, compile=compile)

@@ -401,6 +401,13 @@ class Condition:
     mask: torch.Tensor | None  # (B, L) bool, None = all valid
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, kv_heads, L, hd) keys and values
 
+    def select(self, rows: torch.Tensor) -> Condition:
+        """The condition of those batch rows (a batch-1 condition, broadcast to any batch, stays as is)."""
+        if self.context.shape[0] == 1:
+            return self
+        return Condition(self.context[rows], None if self.mask is None else self.mask[rows],
+                         [(k[rows], v[rows]) for k, v in self.cross_kv])
+
 
 class TokenWhitening(nn.Module):
     """The DiT's token space: z = W (x - mean), W = (lam + e)^-1/2 U^T; back: x = U (lam + e)^1/2 z + mean.
@@ -639,10 +646,13 @@ class DiT(nn.Module):
         prepared = self.prepare_condition(cond)
         previous = None
         if self.self_condition is not None and self_condition is not None and bool(self_condition.any()):
-            with torch.no_grad():
-                first = self.predict(path.x_t, path.t, prepared, pre)
-                estimate = self.clean_estimate(path.x_t, path.t, first, pre)
-                previous = estimate * self_condition.view(-1, 1, 1).to(estimate.dtype)
+            with torch.no_grad():  # the first pass only for the rows that read it (every row is independent)
+                rows = self_condition.nonzero()[:, 0]
+                x_t, t = path.x_t[rows], path.t[rows]
+                sub = None if pre is None else Preconditioning(t, self.config.data_std)
+                first = self.predict(x_t, t, prepared.select(rows), sub)
+                previous = torch.zeros_like(path.x_t)
+                previous[rows] = self.clean_estimate(x_t, t, first, sub).to(previous.dtype)
         out = self.predict(path.x_t, path.t, prepared, pre, previous)
         if kind == "velocity":
             loss = flow_matching_loss(out, path)
