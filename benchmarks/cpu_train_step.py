@@ -70,7 +70,7 @@ def compare(label: str, a: dict, b: dict, names: tuple[str, str]) -> float:
     """Print one stage's two timings; returns b's step time over a's."""
     ratio = b["step_s"] / a["step_s"]
     print(f"{label:14s} {names[0]} {a['step_s']:.3f} s/step ({a['faults_per_step']:.0f} page faults)"
-          f"  {names[1]} {b['step_s']:.3f} s/step ({b['faults_per_step']:.0f})  threads {b['threads']}"
+          f"  {names[1]} {b['step_s']:.3f} s/step ({b['faults_per_step']:.0f})  threads {b['threads']:.0f}"
           f"  ratio={ratio:.3f}")
     return ratio
 
