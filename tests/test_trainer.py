@@ -431,6 +431,74 @@ def test_understanding_locate_turns_follow_the_image_turns(tmp_path):
             Trainer(config(tmp_path / "c", "understanding", stage_options={"locate": bad}), items)
 
 
+def test_understanding_questions_join_the_image_turns(tmp_path):
+    """Option questions = k: up to k more scene questions, answered from the scene and none already asked, are
+    placed among the image turns: after the `plan` turns, before the text-only `restate` turns; every other
+    turn is the one drawn without the option, in its order."""
+    from blip3o.shapes import make_sample
+    from blip3o.shapes.questions import answer_question
+    from blip3o.shapes.world import Scene
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(6, i) for i in range(6))]
+    common = {"max_turns": 2, "plan": 1, "restate": 1}
+    plain = Trainer(config(tmp_path / "plain", "understanding", stage_options=common), items).stage
+    trainer = Trainer(config(tmp_path / "q", "understanding", stage_options={**common, "questions": 4}), items)
+    stage, added = trainer.stage, 0
+    for i, item in enumerate(items):
+        base, turns = plain.pick(item, random.Random(i)), stage.pick(item, random.Random(i))
+        extra = [t for t in turns if t not in base]
+        assert [t for t in turns if t in base] == base and len(turns) == len(base) + len(extra) <= len(base) + 4
+        assert turns[0] == base[0] and turns[-1] == base[-1]  # plan first, restate last
+        assert len({q for q, _ in turns}) == len(turns)  # no question twice
+        objects = Scene.from_dict(item["json"]["scene"]).objects
+        for question, answer in extra:
+            assert answer == answer_question(question, objects)
+        added += len(extra)
+    assert added >= 12
+    batch = stage.collate(items, list(range(6)), 0, torch.device("cpu"))
+    labelled = trainer.model.backbone.tokenizer.decode([t for t in batch["labels"][3].tolist() if t != -100])
+    assert labelled == "".join(a + "<|im_end|>" for _, a in stage.pick(items[3], random.Random(3)))
+    assert torch.isfinite(stage.loss(batch))
+    with pytest.raises(ValueError, match="questions"):
+        Trainer(config(tmp_path / "c", "understanding", stage_options={"questions": -1}), items)
+
+
+def test_understanding_loss_per_turn_weighs_each_answer_once(tmp_path):
+    """Option loss_per = "turn": the mean over a conversation's answers of each answer's mean token loss
+    (then over samples), recomputed here from the full logits; "token" (the default) is unchanged."""
+    from blip3o.shapes import make_sample
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(7, i) for i in range(4))]
+    options = {"max_turns": 4, "restate": 1}
+    trainer = Trainer(config(tmp_path / "t", "understanding", stage_options={**options, "loss_per": "turn"}), items)
+    stage = trainer.stage
+    batch = stage.collate(items, list(range(4)), 0, torch.device("cpu"))
+    labels, turns = batch["labels"], batch["label_turns"]
+    assert ((labels == -100) == (turns == -1)).all()
+    with torch.no_grad():
+        reference = {k: v for k, v in batch.items() if k not in ("labels", "label_turns")}
+        logits = trainer.model.backbone.model(**reference).logits[:, :-1].float()
+        per_sample = []
+        for row in range(4):
+            answers = [stage.pick(items[row], random.Random(row))[t][1] for t in range(int(turns[row].max()) + 1)]
+            means = []
+            for t, answer in enumerate(answers):
+                at = (turns[row, 1:] == t).nonzero()[:, 0]
+                assert trainer.model.backbone.tokenizer.decode(labels[row, at + 1]) == answer + "<|im_end|>"
+                means.append(F.cross_entropy(logits[row, at], labels[row, at + 1]))
+            per_sample.append(torch.stack(means).mean())
+        torch.testing.assert_close(stage.loss(dict(batch)), torch.stack(per_sample).mean(), rtol=1e-5, atol=1e-6)
+        targets = labels[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        mask = (targets != -100).float()
+        token_mean = ((per_token * mask).sum(1) / mask.sum(1)).mean()  # what loss_per "token" gives
+        assert abs(float(token_mean) - float(stage.loss(dict(batch)))) > 1e-3
+        plain = Trainer(config(tmp_path / "p", "understanding", stage_options=options), items).stage
+        assert "label_turns" not in plain.collate(items, list(range(4)), 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="loss_per"):
+        Trainer(config(tmp_path / "c", "understanding", stage_options={"loss_per": "answer"}), items)
+
+
 def test_understanding_object_labels_read_shape_and_colour_from_vision_tokens(tmp_path):
     """Option object_labels: each merged vision token's (shape, colour) label is the object whose box
     holds the cell centre; the loss adds the weighted read-out error; the head learns; no scene = no labels."""

@@ -22,7 +22,13 @@ from blip3o.backbone import GENERATION_REQUEST
 from blip3o.flow import sample, sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
-from blip3o.shapes.questions import locate_questions, plan_questions, reading_questions, restate_questions
+from blip3o.shapes.questions import (
+    locate_questions,
+    more_questions,
+    plan_questions,
+    reading_questions,
+    restate_questions,
+)
 from blip3o.shapes.world import COLORS, SHAPES, Scene
 
 CAPTION_REQUEST = "describe the image."
@@ -380,6 +386,17 @@ class UnderstandingStage(Stage):
     need and restate alone left weak (session 16). Asked after the image turns instead, they were learned
     in that place only (first shape 0.66 there, 0.06 after a single image turn).
 
+    Stage option `questions` = k (default 0) adds up to k more of the scene's image questions
+    (`shapes.more_questions`: the six types in turn, none already in the conversation), placed at random
+    among its image turns. The image's tokens, the system prompt and the `plan`/`restate` turns are a
+    fixed cost of every conversation, and the image's own 3 to 6 questions fill 13% of its tokens with
+    answers; the language model learns by the answers it sees (session 19), so these raise the answers a
+    step carries for a smaller rise in its time (session 20).
+
+    Stage option `loss_per` = "token" (default) or "turn": how a conversation's answer loss is averaged.
+    Per token, the caption (about 30 tokens) outweighs every one-word answer of the conversation
+    together (2 tokens each, its word and `<|im_end|>`); per turn, each answer's mean counts once.
+
     Stage option `freeze_language` (default false): only the vision tower and its merger train; the
     language model (embeddings, layers, norm, lm_head) stays frozen. The generation condition reads
     text alone through the language model, so it stays bit-identical, and a trained DiT keeps working:
@@ -400,6 +417,10 @@ class UnderstandingStage(Stage):
         self.locate = int_option(options, "locate", 0, minimum=0)
         self.restate = int_option(options, "restate", 0, minimum=0)
         self.plan = int_option(options, "plan", 0, minimum=0)
+        self.questions = int_option(options, "questions", 0, minimum=0)
+        self.loss_per = options.get("loss_per", "token")
+        if self.loss_per not in ("token", "turn"):
+            raise ValueError(f"stage option loss_per must be 'token' or 'turn', got {self.loss_per!r}")
         self.freeze_language = options.get("freeze_language", False)
         if not isinstance(self.freeze_language, bool):
             raise ValueError(f"stage option freeze_language must be true or false, got {self.freeze_language!r}")
@@ -437,7 +458,9 @@ class UnderstandingStage(Stage):
             images.append(item["image"])
         inputs = backbone.processor(text=texts, images=images, padding=True, padding_side="left",
                                     return_tensors="pt")
-        inputs["labels"] = self.answer_labels(inputs["input_ids"], conversations)
+        inputs["labels"], turns = self.answer_labels(inputs["input_ids"], conversations)
+        if self.loss_per == "turn":
+            inputs["label_turns"] = turns
         if self.object_head is not None:
             merge = self.model.backbone.config.spatial_merge_size
             labels_of = cell_labels if self.labels_at == "box" else object_codes_of
@@ -453,6 +476,7 @@ class UnderstandingStage(Stage):
         pairs += [(CAPTION_REQUEST, c) for c in captions_of(item)[:1]]
         rng.shuffle(pairs)
         pairs = pairs[: max(1, int(self.options.get("max_turns", 1)))]
+        image = len(pairs)  # the turns about the image, asked first after any `plan` turns
         if self.reading and meta.get("caption"):  # drawn after the others: runs without it are unchanged
             pairs += reading_questions(meta["caption"], rng, self.reading)
         if self.locate and meta.get("scene"):  # drawn after the others: runs without it are unchanged
@@ -461,10 +485,17 @@ class UnderstandingStage(Stage):
             pairs += restate_questions(rng, self.restate)
         if self.plan:  # drawn after the others (runs without it are unchanged) but asked first: see collate
             pairs = [(GENERATION_REQUEST + p, layout) for p, layout in plan_questions(rng, self.plan)] + pairs
+        if self.questions and meta.get("scene"):  # drawn last (runs without it are unchanged), asked among image turns
+            asked = [q for q, _ in pairs]
+            for q in more_questions(Scene.from_dict(meta["scene"]), rng, self.questions, asked):
+                pairs.insert(self.plan + rng.randint(0, image), (q.text, q.answer))
+                image += 1
         return pairs
 
-    def answer_labels(self, input_ids: torch.Tensor, conversations: list[list[str]]) -> torch.Tensor:
-        """Labels = each assistant turn's answer tokens and its <|im_end|>; -100 elsewhere.
+    def answer_labels(self, input_ids: torch.Tensor,
+                      conversations: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels = each assistant turn's answer tokens and its <|im_end|>; -100 elsewhere. Also each
+        labelled token's turn (0, 1, ... within its row; -1 where unlabelled).
 
         Assistant turns start after `<|im_start|>assistant\\n`; each must hold exactly its tokenized
         answer, checked, never assumed.
@@ -472,20 +503,22 @@ class UnderstandingStage(Stage):
         tok = self.model.backbone.tokenizer
         header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
         labels = torch.full_like(input_ids, -100)
+        turns = torch.full_like(input_ids, -1)
         for row, answers in enumerate(conversations):
             ids = input_ids[row].tolist()
             starts = [p + len(header) for p in range(len(ids) - len(header) + 1) if ids[p:p + len(header)] == header]
             if len(starts) != len(answers):
                 raise RuntimeError(f"found {len(starts)} assistant turns in a conversation of {len(answers)} answers")
-            for start, answer in zip(starts, answers, strict=True):
+            for turn, (start, answer) in enumerate(zip(starts, answers, strict=True)):
                 target = tok(answer + "<|im_end|>", add_special_tokens=False).input_ids
                 if ids[start:start + len(target)] != target:
                     raise RuntimeError(f"cannot locate the answer {answer!r} in its tokenized conversation")
                 labels[row, start:start + len(target)] = input_ids[row, start:start + len(target)]
-        return labels
+                turns[row, start:start + len(target)] = turn
+        return labels, turns
 
     def loss(self, batch):
-        labels, cells = batch.pop("labels"), batch.pop("cell_labels", None)
+        labels, cells, turns = batch.pop("labels"), batch.pop("cell_labels", None), batch.pop("label_turns", None)
         seen = []  # the vision tower's merged tokens (all images' cells, raster order), when needed
         visual = self.model.backbone.model.model.visual
         hook = visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output)) \
@@ -503,8 +536,19 @@ class UnderstandingStage(Stage):
         rows = mask.nonzero()[:, 0]
         logits = vlm.lm_head(hidden[:, :-1][mask]).float()  # (answer tokens, V)
         per_token = F.cross_entropy(logits, targets[mask], reduction="none")
-        counts = mask.sum(1)
-        # mean per sample, then over samples: splitting the batch over ranks changes nothing
+        if turns is not None:  # loss_per "turn": each answer's mean, so a one-word answer weighs as much as a caption
+            turn = turns[:, 1:][mask]
+            width = int(turn.max()) + 1 if len(turn) else 1
+            slot = rows * width + turn  # (row, turn) -> one index
+            sums = per_token.new_zeros(len(mask) * width).index_add(0, slot, per_token)
+            sizes = per_token.new_zeros(len(mask) * width).index_add(0, slot, torch.ones_like(per_token))
+            present = sizes > 0
+            per_token = sums[present] / sizes[present]  # one value per turn, in (row, turn) order
+            rows = present.nonzero()[:, 0] // width
+            counts = per_token.new_zeros(len(mask)).index_add(0, rows, torch.ones_like(per_token))
+        else:
+            counts = mask.sum(1)
+        # mean per sample (of its tokens or turns), then over samples: splitting the batch over ranks changes nothing
         per_sample = per_token.new_zeros(len(mask)).index_add(0, rows, per_token)
         loss = (per_sample / counts.clamp_min(1)).mean()
         if cells is None:
