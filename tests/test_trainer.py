@@ -341,6 +341,18 @@ def extra_turns(tmp_path, items, stage):
         yield item, turns[len(base):]
 
 
+def labels_loss_and_refusal(tmp_path, trainer, items, row: int, option: str) -> None:
+    """A batch of `items`: row `row`'s labels are exactly its conversation's answers, each closed by <|im_end|>;
+    the loss is finite; and `option` = -1 is refused by name."""
+    stage = trainer.stage
+    batch = stage.collate(items, list(range(len(items))), 0, torch.device("cpu"))
+    labelled = trainer.model.backbone.tokenizer.decode([t for t in batch["labels"][row].tolist() if t != -100])
+    assert labelled == "".join(a + "<|im_end|>" for _, a in stage.pick(items[row], random.Random(row)))
+    assert torch.isfinite(stage.loss(batch))
+    with pytest.raises(ValueError, match=option):
+        Trainer(config(tmp_path / "c", "understanding", stage_options={option: -1}), items)
+
+
 def test_understanding_reading_turns_follow_the_image_turns(tmp_path):
     """Option reading = k: up to k text-only turns about the caption join each conversation after its image
     turns, each labelled like any answer; the image turns are those drawn without the option."""
@@ -369,12 +381,7 @@ def test_understanding_restate_turns_follow_the_image_turns(tmp_path):
     for _, extra in extra_turns(tmp_path, items, stage):
         assert len(extra) == 2
         assert all(text.endswith(". the other way round?") for text, _ in extra)
-    batch = stage.collate(items, list(range(4)), 0, torch.device("cpu"))
-    labelled = trainer.model.backbone.tokenizer.decode([t for t in batch["labels"][1].tolist() if t != -100])
-    assert labelled == "".join(a + "<|im_end|>" for _, a in stage.pick(items[1], random.Random(1)))
-    assert torch.isfinite(stage.loss(batch))
-    with pytest.raises(ValueError, match="restate"):
-        Trainer(config(tmp_path / "c", "understanding", stage_options={"restate": -1}), items)
+    labels_loss_and_refusal(tmp_path, trainer, items, 1, "restate")
 
 
 def test_understanding_plan_turns_ask_as_generation_does(tmp_path):
@@ -455,12 +462,7 @@ def test_understanding_questions_join_the_image_turns(tmp_path):
             assert answer == answer_question(question, objects)
         added += len(extra)
     assert added >= 12
-    batch = stage.collate(items, list(range(6)), 0, torch.device("cpu"))
-    labelled = trainer.model.backbone.tokenizer.decode([t for t in batch["labels"][3].tolist() if t != -100])
-    assert labelled == "".join(a + "<|im_end|>" for _, a in stage.pick(items[3], random.Random(3)))
-    assert torch.isfinite(stage.loss(batch))
-    with pytest.raises(ValueError, match="questions"):
-        Trainer(config(tmp_path / "c", "understanding", stage_options={"questions": -1}), items)
+    labels_loss_and_refusal(tmp_path, trainer, items, 3, "questions")
 
 
 def test_understanding_loss_per_turn_weighs_each_answer_once(tmp_path):
