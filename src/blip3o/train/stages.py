@@ -539,20 +539,18 @@ class UnderstandingStage(Stage):
         rows = mask.nonzero()[:, 0]
         logits = vlm.lm_head(hidden[:, :-1][mask]).float()  # (answer tokens, V)
         per_token = F.cross_entropy(logits, targets[mask], reduction="none")
+        terms, owner = per_token, rows  # what is averaged per sample, and the sample of each
         if turns is not None:  # loss_per "turn": each answer's mean, so a one-word answer weighs as much as a caption
             turn = turns[:, 1:][mask]
             width = int(turn.max()) + 1 if len(turn) else 1
             slot = rows * width + turn  # (row, turn) -> one index
-            sums = per_token.new_zeros(len(mask) * width).index_add(0, slot, per_token)
-            sizes = per_token.new_zeros(len(mask) * width).index_add(0, slot, torch.ones_like(per_token))
+            sizes = torch.bincount(slot, minlength=len(mask) * width)
+            sums = per_token.new_zeros(len(sizes)).index_add(0, slot, per_token)
             present = sizes > 0
-            per_token = sums[present] / sizes[present]  # one value per turn, in (row, turn) order
-            rows = present.nonzero()[:, 0] // width
-            counts = per_token.new_zeros(len(mask)).index_add(0, rows, torch.ones_like(per_token))
-        else:
-            counts = mask.sum(1)
+            terms, owner = sums[present] / sizes[present], present.nonzero()[:, 0] // width  # one per turn
         # mean per sample (of its tokens or turns), then over samples: splitting the batch over ranks changes nothing
-        per_sample = per_token.new_zeros(len(mask)).index_add(0, rows, per_token)
+        counts = torch.bincount(owner, minlength=len(mask))
+        per_sample = terms.new_zeros(len(mask)).index_add(0, owner, terms)
         loss = (per_sample / counts.clamp_min(1)).mean()
         if cells is None:
             return loss
