@@ -766,3 +766,45 @@ def test_generation_code_loss_reads_the_dits_estimate_through_a_frozen_fitted_he
             GenerationStage(model, {"code_loss": bad})
     with pytest.raises(ValueError, match="code_loss needs Shapes scenes"):
         GenerationStage(model, {"code_loss": 0.5}).prepare(DATA)
+
+
+def test_understanding_text_weight_scales_the_text_only_turns(tmp_path):
+    """Option text_weight = w: the answer tokens of text-only turns (`plan`, `restate`) weigh w against 1 for
+    the image turns' (a weighted mean per sample, then the mean over samples), recomputed here from the full
+    logits; the turns' kinds are what `turns` says, and a bad weight is refused."""
+    from blip3o.shapes import make_sample
+
+    items = [{"image": image, "json": meta} for image, meta in (make_sample(8, i) for i in range(4))]
+    options = {"max_turns": 3, "restate": 1, "plan": 1}
+    trainer = Trainer(config(tmp_path / "w", "understanding", stage_options={**options, "text_weight": 0.25}), items)
+    stage = trainer.stage
+    for i, item in enumerate(items):
+        turns, text_only = stage.turns(item, random.Random(i))
+        assert turns == stage.pick(item, random.Random(i))
+        assert text_only == [True] + [False] * (len(turns) - 2) + [True]  # the plan first, the restate last
+    batch = stage.collate(items, list(range(4)), 0, torch.device("cpu"))
+    labels, weights = batch["labels"], batch["label_weights"]
+    tok = trainer.model.backbone.tokenizer
+    with torch.no_grad():
+        reference = {k: v for k, v in batch.items() if k not in ("labels", "label_weights")}
+        logits = trainer.model.backbone.model(**reference).logits[:, :-1].float()
+        per_sample = []
+        for row in range(4):
+            turns, text_only = stage.turns(items[row], random.Random(row))
+            at = (labels[row, 1:] != -100).nonzero()[:, 0]
+            w = weights[row, at + 1]
+            # the text-only answers' tokens (and only they) carry 0.25
+            light = tok.decode(labels[row, at + 1][w == 0.25])
+            assert light == "".join(a + "<|im_end|>" for (_, a), t in zip(turns, text_only, strict=True) if t)
+            assert set(w.tolist()) == {0.25, 1.0}
+            per_token = F.cross_entropy(logits[row, at], labels[row, at + 1], reduction="none")
+            per_sample.append((w * per_token).sum() / w.sum())
+        loss = stage.loss(dict(batch))
+        torch.testing.assert_close(loss, torch.stack(per_sample).mean(), rtol=1e-5, atol=1e-6)
+        plain = Trainer(config(tmp_path / "p", "understanding", stage_options=options), items).stage
+        plain_batch = plain.collate(items, list(range(4)), 0, torch.device("cpu"))
+        assert "label_weights" not in plain_batch
+        assert abs(float(plain.loss(plain_batch)) - float(loss)) > 1e-3
+    for bad in (-1, True, "x"):
+        with pytest.raises(ValueError, match="text_weight"):
+            Trainer(config(tmp_path / "c", "understanding", stage_options={"text_weight": bad}), items)

@@ -70,9 +70,9 @@ def share_option(options: dict, name: str) -> float | None:
     return float(value)
 
 
-def weight_option(options: dict, name: str) -> float:
-    """A stage option that must be a loss weight >= 0 (bools and NaN are refused); 0 when absent."""
-    value = options.get(name, 0.0)
+def weight_option(options: dict, name: str, default: float = 0.0) -> float:
+    """A stage option that must be a loss weight >= 0 (bools and NaN are refused); `default` when absent."""
+    value = options.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"stage option {name} must be a weight >= 0, got {value!r}")
     return float(value)
@@ -400,6 +400,12 @@ class UnderstandingStage(Stage):
     0.62 against 0.97. A likely reason (not isolated): the caption cannot be predicted without looking at
     every object, while one-word answers can first be fitted from their priors (yes/no, zero).
 
+    Stage option `text_weight` = w (default 1): each answer token of a text-only turn (`plan`, `reading`,
+    `restate`: answered from its own words, not the image) weighs w in its conversation's weighted mean, an
+    image turn's 1. With nano's `plan` 2 and `restate` 2 those turns hold 55.5% of a conversation's answer
+    tokens (24.0 a conversation against 19.2 for its image answers, 256 conversations of the recipe's shards),
+    so at w = 1 more than half of the stage's loss is text the image does not help with (session 21).
+
     Stage option `freeze_language` (default false): only the vision tower and its merger train; the
     language model (embeddings, layers, norm, lm_head) stays frozen. The generation condition reads
     text alone through the language model, so it stays bit-identical, and a trained DiT keeps working:
@@ -421,6 +427,7 @@ class UnderstandingStage(Stage):
         self.restate = int_option(options, "restate", 0, minimum=0)
         self.plan = int_option(options, "plan", 0, minimum=0)
         self.questions = int_option(options, "questions", 0, minimum=0)
+        self.text_weight = weight_option(options, "text_weight", 1.0)
         self.loss_per = options.get("loss_per", "token")
         if self.loss_per not in ("token", "turn"):
             raise ValueError(f"stage option loss_per must be 'token' or 'turn', got {self.loss_per!r}")
@@ -447,9 +454,10 @@ class UnderstandingStage(Stage):
 
     def collate(self, items, indices, seed, device):
         backbone = self.model.backbone
-        texts, conversations, images = [], [], []
+        texts, conversations, images, texts_only = [], [], [], []
         for item, i in zip(items, indices, strict=True):
-            turns = self.pick(item, random.Random(seed * 7919 + i))
+            turns, text_only = self.turns(item, random.Random(seed * 7919 + i))
+            texts_only.append(text_only)
             messages = []
             # the image comes with the first turn about it; `plan` turns go before it, so the first one
             # reads exactly as the generation prompt does up to where its [IMG] and queries follow
@@ -464,6 +472,13 @@ class UnderstandingStage(Stage):
         inputs["labels"], turns = self.answer_labels(inputs["input_ids"], conversations)
         if self.loss_per == "turn":
             inputs["label_turns"] = turns
+        if self.text_weight != 1.0:  # each labelled token's weight: text_weight in text-only turns, else 1
+            weights = torch.ones(turns.shape)
+            for row, text_only in enumerate(texts_only):
+                for turn, text in enumerate(text_only):
+                    if text:
+                        weights[row][turns[row] == turn] = self.text_weight
+            inputs["label_weights"] = weights
         if self.object_head is not None:
             merge = self.model.backbone.config.spatial_merge_size
             labels_of = cell_labels if self.labels_at == "box" else object_codes_of
@@ -474,26 +489,40 @@ class UnderstandingStage(Stage):
 
     def pick(self, item: dict, rng: random.Random) -> list[tuple[str, str]]:
         """The (question, answer) turns of one conversation: `max_turns` of the image's pairs, shuffled."""
+        return self.turns(item, rng)[0]
+
+    def turns(self, item: dict, rng: random.Random) -> tuple[list[tuple[str, str]], list[bool]]:
+        """`pick`'s turns, and for each whether it is text-only (`plan`, `reading`, `restate`: answered
+        from its own text, not from the image)."""
         meta = item.get("json") or {}
         pairs = [(q["question"], q["answer"]) for q in meta.get("questions", [])]
         pairs += [(CAPTION_REQUEST, c) for c in captions_of(item)[:1]]
         rng.shuffle(pairs)
         pairs = pairs[: max(1, int(self.options.get("max_turns", 1)))]
         image = len(pairs)  # the turns about the image, asked first after any `plan` turns
+        text = [False] * image
+
+        def add(more: list[tuple[str, str]], text_only: bool) -> None:
+            pairs.extend(more)
+            text.extend([text_only] * len(more))
+
         if self.reading and meta.get("caption"):  # drawn after the others: runs without it are unchanged
-            pairs += reading_questions(meta["caption"], rng, self.reading)
+            add(reading_questions(meta["caption"], rng, self.reading), True)
         if self.locate and meta.get("scene"):  # drawn after the others: runs without it are unchanged
-            pairs += locate_questions(Scene.from_dict(meta["scene"]), rng, self.locate)
+            add(locate_questions(Scene.from_dict(meta["scene"]), rng, self.locate), False)
         if self.restate:  # drawn after the others: runs without it are unchanged
-            pairs += restate_questions(rng, self.restate)
+            add(restate_questions(rng, self.restate), True)
         if self.plan:  # drawn after the others (runs without it are unchanged) but asked first: see collate
-            pairs = [(GENERATION_REQUEST + p, layout) for p, layout in plan_questions(rng, self.plan)] + pairs
+            plans = [(GENERATION_REQUEST + p, layout) for p, layout in plan_questions(rng, self.plan)]
+            pairs, text = plans + pairs, [True] * len(plans) + text
         if self.questions and meta.get("scene"):  # drawn last (runs without it are unchanged), asked among image turns
             asked = [q for q, _ in pairs]
             for q in more_questions(Scene.from_dict(meta["scene"]), rng, self.questions, asked):
-                pairs.insert(self.plan + rng.randint(0, image), (q.text, q.answer))
+                at = self.plan + rng.randint(0, image)
+                pairs.insert(at, (q.text, q.answer))
+                text.insert(at, False)
                 image += 1
-        return pairs
+        return pairs, text
 
     def answer_labels(self, input_ids: torch.Tensor,
                       conversations: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,6 +551,7 @@ class UnderstandingStage(Stage):
 
     def loss(self, batch):
         labels, cells, turns = batch.pop("labels"), batch.pop("cell_labels", None), batch.pop("label_turns", None)
+        weights = batch.pop("label_weights", None)
         seen = []  # the vision tower's merged tokens (all images' cells, raster order), when needed
         visual = self.model.backbone.model.model.visual
         hook = visual.register_forward_hook(lambda _m, _i, out: seen.append(out.pooler_output)) \
@@ -539,7 +569,9 @@ class UnderstandingStage(Stage):
         rows = mask.nonzero()[:, 0]
         logits = vlm.lm_head(hidden[:, :-1][mask]).float()  # (answer tokens, V)
         per_token = F.cross_entropy(logits, targets[mask], reduction="none")
-        terms, owner = per_token, rows  # what is averaged per sample, and the sample of each
+        # what is averaged per sample, the sample of each, and its weight (text_weight in text-only turns)
+        terms, owner = per_token, rows
+        weight = weights[:, 1:][mask].to(per_token) if weights is not None else torch.ones_like(per_token)
         if turns is not None:  # loss_per "turn": each answer's mean, so a one-word answer weighs as much as a caption
             turn = turns[:, 1:][mask]
             width = int(turn.max()) + 1 if len(turn) else 1
@@ -547,11 +579,14 @@ class UnderstandingStage(Stage):
             sizes = torch.bincount(slot, minlength=len(mask) * width)
             sums = per_token.new_zeros(len(sizes)).index_add(0, slot, per_token)
             present = sizes > 0
-            terms, owner = sums[present] / sizes[present], present.nonzero()[:, 0] // width  # one per turn
-        # mean per sample (of its tokens or turns), then over samples: splitting the batch over ranks changes nothing
-        counts = torch.bincount(owner, minlength=len(mask))
-        per_sample = terms.new_zeros(len(mask)).index_add(0, owner, terms)
-        loss = (per_sample / counts.clamp_min(1)).mean()
+            # one term per turn; a turn's tokens share its weight, so any one of them gives it
+            weight = weight.new_zeros(len(sizes)).index_copy(0, slot, weight)[present]
+            terms, owner = sums[present] / sizes[present], present.nonzero()[:, 0] // width
+        # weighted mean per sample (of its tokens or turns), then the mean over samples: splitting the batch over
+        # ranks changes nothing
+        totals = weight.new_zeros(len(mask)).index_add(0, owner, weight)
+        per_sample = terms.new_zeros(len(mask)).index_add(0, owner, weight * terms)
+        loss = (per_sample / totals.clamp_min(1e-12)).mean()
         if cells is None:
             return loss
         out = self.object_head(seen[0].float())  # (cells, read-out)
