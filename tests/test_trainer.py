@@ -771,7 +771,8 @@ def test_generation_code_loss_reads_the_dits_estimate_through_a_frozen_fitted_he
 def test_understanding_text_weight_scales_the_text_only_turns(tmp_path):
     """Option text_weight = w: the answer tokens of text-only turns (`plan`, `restate`) weigh w against 1 for
     the image turns' (a weighted mean per sample, then the mean over samples), recomputed here from the full
-    logits; the turns' kinds are what `turns` says, and a bad weight is refused."""
+    logits, and with loss_per "turn" each answer's mean weighs its turn's weight; the turns' kinds are what
+    `turns` says, and a bad weight is refused."""
     from blip3o.shapes import make_sample
 
     items = [{"image": image, "json": meta} for image, meta in (make_sample(8, i) for i in range(4))]
@@ -801,6 +802,21 @@ def test_understanding_text_weight_scales_the_text_only_turns(tmp_path):
             per_sample.append((w * per_token).sum() / w.sum())
         loss = stage.loss(dict(batch))
         torch.testing.assert_close(loss, torch.stack(per_sample).mean(), rtol=1e-5, atol=1e-6)
+        # with loss_per "turn" each answer's mean token loss weighs its turn's weight
+        per_turn = Trainer(config(tmp_path / "t", "understanding", stage_options={
+            **options, "text_weight": 0.25, "loss_per": "turn"}), items).stage
+        turn_batch = per_turn.collate(items, list(range(4)), 0, torch.device("cpu"))
+        expected = []
+        for row in range(4):
+            _, text_only = per_turn.turns(items[row], random.Random(row))
+            means, ws = [], []
+            for t, text in enumerate(text_only):
+                at = (turn_batch["label_turns"][row, 1:] == t).nonzero()[:, 0]
+                means.append(F.cross_entropy(logits[row, at], labels[row, at + 1]))
+                ws.append(0.25 if text else 1.0)
+            ws = torch.tensor(ws)
+            expected.append((ws * torch.stack(means)).sum() / ws.sum())
+        torch.testing.assert_close(per_turn.loss(dict(turn_batch)), torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
         plain = Trainer(config(tmp_path / "p", "understanding", stage_options=options), items).stage
         plain_batch = plain.collate(items, list(range(4)), 0, torch.device("cpu"))
         assert "label_weights" not in plain_batch
