@@ -474,13 +474,10 @@ class UnderstandingStage(Stage):
         inputs["labels"], turns = self.answer_labels(inputs["input_ids"], conversations)
         if self.loss_per == "turn":
             inputs["label_turns"] = turns
-        if self.text_weight != 1.0:  # each labelled token's weight: text_weight in text-only turns, else 1
-            weights = torch.ones(turns.shape)
-            for row, text_only in enumerate(texts_only):
-                for turn, text in enumerate(text_only):
-                    if text:
-                        weights[row][turns[row] == turn] = self.text_weight
-            inputs["label_weights"] = weights
+        if self.text_weight != 1.0:  # each labelled token's weight: its turn's (text_weight if text-only), else 1
+            per_turn = [torch.tensor([self.text_weight if t else 1.0 for t in text_only]) for text_only in texts_only]
+            inputs["label_weights"] = torch.stack([
+                torch.where(row >= 0, w[row.clamp_min(0)], 1.0) for row, w in zip(turns, per_turn, strict=True)])
         if self.object_head is not None:
             merge = self.model.backbone.config.spatial_merge_size
             labels_of = cell_labels if self.labels_at == "box" else object_codes_of
