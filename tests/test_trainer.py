@@ -570,45 +570,6 @@ def test_understanding_object_labels_at_centres(tmp_path):
         UnderstandingStage(trainer.model, {"object_labels": 1.0, "object_labels_at": "center"})
 
 
-def test_vision_stage_trains_the_vision_tower_alone_on_object_codes(tmp_path, capsys):
-    """Stage `vision`: only the backbone's vision tower (and the training-only head) moves, the language model and
-    the generation condition stay bit-identical, its loss is `code_loss` of the head over the merged tokens, it
-    falls, the exported model loads, and a batch without Shapes scenes is refused."""
-    from blip3o.train.stages import code_loss, object_codes_of
-
-    items = shapes_items(8)
-    trainer = Trainer(config(tmp_path, "vision", init="nano", steps=8, batch_size=8, ema_decay=0.0, lr=3e-3),
-                      items * 8)
-    model, stage = trainer.model, trainer.stage
-    named = dict(model.backbone.named_parameters())
-    vision = {n for n in named if n.startswith("model.model.visual.")}
-    assert {n for n, _ in trainer.named_params} == {f"backbone.{n}" for n in vision} | {
-        "aux.object_head.weight", "aux.object_head.bias"}
-    batch = stage.collate(items, list(range(8)), 0, torch.device("cpu"))
-    assert torch.equal(batch["codes"], torch.cat([object_codes_of(it, 8, 8) for it in items]))
-    visual = model.backbone.model.model.visual
-    with torch.no_grad():
-        expected = code_loss(stage.object_head(visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-                                               .pooler_output), batch["codes"])
-        before_loss = stage.loss(dict(batch)).item()
-        cond = model.condition(["a photo of a red circle", "two squares"])
-    torch.testing.assert_close(before_loss, expected.item())
-    before = {n: p.detach().clone() for n, p in named.items()}
-    trainer.fit()
-    moved = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
-    assert moved and moved <= vision  # the language model did not move
-    with torch.no_grad():
-        assert torch.equal(model.condition(["a photo of a red circle", "two squares"]), cond)
-        assert stage.loss(dict(batch)).item() < 0.7 * before_loss
-    n = sum(p.numel() for _, p in trainer.named_params)
-    assert f"stage vision: trains {n:,} parameters" in capsys.readouterr().out
-    exported = Blip3o.from_pretrained(tmp_path / "vision" / "model")
-    assert torch.equal(exported.backbone.model.model.visual.merger.mlp[0].weight, visual.merger.mlp[0].weight)
-    plain = [{"image": it["image"], "json": {"caption": "a red circle"}} for it in items]
-    with pytest.raises(ValueError, match="no sample of this batch has a `scene`"):
-        stage.collate(plain, list(range(8)), 0, torch.device("cpu"))
-
-
 def test_understanding_one_turn_by_default(tmp_path):
     trainer = Trainer(config(tmp_path, "understanding"), DATA)
     batch = trainer.stage.collate(DATA[:4], list(range(4)), 0, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """vision_first.py INIT SHARDS STEPS BATCH OUT [LR]: the backbone's vision tower (and merger) trained alone on
 the recipe's object-code read-out (object_labels_at centre) for STEPS steps of BATCH images (AdamW, 50 warm-up
-steps, cosine), no language model; INIT with that tower saved to OUT. Prints seconds a step (session 22)."""
+steps, cosine), no language model; INIT with that tower saved to OUT. Prints seconds a step (session 22: the
+recipe's understanding stage from it reached VQA 0.727 against 0.734 from the clip model; not in the recipe)."""
 import dataclasses, math, sys, tempfile, time, torch
 from blip3o.train.data import ShardDataset
 from blip3o.train.recipe import NANO_STAGES

@@ -332,64 +332,6 @@ class DecoderStage(Stage):
         return dit.to_tokens(sample(velocity, x_t, times))
 
 
-# ---------------------------------------------------------------------------- vision
-
-
-def vision_only(model: Blip3o, named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
-    """Of `named` (a stage's trainable parameters), freeze the backbone's language model (embeddings,
-    layers, norm, lm_head: eval mode) and keep its vision tower and merger, and any other part, training."""
-    visual = model.backbone.model.model.visual
-    vision = {id(p) for p in visual.parameters()}
-    for p in model.backbone.parameters():
-        p.requires_grad_(id(p) in vision)
-    model.backbone.eval()
-    visual.train()
-    return [(n, p) for n, p in named if p.requires_grad]
-
-
-class VisionStage(Stage):
-    """The backbone's vision tower (patch embedding, blocks and merger) trained alone, before understanding,
-    to say what is where: a linear head (kept only for training) reads each object's code (`object_codes_of`:
-    shape, colour, size, offset, centre in the image) from the merged token of its box centre, and "none"
-    from every other token (`code_loss`); the understanding stage's `object_labels_at` "centre" read-out.
-
-    Qwen2.5-VL's tower comes pretrained; ours starts from nothing, and the understanding stage otherwise
-    spends its first several hundred steps (each running the language model too) on a tower that does not
-    yet say which object a token holds. No language model runs here: a step is ~0.65 s at batch 32 on 2
-    threads against ~2.6 s for an understanding step. Measured (docs/training.md, session 22): see the
-    recipe. Needs Shapes shards (a `scene` in each sample's json); a batch without one is refused.
-    """
-
-    name, trains = "vision", ("backbone",)
-
-    def __init__(self, model, options):
-        super().__init__(model, options)
-        self.object_head = nn.Linear(model.backbone.hidden_size, CENTRE_LABEL_WIDTH).to(model.device)
-
-    def trainable(self, model):
-        return vision_only(model, super().trainable(model))
-
-    def aux_parameters(self):
-        return [(f"object_head.{n}", p) for n, p in self.object_head.named_parameters()]
-
-    def collate(self, items, indices, seed, device):
-        if not any((item.get("json") or {}).get("scene") for item in items):
-            raise ValueError("the vision stage trains on Shapes scenes: no sample of this batch has a `scene` in "
-                             "its json (write shards with `blip3o data shapes`)")
-        backbone = self.model.backbone
-        inputs = backbone.processor.image_processor(images=[item["image"] for item in items], return_tensors="pt")
-        merge = backbone.config.spatial_merge_size
-        codes = torch.cat([object_codes_of(item, int(h) // merge, int(w) // merge)
-                           for item, (_, h, w) in zip(items, inputs["image_grid_thw"].tolist(), strict=True)])
-        return {"pixel_values": inputs["pixel_values"].to(device),
-                "image_grid_thw": inputs["image_grid_thw"].to(device), "codes": codes.to(device)}
-
-    def loss(self, batch):
-        visual = self.model.backbone.model.model.visual
-        tokens = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output  # (cells, H)
-        return code_loss(self.object_head(tokens.float()), batch["codes"])
-
-
 # ---------------------------------------------------------------------------- understanding
 
 
@@ -416,6 +358,9 @@ class UnderstandingStage(Stage):
     become single tokens that can be counted, and their positions can be compared, without first
     grouping the 2 x 2 to 3 x 3 cells each one covers. Measured (session 7, the recipe's stage, weight
     1): VQA 0.961 against 0.840 (count 0.94 against 0.67, colour 1.0 against 0.72); nano uses it.
+    Training the tower first on that read-out alone (no language model; 400 steps of batch 32, 0.66 s a step,
+    `scripts/diagnostics/vision_first.py`) does not speed the stage up: the recipe's 1000 steps from such a
+    tower reach VQA 0.727 against 0.734 (session 22). The language model's reading is what takes the steps.
 
     Stage option `reading` = k (default 0) adds up to k text-only turns to each conversation: the
     image's caption followed by a question answered from that text alone (`shapes.reading_questions`:
@@ -501,7 +446,12 @@ class UnderstandingStage(Stage):
 
     def trainable(self, model):
         named = super().trainable(model)
-        return vision_only(model, named) if self.freeze_language else named
+        if not self.freeze_language:
+            return named
+        vision = {id(p) for p in model.backbone.model.model.visual.parameters()}
+        for p in model.backbone.parameters():
+            p.requires_grad_(id(p) in vision)
+        return [(n, p) for n, p in named if p.requires_grad]
 
     def aux_parameters(self):
         head = self.object_head.named_parameters() if self.object_head is not None else []
@@ -833,5 +783,4 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x))
 
 
-STAGES: dict[str, type[Stage]] = {s.name: s for s in (ClipStage, VisionStage, UnderstandingStage, DecoderStage,
-                                                      GenerationStage)}
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (ClipStage, UnderstandingStage, DecoderStage, GenerationStage)}
