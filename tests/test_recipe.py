@@ -44,12 +44,30 @@ def test_recipe_runs_in_parts(nano_run, tmp_path):
     data = out / "data"
     first = train_nano(tmp_path, data=data, scale=0.001, stages=["clip", "understanding"])
     assert first == tmp_path / "understanding" / "model" and not (tmp_path / "model").exists()
-    final = train_nano(tmp_path, data=data, scale=0.001, stages=["decoder", "generation"])
+    final = train_nano(tmp_path, data=data, scale=0.001, stages=["decoder", "generation"], steps={"decoder": 2})
     assert final == tmp_path / "model" and (final / "config.json").exists()
+    import torch
+
+    state = torch.load(tmp_path / "decoder" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 2  # set outright, not scaled (0.001 x 600 rounds to 1)
     timings = json.loads((tmp_path / "timings.json").read_text())  # both calls' stages
     # both calls' stages, and the generation shards this run wrote (the first shards were reused)
     assert set(timings) == {"clip", "understanding", "decoder", "generation", "data_generation", "total_s", "threads"}
     assert timings["total_s"] == pytest.approx(sum(v for k, v in timings.items() if k not in ("total_s", "threads")))
+
+
+def test_recipe_refuses_unknown_stages_and_bad_steps_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="unknown stage 'vision' in steps; the recipe's stages: clip, understanding"):
+        train_nano(out, steps={"vision": 5})
+    with pytest.raises(ValueError, match="steps of stage 'decoder' must be a positive integer, got 0"):
+        train_nano(out, steps={"decoder": 0})
+    with pytest.raises(ValueError, match="unknown stage 'decodr' in stages"):
+        train_nano(out, stages=["decodr"])
+    assert not out.exists()  # nothing written
+    assert cli_main(["train", "nano", "--out", str(out), "--steps", "decoder=many"]) == 2
+    assert cli_main(["train", "nano", "--out", str(out), "--steps", "vision=3"]) == 2
+    assert not out.exists()
 
 
 def test_evaluation_reports_every_tag_and_type(nano_run, tmp_path):

@@ -409,6 +409,18 @@ def tag_weights_arg(text: str) -> dict[str, float]:
     return weights
 
 
+def stage_steps_arg(text: str) -> tuple[str, int]:
+    """`understanding=2000` -> ("understanding", 2000) (argparse type of `train nano --steps`)."""
+    stage, sep, value = text.partition("=")
+    try:
+        steps = int(value)
+    except ValueError:
+        sep = ""
+    if not sep or steps < 1:
+        raise argparse.ArgumentTypeError(f"expected STAGE=STEPS with a positive whole number, got {text!r}")
+    return stage.strip(), steps
+
+
 def cmd_data(args) -> int:
     from blip3o.shapes import write_shards
 
@@ -424,7 +436,7 @@ def cmd_train(args) -> int:
 
     if args.what == "nano":
         final = train_nano(args.out, data=args.data, num_samples=args.num_samples, seed=args.seed,
-                           device=args.device, scale=args.scale, stages=args.stages)
+                           device=args.device, scale=args.scale, stages=args.stages, steps=dict(args.steps or []))
     else:
         if not args.config:
             raise BadInput(f"`blip3o train {args.what}` needs --config FILE (a TrainConfig JSON)")
@@ -571,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (quick runs)")
     p.add_argument("--stages", nargs="*", default=None, help="only these stages (the others are reused)")
+    p.add_argument("--steps", nargs="*", type=stage_steps_arg, default=None, metavar="STAGE=N",
+                   help="set stages' steps outright, e.g. understanding=2000 (not scaled by --scale)")
 
     p = add("eval", cmd_eval, "evaluate in the Shapes world: GenEval-style generation accuracy and VQA")
     p.add_argument("world", choices=["shapes"])

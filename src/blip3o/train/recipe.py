@@ -75,13 +75,25 @@ def ensure_shapes_data(data_dir: Path, num: int, seed: int, timings: dict | None
 
 
 def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: int = NANO_SAMPLES, seed: int = 0,
-               device: str = "auto", scale: float = 1.0, stages: list[str] | None = None) -> Path:
+               device: str = "auto", scale: float = 1.0, stages: list[str] | None = None,
+               steps: dict[str, int] | None = None) -> Path:
     """Run the recipe; returns OUT/model. `scale` multiplies every stage's steps (for quick runs).
 
     `stages` runs only those, each from the model of the stage before it (which must exist): a recipe
-    can run in parts. OUT/model is written once the generation stage has run; timings.json keeps the
-    times of every stage run so far.
+    can run in parts. `steps` sets a stage's steps outright ({"understanding": 2000}: not scaled), e.g.
+    to trade the 90-minute budget for a longer stage. OUT/model is written once the generation stage has
+    run; timings.json keeps the times of every stage run so far.
     """
+    names = [s.stage for s in NANO_STAGES]
+    for name in stages or []:
+        if name not in names:
+            raise ValueError(f"unknown stage {name!r} in stages; the recipe's stages: {', '.join(names)}")
+    steps = dict(steps or {})
+    for name, n in steps.items():
+        if name not in names:
+            raise ValueError(f"unknown stage {name!r} in steps; the recipe's stages: {', '.join(names)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"steps of stage {name!r} must be a positive integer, got {n!r}")
     out = Path(out)
     timings: dict[str, float] = {}  # seconds of what this call did: writing shards, training stages
     data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed, timings)
@@ -96,7 +108,7 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
             stage_dataset = ShardDataset(stage_data, seed=seed)
             print(f"generation data: {stage_dataset.describe()}", flush=True)
         cfg = dataclasses.replace(base, init=init, out_dir=str(out / base.stage), data=[str(stage_data)], seed=seed,
-                                  device=device, steps=max(1, round(base.steps * scale)))
+                                  device=device, steps=steps.get(base.stage, max(1, round(base.steps * scale))))
         if stages is None or cfg.stage in stages:
             started = time.perf_counter()
             trainer = Trainer(cfg, stage_dataset)
