@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
 
 from _common import reference_dit, reference_velocity
+from blip3o.allocator import keep_freed_memory
 from blip3o.dit import DiT, DiTConfig
-from blip3o.flow import guided_pair, sample, time_grid
+from blip3o.flow import call_times, guided_pair, sample, time_grid
 
 
 def build(cfg: DiTConfig, device, dtype):
@@ -52,12 +54,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="images; the CFG batch is twice this")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--cond-len", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed forward passes")
+    ap.add_argument("--rounds", type=int, default=3, help="timed sampling loops of each (alternated; median)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true", help="our velocity through torch.compile (opt-in fast path)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    kept = keep_freed_memory()  # as the CLI does (BLIP3O_KEEP_FREED_MEMORY=0: glibc's defaults); both models alike
     torch.manual_seed(0)
     cfg = DiTConfig(num_layers=args.layers)
     ours, theirs = build(cfg, device, dtype)
@@ -86,19 +90,35 @@ def main() -> None:
             compiled_err = (compiled_out - eager_out).abs().max().item()
             fwd_compiled = timed(lambda: velocity(x2, t2, prepared), args.repeats)
 
-        def sample_ours():
-            prepared = ours.prepare_condition(both)  # condition K/V once per sample, not per step
-            return sample(guided_pair(lambda xx, tt: velocity(xx, tt, prepared), 3.0), x, times)
+        def sample_ours():  # the product's path (`Blip3o.sample_tokens`): condition K/V and every step's
+            # modulations computed once per sample
+            return sample(ours.sampling_velocity(cond, 3.0, velocity, times=call_times(times)), x, times)
+
+        def sample_ours_per_step():  # the same with each step computing its own modulations
+            return sample(ours.sampling_velocity(cond, 3.0, velocity), x, times)
 
         def sample_theirs():
             return sample(guided_pair(lambda xx, tt: theirs_v(xx, tt, both), 3.0), x, times)
 
-        loop_ours = timed(sample_ours, max(1, args.repeats // 2))
-        loop_theirs = timed(sample_theirs, max(1, args.repeats // 2))
+        err_loop = (sample_ours() - sample_theirs()).abs().max().item()
+
+        # the loops alternate, round after round, so that a machine whose speed drifts (shared CPUs) slows
+        # all three alike; the median round counts
+        loops = {"ours": sample_ours, "theirs": sample_theirs, "per_step": sample_ours_per_step}
+        rounds: dict[str, list[float]] = {name: [] for name in loops}
+        for _ in range(max(1, args.rounds)):
+            for name, fn in loops.items():
+                started = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rounds[name].append(time.perf_counter() - started)
+        loop_ours, loop_theirs, loop_per_step = (statistics.median(rounds[n]) for n in loops)
+        pairs = [a / b for a, b in zip(rounds["ours"], rounds["theirs"], strict=True)]
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, " \
                                                                         f"{torch.get_num_threads()} threads)"
-    print(f"device: {name}  torch {torch.__version__}  dtype {args.dtype}")
+    print(f"device: {name}  torch {torch.__version__}  dtype {args.dtype}  freed host memory kept: {kept}")
     print(f"config: D={cfg.hidden_size} layers={cfg.num_layers} heads={cfg.num_heads} ffn={cfg.ffn_dim} "
           f"batch={b} (CFG {2 * b}) cond_len={args.cond_len}")
     print(f"max |ours - diffusers| = {err:.2e}")
@@ -108,7 +128,10 @@ def main() -> None:
         print(f"compiled: first call {compile_s:.0f} s (compilation), max |compiled - eager| = {compiled_err:.2e}, "
               f"forward {fwd_compiled * 1e3:8.1f} ms   ratio to diffusers {fwd_compiled / fwd_theirs:.3f}")
     print(f"{args.steps}-step CFG sample: ours{' (compiled)' if args.compile else ''} {loop_ours:8.3f} s   "
-          f"diffusers {loop_theirs:8.3f} s")
+          f"diffusers {loop_theirs:8.3f} s   max |ours - diffusers| = {err_loop:.2e}")
+    print(f"ours with per-step modulations (before they were computed up front): {loop_per_step:8.3f} s   "
+          f"ratio {loop_per_step / loop_theirs:.3f}")
+    print(f"sampling ratio of each round: {' '.join(f'{r:.3f}' for r in pairs)} (medians of {len(pairs)} rounds below)")
     print(f"ratio={loop_ours / loop_theirs:.3f}")
 
 

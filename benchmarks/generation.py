@@ -8,7 +8,8 @@ Stages, each timed for the reference and for ours in the same process on the sam
                          ours eager: Blip3o.sample_tokens (cached condition K/V)
                          ours fast:  accel.DiTSampler (fused projections, the whole loop as ONE CUDA graph)
     decoder              50 UNet steps with CFG (decode minus the VAE)
-                         reference: the plain diffusers UNet; ours: channels-last + a CUDA-graphed CFG step
+                         reference: the plain diffusers UNet; ours: channels-last + the whole 50-step loop
+                         as ONE CUDA graph (accel.DecoderLoopGraph); also ours with a CUDA graph per step
     VAE decode           latents -> pixels
     end to end           Blip3o.generate (negative condition cached), reference vs accelerate()
 
@@ -42,7 +43,7 @@ from _common import (
     sync,
     timed,
 )
-from blip3o.accel import AccelOptions, DiTSampler, UNetStepGraph, accelerate
+from blip3o.accel import AccelOptions, DecoderLoopGraph, DiTSampler, UNetStepGraph, accelerate
 from blip3o.flow import guided_pair, sample, time_grid
 
 
@@ -133,21 +134,34 @@ def main() -> None:
             return decoder.decode(tokens, negative=negative, steps=dsteps, guidance=dguide, size=size,
                                   generator=gen())
 
-        t_dec = t_dec_ref = None
+        t_dec = t_dec_step = t_dec_ref = pixels = None
         with guarded("decoder ours"):
             if "decoder" not in want:
                 raise Skipped
             decoder.set_channels_last(True)
-            decoder.fast_predict = UNetStepGraph(decoder, compile=args.compile)
+            decoder.fast_loop = DecoderLoopGraph(decoder, compile=args.compile)
+            pixels = decode()
             t_dec = timed(decode, device, repeats) - t_vae
+        decoder.fast_loop = None
+        gc.collect()
+        with guarded("decoder ours, graph per step"):
+            if "decoder" not in want:
+                raise Skipped
+            decoder.fast_predict = UNetStepGraph(decoder, compile=args.compile)
+            step_pixels = decode()
+            t_dec_step = timed(decode, device, repeats) - t_vae
+            if pixels is not None:
+                print(f"  max |loop graph - step graph| = {(pixels - step_pixels).abs().max().item():.3e} (pixels)")
         decoder.fast_predict = None
         decoder.set_channels_last(False)
+        gc.collect()
         with guarded("decoder reference"):
             if "decoder" not in want:
                 raise Skipped
             t_dec_ref = timed(decode, device, max(1, repeats - 1)) - t_vae
-        if t_dec is not None:
-            report(f"decoder {dsteps} CFG steps", t_dec, t_dec_ref)
+        for name, t in (("graph per step", t_dec_step), ("loop graph", t_dec)):
+            if t is not None:
+                report(f"decoder {dsteps} CFG steps ({name})", t, t_dec_ref)
 
         # ---- end to end, batch 1: reference = the plain model, ours = accelerate()
         settings = dict(steps=steps, decoder_steps=dsteps, size=size, seed=0)
@@ -201,7 +215,8 @@ def main() -> None:
 
 def clear_graphs(model) -> None:
     """Drop the captured graphs of `accelerate` (a new batch size captures its own)."""
-    for holder in (getattr(model, "fast_sampler", None), getattr(model.decoder, "fast_predict", None)):
+    for holder in (getattr(model, "fast_sampler", None), getattr(model.decoder, "fast_predict", None),
+                   getattr(model.decoder, "fast_loop", None)):
         if holder is not None:
             holder.clear()
 

@@ -427,3 +427,59 @@ def test_absolute_position_adds_the_table_to_the_patch_embedding():
         hook = plain.patch_embedder.proj.register_forward_hook(lambda module, args, out: out + table)
         torch.testing.assert_close(got, plain.predict(x, t, plain.prepare_condition(c)))
         hook.remove()
+
+
+# --- modulations computed before the sampling loop -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("variant", ["plain", "self_condition", "quantized", "preconditioned"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sampling_with_precomputed_modulations_matches_per_step(method, variant, guidance):
+    from blip3o.flow import call_times, sample, time_grid
+
+    cfg = DIT_PRESETS["debug"]
+    if variant == "self_condition":
+        cfg = dataclasses.replace(cfg, self_condition=True, prediction="sample")
+    elif variant == "quantized":
+        cfg = dataclasses.replace(cfg, quantize_timesteps=True)
+    elif variant == "preconditioned":
+        cfg = dataclasses.replace(cfg, prediction="preconditioned", data_std=0.7)
+    dit = DiT(cfg).eval()
+    _randomize(dit)
+    c, x = torch.randn(3, 5, cfg.cond_size), torch.randn(3, 64, cfg.in_channels)
+    times = time_grid(6, 2.0)
+    with torch.no_grad():
+        per_step = sample(dit.sampling_velocity(c, guidance), x, times, method)
+        velocity = dit.sampling_velocity(c, guidance, times=call_times(times, method))
+        up_front = sample(velocity, x, times, method)
+        # equal up to the summation order of a GEMM over more rows (sampling amplifies it a little)
+        torch.testing.assert_close(up_front, per_step, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="prepared for"):  # one call more than the times given
+            velocity(x, torch.full((3,), 0.1))
+
+
+def test_modulation_is_each_steps_own_and_refused_over_budget():
+    dit = DiT(DIT_PRESETS["debug"]).eval()
+    _randomize(dit)
+    c = torch.randn(2, 5, dit.config.cond_size)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 3:] = False  # masked pooling of the caption embedding
+    with torch.no_grad():
+        cond = dit.prepare_condition(c, mask)
+        times = [0.9, 0.4, 0.05]
+        mod = dit.modulation(times, cond)
+        assert len(mod) == 3 and mod.layers[0].shape == (3, 2, 4 * dit.config.hidden_size)
+        for i, t in enumerate(times):
+            c_t = dit.time_caption_embed(torch.full((2,), t), cond.context, cond.mask)
+            layers, out = mod.at(i)
+            for block, m in zip(dit.layers, layers, strict=True):
+                torch.testing.assert_close(m, block.norm1.modulation(c_t))
+            torch.testing.assert_close(out, dit.norm_out.scale(c_t))
+        # one GEMM per block over every call's rows, unless that is too large: then each step computes its own
+        dit.modulation_budget_bytes = mod.out.numel() * 4 * (4 * len(dit.layers) + 1) - 1
+        assert dit.modulation(times, cond) is None
+        assert dit.modulation([], cond) is None
+        v = dit.sampling_velocity(c, 1.0, times=times)  # falls back to per-step modulations: no call limit
+        for _ in range(4):
+            v(torch.randn(2, 64, dit.config.in_channels), torch.full((2,), 0.5))

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from blip3o.flow import (
+    SAMPLERS,
+    call_times,
     ddpm_posterior_std,
     drop_condition,
     flow_matching_loss,
@@ -163,3 +165,20 @@ def test_stochastic_sampler_rejects_bad_settings():
         sample(lambda x, t: x, x_1, [1.0, 0.5, 0.0], "stochastic", fresh=torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="eta must be in"):
         sample(lambda x, t: x, x_1, [1.0, 0.5, 0.0], "stochastic", eta=1.5, fresh=torch.zeros(2, 2, 3))
+
+
+@pytest.mark.parametrize("method", SAMPLERS)
+@pytest.mark.parametrize("times", [time_grid(5), [0.9, 0.5, 0.2], time_grid(1)])
+def test_call_times_are_the_times_sample_calls_the_velocity_at(method, times):
+    seen = []
+
+    def velocity(x, t):
+        seen.append(t[0].item())
+        return -x
+
+    x = torch.randn(2, 3)
+    fresh = torch.randn(len(times) - 1, 2, 3) if method == "stochastic" else None
+    sample(velocity, x, times, method, eta=0.5, fresh=fresh)
+    assert call_times(times, method) == pytest.approx(seen)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        call_times(times, "rk4")

@@ -2,7 +2,10 @@
 
     DiTSampler         the whole fixed-shape sampling loop (condition K/V once, every Euler step with both
                        CFG branches) replayed as ONE CUDA graph: a 30-step sample is 1 launch, not ~10,000
-    UNetStepGraph      the SDXL decoder's UNet call (both CFG branches) as one CUDA graph per shape
+    DecoderLoopGraph   the SDXL decoder's whole sampling loop (50 UNet calls on both CFG branches, the
+                       guidance, the scheduler's steps) as ONE CUDA graph, for Euler schedules
+    UNetStepGraph      the SDXL decoder's UNet call (both CFG branches) as one CUDA graph per shape (the
+                       other schedulers)
     enable_static_cache  transformers' static KV cache (+ its compiled decode step) for `answer`/`chat`
     accelerate         all of the above plus fused DiT projections and a channels-last UNet, on a Blip3o
 
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from blip3o.flow import Generators, draw_noise, fresh_noise, sample, time_grid
+from blip3o.flow import Generators, call_times, draw_noise, fresh_noise, sample, time_grid
 
 if TYPE_CHECKING:
     from blip3o.backbone import Backbone
@@ -130,8 +133,8 @@ class DiTSampler:
         """The eager sampling loop of `sample_tokens`: cond (B, L, H), noise x_1 (B, N, C) -> tokens
         (`fresh`: the stochastic sampler's noise of every step)."""
         dit = self.model.dit
-        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance, self.velocity), x_1, times, method,
-                                    eta=self.model.config.eta, fresh=fresh))
+        velocity = dit.sampling_velocity(cond, guidance, self.velocity, times=call_times(times, method))
+        return dit.to_tokens(sample(velocity, x_1, times, method, eta=self.model.config.eta, fresh=fresh))
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
@@ -213,6 +216,85 @@ class UNetStepGraph:
         self._graphs.clear()
 
 
+# Schedulers whose whole loop a graph captures: `scale_model_input` and `step` launch device work only, once
+# the step index starts from `set_begin_index(0)` (no timestep lookup, a host sync) and the schedule lives on
+# the CPU (diffusers keeps Euler's sigmas there: each step's are scalars fixed at capture); they draw no noise.
+LOOP_SCHEDULERS = frozenset({"EulerDiscreteScheduler"})
+
+
+class DecoderLoopGraph:
+    """The decoder's `denoise` (every UNet call on both CFG branches, the guidance and the scheduler's steps)
+    as ONE CUDA graph per (shapes, steps, guidance, size): a 50-step decode is one launch, no host work
+    between the UNet calls.
+
+    Installed as `decoder.fast_loop` (by `accelerate`); `decode` uses it for the schedulers it `supports`.
+    The conditioning (token mean, time ids: a host-to-device copy) and the device timesteps are made
+    eagerly and read from static buffers. On a CPU, without a graph factory, it runs the eager loop.
+    """
+
+    def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: GraphFactory | None = None) -> None:
+        self.decoder, self.graph = decoder, graph
+        self.unet = torch.compile(decoder.unet, dynamic=False) if compile else decoder.unet
+        self._graphs: dict[tuple, Graph] = {}
+        self._fingerprint: tuple | None = None
+
+    @staticmethod
+    def supports(scheduler_config: dict[str, Any]) -> bool:
+        return scheduler_config.get("_class_name") in LOOP_SCHEDULERS
+
+    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float,
+                 size: int) -> torch.Tensor:
+        """Starting latents (B, 4, h, w) scaled by the scheduler's init sigma, cond (B or 2B, 64, C) -> the
+        loop's last latents; see `SdxlUnetDecoder.denoise`."""
+        from blip3o.decoder.sdxl_unet import make_scheduler
+
+        decoder = self.decoder
+        factory = self.graph or default_graph(latents.device)
+        if factory is None:
+            scheduler = make_scheduler(decoder.scheduler_config)
+            scheduler.set_timesteps(steps, device=latents.device)
+            return decoder.denoise(latents, cond, scheduler, guidance, size)
+        now = fingerprint(decoder.unet)
+        if now != self._fingerprint:  # weights moved or changed: every captured graph reads stale memory
+            self._graphs.clear()
+            self._fingerprint = now
+        conditioning = decoder.conditioning(cond, size)
+        added = conditioning["added_cond_kwargs"]
+        inputs = (latents, cond, added["text_embeds"], added["time_ids"])
+        key = tuple((tuple(v.shape), v.dtype, v.device) for v in inputs) + (steps, float(guidance), size)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(factory, tuple(v.clone() for v in inputs), steps, guidance, size)
+        return self._graphs[key](*inputs)
+
+    def _capture(self, factory: GraphFactory, static: tuple[torch.Tensor, ...], steps: int, guidance: float,
+                 size: int) -> Graph:
+        from blip3o.decoder.sdxl_unet import make_scheduler
+
+        decoder, (latents, cond, text_embeds, time_ids) = self.decoder, static
+        on_device = make_scheduler(decoder.scheduler_config)
+        on_device.set_timesteps(steps, device=latents.device)
+        timesteps = on_device.timesteps.clone()  # what the UNet reads, static on the device
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+
+        def unet(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            if decoder.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.unet(x, timesteps[i], encoder_hidden_states=cond, added_cond_kwargs=added,
+                             return_dict=False)[0]
+
+        def loop() -> torch.Tensor:
+            scheduler = make_scheduler(decoder.scheduler_config)
+            scheduler.set_timesteps(steps)  # on the CPU: the schedule's scalars, fixed in the captured kernels
+            scheduler.set_begin_index(0)
+            return decoder.denoise(latents, cond, scheduler, guidance, size, unet)
+
+        return factory(loop, static)
+
+    def clear(self) -> None:
+        """Drop the captured graphs (and their memory pools)."""
+        self._graphs.clear()
+
+
 # ---------------------------------------------------------------------------- understanding
 
 
@@ -247,6 +329,7 @@ class AccelOptions:
     fuse_projections: bool = True  # one GEMM for the DiT's q/k/v/q2 and SwiGLU inputs
     channels_last: bool = True  # the decoder's conv weights and activations in NHWC (cuDNN's and oneDNN's fast layout)
     unet_graph: bool = True  # the UNet's CFG step as a CUDA graph
+    decoder_loop_graph: bool = True  # the decoder's whole loop as ONE CUDA graph (Euler; others: unet_graph)
     static_cache: bool = True  # static KV cache for `answer`/`chat`
     compile: bool = False  # torch.compile the DiT velocity, the UNet and the decode step (minutes to warm up)
 
@@ -267,6 +350,8 @@ def accelerate(model: Blip3o, options: AccelOptions | None = None, **overrides: 
         model.decoder.set_channels_last(options.channels_last)
     if isinstance(model.decoder, SdxlUnetDecoder):
         model.decoder.fast_predict = UNetStepGraph(model.decoder, compile=compile) if options.unet_graph else None
+        model.decoder.fast_loop = DecoderLoopGraph(model.decoder, compile=compile) \
+            if options.decoder_loop_graph else None
     if options.static_cache:
         enable_static_cache(model.backbone, compile=compile)
     return model

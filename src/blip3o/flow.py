@@ -207,3 +207,17 @@ def ddpm_posterior_std(t: float, t_next: float) -> float:
     r = (1 - t) / (1 - t'), has variance t^2 - r^2 t'^2, and the posterior std is sqrt(that) t' / t."""
     r = (1.0 - t) / (1.0 - t_next)
     return max(t**2 - (r * t_next) ** 2, 0.0) ** 0.5 * t_next / t
+
+
+def call_times(times: Sequence[float], method: str = "euler") -> list[float]:
+    """The times at which `sample(velocity, x_1, times, method)` calls `velocity`, in call order: each
+    interval's start, and for Heun also its end unless that is t = 0. Lets a model prepare every call's
+    time-dependent inputs before the loop (`DiT.modulation`)."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}: use one of {', '.join(SAMPLERS)}")
+    calls: list[float] = []
+    for t_cur, t_next in zip(times[:-1], times[1:], strict=True):
+        calls.append(t_cur)
+        if method == "heun" and t_next > 0:
+            calls.append(t_next)
+    return calls

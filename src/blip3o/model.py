@@ -28,7 +28,7 @@ from blip3o.backbone import Backbone, BackboneConfig, check_prompts
 from blip3o.clip_encoder import build_clip_encoder, clip_encoder_config_from_dict
 from blip3o.decoder import build_decoder, decoder_config_from_dict
 from blip3o.dit import DiT, DiTConfig
-from blip3o.flow import SAMPLERS, Generators, draw_noise, fresh_noise, sample, time_grid
+from blip3o.flow import SAMPLERS, Generators, call_times, draw_noise, fresh_noise, sample, time_grid
 from blip3o.images import check_images, tensor_to_pil
 
 FORMAT_VERSION = 1
@@ -248,8 +248,8 @@ class Blip3o(nn.Module):
         x_1 = draw_noise((b, dit.config.num_tokens, dit.config.in_channels), generator, cond.device, cond.dtype)
         times, method = time_grid(steps, time_shift or cfg.time_shift), sampler or cfg.sampler
         fresh = fresh_noise(method, x_1, len(times) - 1, generator)
-        return dit.to_tokens(sample(dit.sampling_velocity(cond, guidance), x_1, times, method, eta=cfg.eta,
-                                    fresh=fresh))
+        velocity = dit.sampling_velocity(cond, guidance, times=call_times(times, method))
+        return dit.to_tokens(sample(velocity, x_1, times, method, eta=cfg.eta, fresh=fresh))
 
     def negative_tokens(self, steps: int | None, guidance: float | None) -> torch.Tensor:
         """Tokens generated for the empty prompt: the decoder's negative condition (Emu2-Gen style), cached."""

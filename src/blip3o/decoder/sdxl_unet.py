@@ -162,9 +162,11 @@ class SdxlUnetDecoder(Decoder):
         self.vae.requires_grad_(False)
         self.vae.eval()
         self.scheduler_config = dict(config.scheduler)
-        # Inference fast paths (blip3o.accel): an optional replacement of `predict` (a CUDA-graphed UNet
-        # step), used only without autograd, and the channels-last layout (`set_channels_last`).
+        # Inference fast paths (blip3o.accel), used only without autograd: an optional replacement of
+        # `predict` (a CUDA-graphed UNet step), one of the whole sampling loop (`denoise` captured as one CUDA
+        # graph, for the schedulers it `supports`), and the channels-last layout (`set_channels_last`).
         self.fast_predict: Callable[..., torch.Tensor] | None = None
+        self.fast_loop: Any = None
         self.channels_last = False
 
     @property
@@ -233,13 +235,16 @@ class SdxlUnetDecoder(Decoder):
         self.channels_last = enabled
         return self
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int) -> torch.Tensor:
-        """UNet output (noise for epsilon prediction) for latents x (B, 4, h, w) at scheduler timestep(s)."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int,
+                conditioning: dict[str, Any] | None = None) -> torch.Tensor:
+        """UNet output (noise for epsilon prediction) for latents x (B, 4, h, w) at scheduler timestep(s).
+        `conditioning`: `self.conditioning(tokens, size)` computed beforehand (then it is used as given)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.fast_predict is not None and not torch.is_grad_enabled():
+        if conditioning is None and self.fast_predict is not None and not torch.is_grad_enabled():
             return self.fast_predict(x, t, tokens, size)
-        return self.unet(x, t, **self.conditioning(tokens, size), return_dict=False)[0]
+        conditioning = self.conditioning(tokens, size) if conditioning is None else conditioning
+        return self.unet(x, t, **conditioning, return_dict=False)[0]
 
     def latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> pixels (B, 3, H, W) float32 in [0, 1]."""
@@ -285,16 +290,30 @@ class SdxlUnetDecoder(Decoder):
         side = size // self.vae_downscale
         shape = (tokens.shape[0], self.config.latent_channels, side, side)
         latents = draw_noise(shape, generator, device, unet_dtype) * scheduler.init_noise_sigma
+        if self.fast_loop is not None and self.fast_loop.supports(self.scheduler_config):
+            return self.latents_to_pixels(self.fast_loop(latents, cond, steps, guidance, size))
         step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
         extra = {"generator": per_row(generator, tokens.shape[0])} if step_takes_generator else {}
-        for t in scheduler.timesteps:
-            x = latents if negative is None else torch.cat([latents, latents])
-            eps = self.predict(scheduler.scale_model_input(x, t), t, cond, size)
-            if negative is not None:
+        return self.latents_to_pixels(self.denoise(latents, cond, scheduler, guidance, size, **extra))
+
+    def denoise(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
+                size: int, unet: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                **extra: Any) -> torch.Tensor:
+        """The sampling loop: latents (B, 4, h, w) at the scheduler's first timestep -> its last latents.
+
+        cond is the tokens (B, 64, C), or [negative; tokens] (2B, 64, C) for CFG at `guidance` (both branches
+        in one batch). `unet(x, t, i)` replaces `predict(x, t, cond, size)` at step i (the whole-loop graph of
+        `blip3o.accel` passes the UNet on precomputed conditioning); `extra` goes to `scheduler.step`.
+        """
+        guided = cond.shape[0] != latents.shape[0]
+        for i, t in enumerate(scheduler.timesteps):
+            x = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
+            eps = self.predict(x, t, cond, size) if unet is None else unet(x, t, i)
+            if guided:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents, return_dict=False, **extra)[0]
-        return self.latents_to_pixels(latents)
+        return latents
 
     def loss(
         self, tokens: torch.Tensor, pixels: torch.Tensor, generator: torch.Generator | None = None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip3o.backbone import GENERATION_REQUEST
-from blip3o.flow import sample, sample_path, sample_t
+from blip3o.flow import call_times, sample, sample_path, sample_t
 from blip3o.images import pil_to_tensor
 from blip3o.model import Blip3o
 from blip3o.shapes.questions import (
@@ -328,7 +328,7 @@ class DecoderStage(Stage):
         model, dit = self.model, self.model.dit
         x_t = (1 - t_0) * dit.to_model_space(tokens) + t_0 * x_1.to(tokens.dtype)
         times = [t_0 * (1 - k / self.dit_steps) for k in range(self.dit_steps + 1)]
-        velocity = dit.sampling_velocity(model.condition(prompts), model.config.guidance)
+        velocity = dit.sampling_velocity(model.condition(prompts), model.config.guidance, times=call_times(times))
         return dit.to_tokens(sample(velocity, x_t, times))
 
 
