@@ -26,14 +26,14 @@ from blip3o.dit import DiT, DiTConfig
 from blip3o.flow import call_times, guided_pair, sample, time_grid
 
 
-def build(cfg: DiTConfig, device, dtype):
+def build(cfg: DiTConfig, device, dtype, fuse: bool = True):
     ours = DiT(cfg).eval()
     with torch.no_grad():
         for p in ours.parameters():  # open the zero-initialised gates and modulations: no branch skipped
             if not p.any():
                 p.normal_(0, 0.02)
     ours = ours.to(device, dtype)
-    return ours.fuse_projections(), reference_dit(ours).eval()
+    return ours.fuse_projections(fuse), reference_dit(ours).eval()
 
 
 def timed(fn, repeats: int) -> float:
@@ -59,12 +59,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true", help="our velocity through torch.compile (opt-in fast path)")
+    ap.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                    help="our fused input projections (auto: on CUDA only, as `accelerate`)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     kept = keep_freed_memory()  # as the CLI does (BLIP3O_KEEP_FREED_MEMORY=0: glibc's defaults); both models alike
     torch.manual_seed(0)
     cfg = DiTConfig(num_layers=args.layers)
-    ours, theirs = build(cfg, device, dtype)
+    fuse = args.fuse == "on" or (args.fuse == "auto" and device.type == "cuda")
+    ours, theirs = build(cfg, device, dtype, fuse)
     theirs_v = reference_velocity(theirs, ours)
     b = args.batch
     cond = torch.randn(b, args.cond_len, cfg.cond_size, device=device, dtype=dtype)
@@ -120,7 +123,7 @@ def main() -> None:
                                                                         f"{torch.get_num_threads()} threads)"
     print(f"device: {name}  torch {torch.__version__}  dtype {args.dtype}  freed host memory kept: {kept}")
     print(f"config: D={cfg.hidden_size} layers={cfg.num_layers} heads={cfg.num_heads} ffn={cfg.ffn_dim} "
-          f"batch={b} (CFG {2 * b}) cond_len={args.cond_len}")
+          f"batch={b} (CFG {2 * b}) cond_len={args.cond_len}  ours: fused projections {fuse}")
     print(f"max |ours - diffusers| = {err:.2e}")
     print(f"forward:  ours {fwd_ours * 1e3:8.1f} ms   diffusers {fwd_theirs * 1e3:8.1f} ms   "
           f"ratio {fwd_ours / fwd_theirs:.3f}")

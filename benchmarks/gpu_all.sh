@@ -42,7 +42,7 @@ bench() {  # name, seconds, script arguments...
 # ONLY picks benchmarks (a rerun within a lease); EXTRA_GENERATION adds options, e.g. "--sections dit --compile"
 ONLY=${ONLY:-generation,understanding,train_stage2}
 [[ ,$ONLY, == *,train_stage2,* ]] && bench train_stage2 ${TRAIN_LIMIT:-120} benchmarks/train_stage2.py --preset "$PRESET"
-[[ ,$ONLY, == *,generation,* ]] && bench generation ${GENERATION_LIMIT:-250} benchmarks/generation.py \
+[[ ,$ONLY, == *,generation,* ]] && bench generation ${GENERATION_LIMIT:-300} benchmarks/generation.py \
   --preset "$PRESET" ${EXTRA_GENERATION:-}
 [[ ,$ONLY, == *,understanding,* ]] && bench understanding 150 benchmarks/understanding.py --preset "$PRESET"
 true
