@@ -28,6 +28,8 @@ from torch import nn
 from blip3o.flow import Generators, call_times, draw_noise, fresh_noise, sample, time_grid
 
 if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
     from blip3o.backbone import Backbone
     from blip3o.decoder.sdxl_unet import SdxlUnetDecoder
     from blip3o.model import Blip3o
@@ -250,17 +252,14 @@ class DecoderLoopGraph:
     def supports(scheduler_config: dict[str, Any]) -> bool:
         return scheduler_config.get("_class_name") in LOOP_SCHEDULERS
 
-    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float,
+    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
                  size: int) -> torch.Tensor:
-        """Starting latents (B, 4, h, w) scaled by the scheduler's init sigma, cond (B or 2B, 64, C) -> the
-        loop's last latents; see `SdxlUnetDecoder.denoise`."""
-        from blip3o.decoder.sdxl_unet import make_scheduler
-
+        """Starting latents (B, 4, h, w) scaled by the scheduler's init sigma, cond (B or 2B, 64, C), a fresh
+        scheduler with its timesteps set on the latents' device -> the loop's last latents; see
+        `SdxlUnetDecoder.denoise`."""
         decoder = self.decoder
         factory = self.graph or default_graph(latents.device, loop=True)
         if factory is None:
-            scheduler = make_scheduler(decoder.scheduler_config)
-            scheduler.set_timesteps(steps, device=latents.device)
             return decoder.denoise(latents, cond, scheduler, guidance, size)
         now = fingerprint(decoder.unet)
         if now != self._fingerprint:  # weights moved or changed: every captured graph reads stale memory
@@ -269,19 +268,19 @@ class DecoderLoopGraph:
         conditioning = decoder.conditioning(cond, size)
         added = conditioning["added_cond_kwargs"]
         inputs = (latents, cond, added["text_embeds"], added["time_ids"])
+        steps = len(scheduler.timesteps)
         key = tuple((tuple(v.shape), v.dtype, v.device) for v in inputs) + (steps, float(guidance), size)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(factory, tuple(v.clone() for v in inputs), steps, guidance, size)
+            static = tuple(v.clone() for v in inputs)
+            # the timesteps the UNet reads, static on the device
+            self._graphs[key] = self._capture(factory, static, scheduler.timesteps.clone(), guidance, size)
         return self._graphs[key](*inputs)
 
-    def _capture(self, factory: GraphFactory, static: tuple[torch.Tensor, ...], steps: int, guidance: float,
-                 size: int) -> Graph:
+    def _capture(self, factory: GraphFactory, static: tuple[torch.Tensor, ...], timesteps: torch.Tensor,
+                 guidance: float, size: int) -> Graph:
         from blip3o.decoder.sdxl_unet import make_scheduler
 
         decoder, (latents, cond, text_embeds, time_ids) = self.decoder, static
-        on_device = make_scheduler(decoder.scheduler_config)
-        on_device.set_timesteps(steps, device=latents.device)
-        timesteps = on_device.timesteps.clone()  # what the UNet reads, static on the device
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
 
         def unet(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
@@ -292,7 +291,7 @@ class DecoderLoopGraph:
 
         def loop() -> torch.Tensor:
             scheduler = make_scheduler(decoder.scheduler_config)
-            scheduler.set_timesteps(steps)  # on the CPU: the schedule's scalars, fixed in the captured kernels
+            scheduler.set_timesteps(len(timesteps))  # on the CPU: the schedule's scalars, fixed in the captured kernels
             scheduler.set_begin_index(0)
             return decoder.denoise(latents, cond, scheduler, guidance, size, unet)
 

@@ -6,9 +6,10 @@ One forward pass, as the figure reads (B batch, N = 64 tokens on an 8x8 grid, L 
     c       = time_embed(1000 t) + caption_embed(mean(context)) # (B, T),  T = min(D, 1024)
     x       = patch_embedder(x_t)                              # (B, N, C) -> (B, N, D)
               (+ self_condition(x_0 estimate of the previous step) with `self_condition=True`)
-    x       = block(x, c, context) for each of the layers      # RMSNorm-zero, self + gated cross attention
-    v       = norm_out(x, c)                                   # AdaLN-continuous, final linear -> (B, N, C)
-              (or x_0 = norm_out(x, c), v = (x_t - x_0) / t with `prediction="sample"`)
+    m, s    = Linear(silu(c)) per block, Linear(silu(c))       # adaLN modulations (before the loop when sampling)
+    x       = block(x, m, context) for each of the layers      # RMSNorm-zero, self + gated cross attention
+    v       = norm_out(x, s)                                   # AdaLN-continuous, final linear -> (B, N, C)
+              (or x_0 = norm_out(x, s), v = (x_t - x_0) / t with `prediction="sample"`)
 
 Parameter names follow diffusers' `LuminaNextDiT2DModel` (plus BLIP3-o's `caption_projection`), so
 official checkpoints and the parity test load without renaming. The module is written for one
@@ -334,9 +335,8 @@ class DiTBlock(nn.Module):
         return [a1.to_q.weight, a1.to_k.weight, a1.to_v.weight, a2.to_q.weight, ff.linear_1.weight,
                 ff.linear_3.weight]
 
-    def forward(self, x, c, rope, cross_kv, cross_mask, modulation=None):
-        """`modulation`: norm1's m for this call, computed beforehand (then c is not read)."""
-        m = self.norm1.modulation(c) if modulation is None else modulation
+    def forward(self, x, m, rope, cross_kv, cross_mask):
+        """m: norm1's modulation of this call (`RMSNormZero.modulation` of c)."""
         h, gate_attn, scale_mlp, gate_mlp = self.norm1(x, m)  # (B, N, D)
         fused = None if torch.is_grad_enabled() else self.fused_weights()
         if fused is None:
@@ -373,8 +373,8 @@ class NormOut(nn.Module):
         """c (..., T) -> (..., D)."""
         return self.linear_1(F.silu(c))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, scale: torch.Tensor | None = None) -> torch.Tensor:
-        scale = self.scale(c) if scale is None else scale  # (B, D)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """scale (B, D): `self.scale(c)`."""
         return self.linear_2(self.norm(x) * (1 + scale[:, None]))
 
 
@@ -599,11 +599,17 @@ class DiT(nn.Module):
             return None
         # built from fills, not a host-to-device copy, so that a CUDA graph can capture it
         t = torch.cat([torch.full((1,), v, device=context.device, dtype=torch.float32) for v in times])  # (S,)
-        if self.config.quantize_timesteps:
-            t = torch.floor(t * 1000) / 1000
         embed = self.time_caption_embed
-        c = embed.time(t)[:, None] + embed.caption(context, cond.mask)[None]  # (S, B, T)
-        return Modulation([block.norm1.modulation(c) for block in self.layers], self.norm_out.scale(c))
+        c = embed.time(self.network_time(t))[:, None] + embed.caption(context, cond.mask)[None]  # (S, B, T)
+        return Modulation(*self.modulations(c))
+
+    def modulations(self, c: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """c (..., T) -> every block's norm1 modulation (..., 4D) and norm_out's scale (..., D)."""
+        return [block.norm1.modulation(c) for block in self.layers], self.norm_out.scale(c)
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the time embedding reads: t, or floor(1000 t) / 1000 with `quantize_timesteps`."""
+        return torch.floor(t * 1000) / 1000 if self.config.quantize_timesteps else t
 
     def sampling_velocity(self, cond: torch.Tensor, guidance: float, velocity=None,
                           times: list[float] | None = None) -> Velocity:
@@ -684,14 +690,9 @@ class DiT(nn.Module):
         if self.config.prediction == "preconditioned":
             pre = pre or Preconditioning(t, self.config.data_std)
             x_t = x_t * pre.c_in.to(x_t.dtype)
-        c = None
         if modulation is None:
-            if self.config.quantize_timesteps:
-                t = torch.floor(t * 1000) / 1000
-            c = self.time_caption_embed(t, cond.context, cond.mask)  # (B, T)
-            layer_mods, out_scale = [None] * len(self.layers), None
-        else:
-            layer_mods, out_scale = modulation
+            modulation = self.modulations(self.time_caption_embed(self.network_time(t), cond.context, cond.mask))
+        layer_mods, out_scale = modulation
         x = self.patch_embedder.proj(x_t)  # (B, N, D)
         if self.self_condition is not None:
             previous = torch.zeros_like(x_t) if x_0_previous is None else x_0_previous.to(x_t.dtype)
@@ -700,8 +701,8 @@ class DiT(nn.Module):
             x = x + self.position(x.device).to(x.dtype)
         rope = self.rope(x.device)
         for block, kv, m in zip(self.layers, cond.cross_kv, layer_mods, strict=True):
-            x = block(x, c, rope, kv, cond.mask, m)
-        return self.norm_out(x, c, out_scale)
+            x = block(x, m, rope, kv, cond.mask)
+        return self.norm_out(x, out_scale)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 cond_mask: torch.Tensor | None = None) -> torch.Tensor:

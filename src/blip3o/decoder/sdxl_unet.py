@@ -235,16 +235,13 @@ class SdxlUnetDecoder(Decoder):
         self.channels_last = enabled
         return self
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int,
-                conditioning: dict[str, Any] | None = None) -> torch.Tensor:
-        """UNet output (noise for epsilon prediction) for latents x (B, 4, h, w) at scheduler timestep(s).
-        `conditioning`: `self.conditioning(tokens, size)` computed beforehand (then it is used as given)."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int) -> torch.Tensor:
+        """UNet output (noise for epsilon prediction) for latents x (B, 4, h, w) at scheduler timestep(s)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if conditioning is None and self.fast_predict is not None and not torch.is_grad_enabled():
+        if self.fast_predict is not None and not torch.is_grad_enabled():
             return self.fast_predict(x, t, tokens, size)
-        conditioning = self.conditioning(tokens, size) if conditioning is None else conditioning
-        return self.unet(x, t, **conditioning, return_dict=False)[0]
+        return self.unet(x, t, **self.conditioning(tokens, size), return_dict=False)[0]
 
     def latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> pixels (B, 3, H, W) float32 in [0, 1]."""
@@ -291,7 +288,7 @@ class SdxlUnetDecoder(Decoder):
         shape = (tokens.shape[0], self.config.latent_channels, side, side)
         latents = draw_noise(shape, generator, device, unet_dtype) * scheduler.init_noise_sigma
         if self.fast_loop is not None and self.fast_loop.supports(self.scheduler_config):
-            return self.latents_to_pixels(self.fast_loop(latents, cond, steps, guidance, size))
+            return self.latents_to_pixels(self.fast_loop(latents, cond, scheduler, guidance, size))
         step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
         extra = {"generator": per_row(generator, tokens.shape[0])} if step_takes_generator else {}
         return self.latents_to_pixels(self.denoise(latents, cond, scheduler, guidance, size, **extra))
