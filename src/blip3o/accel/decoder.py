@@ -1,0 +1,129 @@
+"""The SDXL decoder's UNet step and whole sampling loop as CUDA graphs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from blip3o.accel.graphs import Graph, GraphFactory, default_graph, fingerprint
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from blip3o.decoder.sdxl_unet import SdxlUnetDecoder
+
+
+class UNetStepGraph:
+    """The decoder's `predict` (one UNet call on both CFG branches) as a CUDA graph per input shape.
+
+    Installed as `decoder.fast_predict`. The conditioning (token mean, time ids) is built eagerly and
+    copied into static buffers: it holds a host-to-device copy that a graph cannot capture.
+    """
+
+    def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: GraphFactory | None = None) -> None:
+        self.decoder, self.graph = decoder, graph
+        self.unet = torch.compile(decoder.unet, dynamic=False) if compile else decoder.unet
+        self._graphs: dict[tuple, Graph] = {}
+        self._fingerprint: tuple | None = None
+
+    def eager(self, x, t, hidden, text_embeds, time_ids) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, tokens: torch.Tensor, size: int) -> torch.Tensor:
+        cond = self.decoder.conditioning(tokens, size)
+        added = cond["added_cond_kwargs"]
+        t = torch.as_tensor(t, device=x.device)
+        inputs = (x, t, cond["encoder_hidden_states"], added["text_embeds"], added["time_ids"])
+        factory = self.graph or default_graph(x.device)
+        if factory is None:
+            return self.eager(*inputs)
+        now = fingerprint(self.decoder.unet)
+        if now != self._fingerprint:
+            self._graphs.clear()
+            self._fingerprint = now
+        key = tuple((tuple(v.shape), v.dtype, v.device, v.is_contiguous()) for v in inputs) + (size,)
+        if key not in self._graphs:
+            static = tuple(v.clone() for v in inputs)  # clone keeps the memory format (channels-last)
+            self._graphs[key] = factory(lambda: self.eager(*static), static)
+        return self._graphs[key](*inputs)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+
+# Schedulers whose whole loop a graph captures: `scale_model_input` and `step` launch device work only, once
+# the step index starts from `set_begin_index(0)` (no timestep lookup, a host sync) and the schedule lives on
+# the CPU (diffusers keeps Euler's sigmas there: each step's are scalars fixed at capture); they draw no noise.
+LOOP_SCHEDULERS = frozenset({"EulerDiscreteScheduler"})
+
+
+class DecoderLoopGraph:
+    """The decoder's `denoise` (every UNet call on both CFG branches, the guidance and the scheduler's steps)
+    as ONE CUDA graph per (shapes, steps, guidance, size): a 50-step decode is one launch, no host work
+    between the UNet calls.
+
+    Installed as `decoder.fast_loop` (by `accelerate`); `decode` uses it for the schedulers it `supports`.
+    The conditioning (token mean, time ids: a host-to-device copy) and the device timesteps are made
+    eagerly and read from static buffers. On a CPU, without a graph factory, it runs the eager loop.
+    """
+
+    def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: GraphFactory | None = None) -> None:
+        self.decoder, self.graph = decoder, graph
+        self.unet = torch.compile(decoder.unet, dynamic=False) if compile else decoder.unet
+        self._graphs: dict[tuple, Graph] = {}
+        self._fingerprint: tuple | None = None
+
+    @staticmethod
+    def supports(scheduler_config: dict[str, Any]) -> bool:
+        return scheduler_config.get("_class_name") in LOOP_SCHEDULERS
+
+    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
+                 size: int) -> torch.Tensor:
+        """Starting latents (B, 4, h, w) scaled by the scheduler's init sigma, cond (B or 2B, 64, C), a fresh
+        scheduler with its timesteps set on the latents' device -> the loop's last latents; see
+        `SdxlUnetDecoder.denoise`."""
+        decoder = self.decoder
+        factory = self.graph or default_graph(latents.device, loop=True)
+        if factory is None:
+            return decoder.denoise(latents, cond, scheduler, guidance, size)
+        now = fingerprint(decoder.unet)
+        if now != self._fingerprint:  # weights moved or changed: every captured graph reads stale memory
+            self._graphs.clear()
+            self._fingerprint = now
+        conditioning = decoder.conditioning(cond, size)
+        added = conditioning["added_cond_kwargs"]
+        inputs = (latents, cond, added["text_embeds"], added["time_ids"])
+        steps = len(scheduler.timesteps)
+        key = tuple((tuple(v.shape), v.dtype, v.device) for v in inputs) + (steps, float(guidance), size)
+        if key not in self._graphs:
+            static = tuple(v.clone() for v in inputs)
+            # the timesteps the UNet reads, static on the device
+            self._graphs[key] = self._capture(factory, static, scheduler.timesteps.clone(), guidance, size)
+        return self._graphs[key](*inputs)
+
+    def _capture(self, factory: GraphFactory, static: tuple[torch.Tensor, ...], timesteps: torch.Tensor,
+                 guidance: float, size: int) -> Graph:
+        from blip3o.decoder.sdxl_unet import make_scheduler
+
+        decoder, (latents, cond, text_embeds, time_ids) = self.decoder, static
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+
+        def unet(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            if decoder.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.unet(x, timesteps[i], encoder_hidden_states=cond, added_cond_kwargs=added,
+                             return_dict=False)[0]
+
+        def loop() -> torch.Tensor:
+            scheduler = make_scheduler(decoder.scheduler_config)
+            scheduler.set_timesteps(len(timesteps))  # on the CPU: the schedule's scalars, fixed in the captured kernels
+            scheduler.set_begin_index(0)
+            return decoder.denoise(latents, cond, scheduler, guidance, size, unet)
+
+        return factory(loop, static)
+
+    def clear(self) -> None:
+        """Drop the captured graphs (and their memory pools)."""
+        self._graphs.clear()
