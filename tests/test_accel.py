@@ -1,6 +1,6 @@
 """The fast paths (blip3o.accel) and offload (blip3o.offload) on a CPU: same answers as the plain code.
 
-CUDA graphs cannot be captured on a CPU; `EagerGraph` stands in for them, so the static-buffer,
+CUDA graphs cannot be captured on a CPU; `EagerCall` stands in for them, so the static-buffer,
 cache-key and recapture logic runs here, and the GPU benchmark (benchmarks/gpu_all.sh) checks the
 real graphs against the eager loop on the device.
 """
@@ -17,7 +17,7 @@ from PIL import Image
 from blip3o import Blip3o
 from blip3o.accel import (
     DiTSampler,
-    EagerGraph,
+    EagerCall,
     disable_static_cache,
     enable_static_cache,
 )
@@ -49,7 +49,7 @@ def test_dit_sampler_eager_fallback_equals_sample_tokens(model, guidance):
 
 
 def test_dit_sampler_graph_logic_equals_sample_tokens(model):
-    sampler = DiTSampler(model, graph=EagerGraph)
+    sampler = DiTSampler(model, graph=EagerCall)
     for seed in (0, 1):  # the second call replays the captured loop with new static inputs
         cond = _cond(model, batch=1 + seed)
         want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
@@ -73,7 +73,7 @@ def test_stochastic_sampler_is_seeded_and_the_graph_logic_replays_it(model):
         # fresh noise is drawn after the start noise: same start as Euler, another path
         euler = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0), sampler="euler")
         assert not torch.allclose(first, euler)
-        sampler = DiTSampler(model, graph=EagerGraph)
+        sampler = DiTSampler(model, graph=EagerCall)
         for seed in (0, 1):  # the second call replays the captured loop with new noise
             want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
             assert torch.equal(sampler(cond, generator=torch.Generator().manual_seed(seed)), want)
@@ -97,7 +97,7 @@ def test_dit_sampler_graph_logic_with_self_conditioning_equals_sample_tokens():
         for p in m.dit.parameters():
             if not p.any():
                 p.normal_(0, 0.02)
-    sampler = DiTSampler(m, graph=EagerGraph)
+    sampler = DiTSampler(m, graph=EagerCall)
     for seed in (0, 1):  # each replay starts its estimate from zeros again
         cond = _cond(m)
         want = m.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
@@ -105,7 +105,7 @@ def test_dit_sampler_graph_logic_with_self_conditioning_equals_sample_tokens():
 
 
 def test_dit_sampler_recaptures_when_weights_change(model):
-    sampler = DiTSampler(model, graph=EagerGraph)
+    sampler = DiTSampler(model, graph=EagerCall)
     cond = _cond(model, batch=1)
     sampler(cond, generator=torch.Generator().manual_seed(0))
     first = next(iter(sampler._graphs.values()))
@@ -126,7 +126,7 @@ def test_fused_dit_sampler_matches_within_rounding(model):
     want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0))
     model.dit.fuse_projections(True)
     try:
-        got = DiTSampler(model, graph=EagerGraph)(cond, generator=torch.Generator().manual_seed(0))
+        got = DiTSampler(model, graph=EagerCall)(cond, generator=torch.Generator().manual_seed(0))
     finally:
         model.dit.fuse_projections(False)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,6 @@
 """The SDXL decoder's fast paths (blip3o.accel.decoder) on a CPU: same images as the plain decode.
 
-CUDA graphs cannot be captured on a CPU; `EagerGraph` stands in for them, so the static-buffer,
+CUDA graphs cannot be captured on a CPU; `EagerCall` stands in for them, so the static-buffer,
 cache-key and recapture logic runs here.
 """
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blip3o import Blip3o
-from blip3o.accel import DecoderLoopGraph, EagerGraph, UNetStepGraph
+from blip3o.accel import DecoderLoopGraph, EagerCall, UNetStepGraph
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_unet_step_graph_and_channels_last_match_plain_decode(model):
     decoder = model.decoder
     tokens = torch.randn(2, 64, decoder.token_width, generator=torch.Generator().manual_seed(1))
     want = decoder.decode(tokens, generator=torch.Generator().manual_seed(0))
-    graphed = UNetStepGraph(decoder, graph=EagerGraph)
+    graphed = UNetStepGraph(decoder, graph=EagerCall)
     decoder.set_channels_last(True)
     decoder.fast_predict = graphed
     try:
@@ -45,7 +45,7 @@ def test_unet_step_graph_and_channels_last_match_plain_decode(model):
 def test_decoder_loop_graph_logic_equals_plain_decode(model):
     decoder = model.decoder
     assert decoder.scheduler_config["_class_name"] == "EulerDiscreteScheduler"  # the official schedule
-    loop = DecoderLoopGraph(decoder, graph=EagerGraph)
+    loop = DecoderLoopGraph(decoder, graph=EagerCall)
     decoder.fast_loop = loop
     try:
         for seed, batch, guidance in ((1, 2, 3.0), (2, 2, 3.0), (3, 1, 1.0)):
@@ -80,7 +80,7 @@ def test_decoder_loop_graph_is_not_used_for_other_schedulers(model):
             calls.append(1)
             return super().__call__(*args, **kwargs)
 
-    decoder.fast_loop = Spy(decoder, graph=EagerGraph)
+    decoder.fast_loop = Spy(decoder, graph=EagerCall)
     try:
         tokens = torch.randn(1, 64, decoder.token_width, generator=torch.Generator().manual_seed(1))
         got = decoder.decode(tokens, generator=torch.Generator().manual_seed(0))

@@ -23,15 +23,27 @@ from typing import TYPE_CHECKING, Any
 
 from blip3o.accel.decoder import DecoderLoopGraph, UNetStepGraph
 from blip3o.accel.dit import DiTSampler
-from blip3o.accel.graphs import CudaGraph, EagerGraph, Graph, LoopCudaGraph, default_graph, fingerprint
+from blip3o.accel.graphs import CudaGraphCall, CudaGraphLoopCall, EagerCall, StaticCall, default_graph, fingerprint
 
 if TYPE_CHECKING:
     from blip3o.backbone import Backbone
     from blip3o.model import Blip3o
 
-__all__ = ["AccelOptions", "CudaGraph", "DecoderLoopGraph", "DiTSampler", "EagerGraph", "Graph", "LoopCudaGraph",
-           "UNetStepGraph", "accelerate", "default_graph", "disable_static_cache", "enable_static_cache",
-           "fingerprint"]
+__all__ = [
+    "AccelOptions",
+    "CudaGraphCall",
+    "CudaGraphLoopCall",
+    "DecoderLoopGraph",
+    "DiTSampler",
+    "EagerCall",
+    "StaticCall",
+    "UNetStepGraph",
+    "accelerate",
+    "default_graph",
+    "disable_static_cache",
+    "enable_static_cache",
+    "fingerprint",
+]
 
 
 # ---------------------------------------------------------------------------- understanding
@@ -91,8 +103,9 @@ def accelerate(model: Blip3o, options: AccelOptions | None = None, **overrides: 
         model.decoder.set_channels_last(options.channels_last)
     if isinstance(model.decoder, SdxlUnetDecoder):
         model.decoder.fast_predict = UNetStepGraph(model.decoder, compile=compile) if options.unet_graph else None
-        model.decoder.fast_loop = DecoderLoopGraph(model.decoder, compile=compile) \
-            if options.decoder_loop_graph else None
+        model.decoder.fast_loop = (
+            DecoderLoopGraph(model.decoder, compile=compile) if options.decoder_loop_graph else None
+        )
     if options.static_cache:
         enable_static_cache(model.backbone, compile=compile)
     return model

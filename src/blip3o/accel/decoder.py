@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blip3o.accel.graphs import Graph, GraphFactory, default_graph, fingerprint
+from blip3o.accel.graphs import CallFactory, StaticCall, default_graph, fingerprint
 
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -21,10 +21,10 @@ class UNetStepGraph:
     copied into static buffers: it holds a host-to-device copy that a graph cannot capture.
     """
 
-    def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: GraphFactory | None = None) -> None:
+    def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: CallFactory | None = None) -> None:
         self.decoder, self.graph = decoder, graph
         self.unet = torch.compile(decoder.unet, dynamic=False) if compile else decoder.unet
-        self._graphs: dict[tuple, Graph] = {}
+        self._graphs: dict[tuple, StaticCall] = {}
         self._fingerprint: tuple | None = None
 
     def eager(self, x, t, hidden, text_embeds, time_ids) -> torch.Tensor:
@@ -69,10 +69,10 @@ class DecoderLoopGraph:
     eagerly and read from static buffers. On a CPU, without a graph factory, it runs the eager loop.
     """
 
-    def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: GraphFactory | None = None) -> None:
+    def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: CallFactory | None = None) -> None:
         self.decoder, self.graph = decoder, graph
         self.unet = torch.compile(decoder.unet, dynamic=False) if compile else decoder.unet
-        self._graphs: dict[tuple, Graph] = {}
+        self._graphs: dict[tuple, StaticCall] = {}
         self._fingerprint: tuple | None = None
 
     @staticmethod
@@ -103,8 +103,8 @@ class DecoderLoopGraph:
             self._graphs[key] = self._capture(factory, static, scheduler.timesteps.clone(), guidance, size)
         return self._graphs[key](*inputs)
 
-    def _capture(self, factory: GraphFactory, static: tuple[torch.Tensor, ...], timesteps: torch.Tensor,
-                 guidance: float, size: int) -> Graph:
+    def _capture(self, factory: CallFactory, static: tuple[torch.Tensor, ...], timesteps: torch.Tensor,
+                 guidance: float, size: int) -> StaticCall:
         from blip3o.decoder.sdxl_unet import make_scheduler
 
         decoder, (latents, cond, text_embeds, time_ids) = self.decoder, static

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blip3o.accel.graphs import Graph, GraphFactory, default_graph, fingerprint
+from blip3o.accel.graphs import CallFactory, StaticCall, default_graph, fingerprint
 from blip3o.flow import Generators, call_times, draw_noise, fresh_noise, sample, time_grid
 
 if TYPE_CHECKING:
@@ -31,15 +31,15 @@ class DiTSampler:
     Same signature and the same random draws as `sample_tokens` (noise from the CPU generator); on a
     CPU, or with `cuda_graph=False`, it runs exactly `sample_tokens`' eager loop. `compile=True` also
     runs the DiT velocity through `torch.compile` (kernels fused, then captured in the graph).
-    `graph` overrides how loops are captured (tests pass `EagerGraph` to run the capture logic on a CPU).
+    `graph` overrides how loops are captured (tests pass `EagerCall` to run the capture logic on a CPU).
     """
 
     def __init__(self, model: Blip3o, *, cuda_graph: bool = True, compile: bool = False,
-                 graph: GraphFactory | None = None) -> None:
+                 graph: CallFactory | None = None) -> None:
         self.model, self.cuda_graph, self.graph = model, cuda_graph, graph
         dit = model.dit
         self.velocity = torch.compile(dit.velocity, dynamic=False) if compile else dit.velocity
-        self._graphs: dict[_LoopKey, Graph] = {}
+        self._graphs: dict[_LoopKey, StaticCall] = {}
         self._fingerprint: tuple | None = None
 
     def loop(self, cond: torch.Tensor, x_1: torch.Tensor, times: list[float], guidance: float,
@@ -70,7 +70,7 @@ class DiTSampler:
         inputs = (cond, x_1) if fresh is None else (cond, x_1, fresh)
         return self._graph_for(key, factory, inputs)(*inputs)
 
-    def _graph_for(self, key: _LoopKey, factory: GraphFactory, inputs: tuple[torch.Tensor, ...]) -> Graph:
+    def _graph_for(self, key: _LoopKey, factory: CallFactory, inputs: tuple[torch.Tensor, ...]) -> StaticCall:
         now = fingerprint(self.model.dit)
         if now != self._fingerprint:  # weights moved or changed: every captured graph reads stale memory
             self._graphs.clear()

@@ -1,4 +1,4 @@
-"""Graph capture for the fast paths: a computation over static input buffers, replayed.
+"""Static calls for the fast paths: a computation over static input buffers, replayed (by a CUDA graph).
 
 A graph reads its input and weight memory by address, so each captured graph owns static input buffers (a
 call copies its inputs in, replays, and clones the output) and is recaptured whenever a weight moves or
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 
-class Graph:
+class StaticCall:
     """A captured computation: `inputs` are static buffers to copy into, `replay()` refreshes `out`."""
 
     def __init__(self, fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None:
@@ -34,12 +34,12 @@ class Graph:
         return self.out.clone()  # the next replay overwrites `out`
 
 
-class EagerGraph(Graph):
+class EagerCall(StaticCall):
     """Same interface, no CUDA: replay re-runs the function into the same output buffer. Lets the
     static-buffer and recapture logic run (and be tested) on a CPU."""
 
 
-class CudaGraph(Graph):
+class CudaGraphCall(StaticCall):
     """torch.cuda.CUDAGraph over `fn`, after warm-up runs on a side stream (as PyTorch requires: lazy
     initialisation, cuBLAS workspaces, compiled kernels all happen before capture)."""
 
@@ -61,20 +61,20 @@ class CudaGraph(Graph):
         self.graph.replay()
 
 
-class LoopCudaGraph(CudaGraph):
+class CudaGraphLoopCall(CudaGraphCall):
     """A CUDA graph of a whole sampling loop: one warm-up run already runs each kernel once per step."""
 
     warmup = 1
 
 
-GraphFactory = Callable[[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]], Graph]
+CallFactory = Callable[[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]], StaticCall]
 
 
-def default_graph(device: torch.device, *, loop: bool = False) -> GraphFactory | None:
+def default_graph(device: torch.device, *, loop: bool = False) -> CallFactory | None:
     """CUDA graphs on CUDA devices (`loop`: of a whole sampling loop); elsewhere none (eager)."""
     if device.type != "cuda":
         return None
-    return LoopCudaGraph if loop else CudaGraph
+    return CudaGraphLoopCall if loop else CudaGraphCall
 
 
 def fingerprint(module: nn.Module) -> tuple:
