@@ -132,7 +132,7 @@ def main() -> None:
               f"forward {fwd_compiled * 1e3:8.1f} ms   ratio to diffusers {fwd_compiled / fwd_theirs:.3f}")
     print(f"{args.steps}-step CFG sample: ours{' (compiled)' if args.compile else ''} {loop_ours:8.3f} s   "
           f"diffusers {loop_theirs:8.3f} s   max |ours - diffusers| = {err_loop:.2e}")
-    print(f"ours with per-step modulations (before they were computed up front): {loop_per_step:8.3f} s   "
+    print(f"ours with per-step modulations (each step computes its own): {loop_per_step:8.3f} s   "
           f"ratio {loop_per_step / loop_theirs:.3f}")
     print(f"sampling ratio of each round: {' '.join(f'{r:.3f}' for r in pairs)} (medians of {len(pairs)} rounds below)")
     print(f"ratio={loop_ours / loop_theirs:.3f}")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The one prepared device script: every benchmark at the official 8B config on one GPU, logs under $OUT.
+# Every benchmark at the official 8B config on one GPU; logs (and an env.txt) under $OUT.
 #
-#   Here (once):  pip download --no-deps ... -d .whl diffusers==0.32.2 transformers==5.24.0  (see docs/benchmarks.md)
-#   Device tool:  command "bash benchmarks/gpu_all.sh", carry [".whl"], timeout_s 600
+#   Beforehand, where there is network:  pip download --no-deps -d .whl diffusers==0.32.2 transformers==5.24.0
+#   On the GPU machine:                   bash benchmarks/gpu_all.sh       (~8 minutes; see docs/benchmarks.md)
 #
-# The device image has torch and transformers but no diffusers: the carried wheels go to /tmp/site with
-# --no-deps. The carried transformers (the version the CPU tests pass with) is used if blip3o imports with
-# it, else the image's. Each benchmark has its own time limit, so one that hangs cannot starve the others;
-# every line is logged as it is printed (PYTHONUNBUFFERED), so a benchmark cut off still leaves its figures.
+# A machine with torch and transformers but no diffusers (and no network) gets the wheels in .whl/, installed
+# to /tmp/site with --no-deps. The wheel's transformers (the version the CPU tests pass with) is used if blip3o
+# imports with it, else the machine's. Each benchmark has its own time limit, so one that hangs cannot starve
+# the others; every line is logged as it is printed (PYTHONUNBUFFERED), so a benchmark cut off still leaves
+# its figures.
 set -u
 OUT=${OUT:-benchmarks_out}
 mkdir -p "$OUT"
@@ -39,7 +40,7 @@ bench() {  # name, seconds, script arguments...
   timeout -k 10 "$limit" $PY "$@" 2>&1 | tee -a "$OUT/$name.log"
   echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
-# ONLY picks benchmarks (a rerun within a lease); EXTRA_GENERATION adds options, e.g. "--sections dit --compile"
+# ONLY picks benchmarks (to rerun some); EXTRA_GENERATION adds options, e.g. "--sections dit --compile"
 ONLY=${ONLY:-generation,understanding,train_stage2}
 [[ ,$ONLY, == *,train_stage2,* ]] && bench train_stage2 ${TRAIN_LIMIT:-120} benchmarks/train_stage2.py --preset "$PRESET"
 [[ ,$ONLY, == *,generation,* ]] && bench generation ${GENERATION_LIMIT:-300} benchmarks/generation.py \
