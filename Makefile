@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# torch goes in first and pinned: a CPU wheel sits on this machine's disk, and letting
+# torch goes in first and pinned (the CPU wheel): letting
 # transformers/diffusers resolve torch themselves pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # diffusers is pinned: the DiT parity test compares against its Lumina-Next (<=0.32 has the 2/3 FFN).
@@ -28,11 +28,11 @@ serve: install  # the web page and the OpenAI-compatible API at http://127.0.0.1
 	HF_HUB_OFFLINE=1 $(VENV)/bin/blip3o serve
 
 test: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	HF_HUB_OFFLINE=1 USE_FLAX=0 $(PY) -m pytest -q -x tests
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:

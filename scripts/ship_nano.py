@@ -1,6 +1,9 @@
-"""Ship a trained nano model as the package's embedded default (fp16, at most 25 MB).
+"""Write a trained nano model as the package's embedded default, src/blip3o/assets/nano/ (fp16, at most 25 MB).
 
     python scripts/ship_nano.py runs/nano/model
+
+The config's `extra` records the world and the folder the weights came from; the tokenizer folder is left
+out, since the builtin tokenizer ships with the package.
 """
 
 import shutil
@@ -16,6 +19,8 @@ LIMIT_BYTES = 25 * 1024 * 1024
 
 
 def main() -> None:
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "config.json").is_file():
+        raise SystemExit("usage: python scripts/ship_nano.py MODEL_FOLDER (a saved Blip3o: config.json + weights)")
     source = Path(sys.argv[1])
     model = Blip3o.from_pretrained(source)
     model.config.extra = {**model.config.extra, "world": "shapes", "trained_from": str(source)}
