@@ -10,6 +10,9 @@ device-to-host copy: inference does not change weights) so the device memory is 
         cond = model.condition(prompts)
 
 `Blip3o.enable_offload(device)` installs one, and `generate`/`answer`/`reconstruct` then wrap each stage.
+Captured CUDA graphs (`blip3o.accel`) stay correct without help from here: they fingerprint the weights'
+addresses and capture again once a use points the weights at new device copies (so with offload they
+capture at every use: the two do not speed each other up).
 """
 
 from __future__ import annotations
@@ -31,11 +34,8 @@ class Offload:
         self.model, self.device = model, torch.device(device)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.resident: list[str] = []  # parts on the device now, in the order they were put there
-        self.moves = 0  # parts put on the device so far (a count for tests and benchmarks)
+        self.moves = 0  # parts put on the device so far (tests read it)
         model.queries.data = model.queries.data.to(self.device)
-        for fast in (getattr(model, "fast_sampler", None), getattr(model.decoder, "fast_predict", None)):
-            if hasattr(fast, "clear"):  # captured CUDA graphs hold device memory and old weight addresses
-                fast.clear()
         self._home = {name: self._make_home(getattr(model, name)) for name in PARTS}
 
     def _make_home(self, part: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
@@ -56,6 +56,7 @@ class Offload:
 
     @staticmethod
     def _point(home, place) -> None:
+        """Point every tensor of `home` at `place(its CPU copy)`."""
         for module, name, is_parameter, cpu in home:
             if is_parameter:
                 module._parameters[name].data = place(cpu)
@@ -63,6 +64,7 @@ class Offload:
                 module._buffers[name] = place(cpu)
 
     def load(self, name: str) -> None:
+        """Put part `name` on the device (a copy of its home tensors); a no-op if it is there."""
         if name in self.resident:
             return
         self._point(self._home[name], lambda t: t.to(self.device, non_blocking=self.pin_memory))
@@ -70,6 +72,7 @@ class Offload:
         self.moves += 1
 
     def unload(self, name: str) -> None:
+        """Point part `name` back at its home tensors, freeing its device copies."""
         if name not in self.resident:
             return
         self._point(self._home[name], lambda t: t)
@@ -101,8 +104,3 @@ def _drop_device_caches(part: nn.Module) -> None:
     for block in getattr(part, "layers", []):
         if getattr(block, "_fused", None) is not None:
             block._fused = ((), None, None)
-
-
-def peak_memory(device: torch.device) -> int | None:
-    """Peak bytes allocated on a CUDA device since the last reset; None elsewhere."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
