@@ -8,7 +8,8 @@ spelling, and (c) has the same special tokens and chat format as Qwen2.5-VL, so 
 
 The vocabulary is a byte-level BPE trained (deterministically, in milliseconds) on a word list;
 it is shipped as `assets/builtin_tokenizer.json` so that a tokenizers upgrade can never silently
-renumber the tokens a saved nano model was trained on. `build_builtin_tokenizer()` regenerates it.
+renumber the tokens a saved nano model was trained on. After a change to the word list, regenerate it
+with `build_builtin_tokenizer().save(str(ASSET))`; a test checks that its vocabulary equals a fresh build's.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ BLIP3O_SPECIAL_TOKENS = ["[IMG]", "[/IMG]", "<image>"]
 SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + BLIP3O_SPECIAL_TOKENS
 SPECIAL_IDS = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
 
-# Words that must be one token each (with and without a leading space): the Shapes world
-# (SHAPES_WORLD.md), its questions and answers, and the fixed prompts the model always sees.
+# Words that must be one token each (with and without a leading space): the Shapes world's shapes,
+# colours, numbers and relations (`blip3o.shapes`), its questions and answers, and the fixed prompts the
+# model always sees.
 _WORDS = """
     circle circles square squares triangle triangles cross crosses
     red yellow green cyan blue purple
@@ -99,12 +101,6 @@ def build_builtin_tokenizer() -> Tokenizer:
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     return tokenizer
-
-
-def write_builtin_asset(path: Path = ASSET) -> None:
-    """Regenerate the shipped JSON (run by hand after changing the word list)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    build_builtin_tokenizer().save(str(path))
 
 
 def load_builtin_tokenizer() -> PreTrainedTokenizerFast:
