@@ -22,7 +22,6 @@ from .shapes import ShapesEncoder, ShapesEncoderConfig
 from .siglip import SiglipEncoder, SiglipEncoderConfig
 
 ClipEncoderConfig = EvaClipConfig | SiglipEncoderConfig | ShapesEncoderConfig
-ClipEncoder = ClipEncoderBase
 
 _KINDS: dict[str, tuple[type, type[ClipEncoderBase]]] = {
     "eva": (EvaClipConfig, EvaClipEncoder),
@@ -65,7 +64,6 @@ def build_clip_encoder(config: ClipEncoderConfig | str) -> ClipEncoderBase:
 __all__ = [
     "CLIP_ENCODER_PRESETS",
     "OFFICIAL_PREFIX",
-    "ClipEncoder",
     "ClipEncoderBase",
     "ClipEncoderConfig",
     "EvaClipConfig",

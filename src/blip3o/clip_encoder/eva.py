@@ -11,7 +11,7 @@ There is no final norm and no head: BLIP3-o reads the raw output of the last blo
 
 Checkpoint mapping. The official BLIP3-o checkpoint stores this tower as
 `OFFICIAL_PREFIX + suffix` (772 tensors, ~4.35B parameters). Our parameter names ARE those
-suffixes, so `official_to_ours` only strips the prefix:
+suffixes, so loading one (`blip3o.checkpoints.official`) only strips the prefix:
 
     patch_embed.proj.weight (1792, 3, 14, 14)   patch_embed.proj.bias (1792,)
     cls_token (1, 1, 1792)                      pos_embed (1, 1025, 1792)
@@ -290,13 +290,3 @@ class EvaClipEncoder(ClipEncoderBase):
         patches = self.features(x)[:, 1:]  # drop cls, as EVAEncoderWrapper does: (B, N, C)
         return pool_patch_tokens(patches, self.config.pool)  # (B, 64, C)
 
-
-def official_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pick the tower out of an official BLIP3-o checkpoint and strip OFFICIAL_PREFIX.
-
-    The result loads with `EvaClipEncoder.load_state_dict(..., strict=True)`.
-    """
-    out = {k[len(OFFICIAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
-    if not out:
-        raise KeyError(f"no key starts with {OFFICIAL_PREFIX!r}; is this a BLIP3-o checkpoint?")
-    return out

@@ -35,7 +35,6 @@ class SiglipEncoderConfig:
     num_heads: int = 16  # num_attention_heads
     mlp_dim: int = 4304  # intermediate_size
     norm_eps: float = 1e-6  # layer_norm_eps
-    position_grid: int = 0  # siglip2 only: side of the learned position table (0: the patch grid)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -45,10 +44,12 @@ class SiglipEncoderConfig:
 
     @property
     def grid(self) -> int:
+        """Patches a side (the last image_size % patch_size pixels are dropped)."""
         return self.image_size // self.patch_size
 
 
 def _hf_config(c: SiglipEncoderConfig):
+    """The transformers config of the tower `c` describes, without the attention-pooling head."""
     common = dict(
         hidden_size=c.width,
         intermediate_size=c.mlp_dim,
@@ -60,7 +61,7 @@ def _hf_config(c: SiglipEncoderConfig):
     )
     if c.variant == "siglip":
         return SiglipVisionConfig(image_size=c.image_size, **common)
-    return Siglip2VisionConfig(num_patches=(c.position_grid or c.grid) ** 2, **common)
+    return Siglip2VisionConfig(num_patches=c.grid**2, **common)
 
 
 def _hf_model_class(variant: str):
