@@ -30,6 +30,8 @@ class ShuttingDown(Exception):
 
 @dataclass(eq=False)
 class Job:
+    """A queued request: `run` gets its payload, its future gets run's result for it."""
+
     key: Hashable
     payload: Any
     weight: int = 1  # how much of a batch this job fills (images)
@@ -38,6 +40,8 @@ class Job:
 
 
 class MicroBatcher:
+    """The bounded queue and the worker thread that drains it in batches (see the module docstring)."""
+
     def __init__(self, run: Runner, *, max_batch: int, window_s: float, max_queue: int) -> None:
         self._run, self.max_batch, self.window_s, self.max_queue = run, max_batch, window_s, max_queue
         self._pending: deque[Job] = deque()

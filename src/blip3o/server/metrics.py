@@ -11,6 +11,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Histogram:
+    """A Prometheus histogram: counts of observations at or under each bucket's upper bound."""
+
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
         self.counts = [0] * len(buckets)  # per bucket, not cumulative
@@ -37,6 +39,9 @@ class Histogram:
 
 
 class Metrics:
+    """Request counts and latencies by route, the queue depth, and the micro-batch sizes, rendered as
+    Prometheus text by `render` (GET /metrics)."""
+
     def __init__(self, queue_depth: Callable[[], int] = lambda: 0) -> None:
         self._lock = threading.Lock()
         self.queue_depth = queue_depth

@@ -24,8 +24,7 @@ class ImageGenerationRequest(_Body):
 
 
 class ImageURL(_Body):
-    url: str
-    detail: str | None = None
+    url: str  # a data URI, a file:// URL or an absolute path (OpenAI's `detail` is ignored: one resolution)
 
 
 class ContentPart(_Body):

@@ -39,6 +39,8 @@ MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True)
 class GenerationTask:
+    """One image request as the worker runs it: `n` images of `prompt`, from `seed` if given."""
+
     prompt: str
     n: int
     seed: int | None
@@ -46,6 +48,8 @@ class GenerationTask:
 
 @dataclass(frozen=True)
 class ChatTask:
+    """One chat request as the worker runs it."""
+
     conversation: list[dict]  # Blip3o.chat's format: images as PIL
     max_new_tokens: int
     temperature: float  # 0: greedy
@@ -61,6 +65,9 @@ class ChatReply:
 
 
 class Blip3oService:
+    """What the HTTP routes call: validates each request, queues it on the micro-batcher, and renders the
+    model's answer in OpenAI's shapes. One worker thread runs `model`; `start`/`stop` own that thread."""
+
     def __init__(self, model, model_id: str, config: ServerConfig | None = None) -> None:
         self.model, self.model_id, self.config = model, model_id, config or ServerConfig()
         self.created = int(time.time())
@@ -324,8 +331,8 @@ class Blip3oService:
         sampling = dict(do_sample=True, temperature=task.temperature, top_p=task.top_p) if task.temperature else {}
         (text,) = self.model.chat([task.conversation], max_new_tokens=task.max_new_tokens, seed=task.seed,
                                   on_text=task.on_text, **sampling)
-        tokenizer = getattr(self.model.backbone, "tokenizer", None)
-        used = len(tokenizer.encode(text, add_special_tokens=False)) if tokenizer is not None else 0
+        # a reply as long as the budget was cut there ("length"); a shorter one ended on its own ("stop")
+        used = len(self.model.backbone.tokenizer.encode(text, add_special_tokens=False))
         return ChatReply(text, "length" if used >= task.max_new_tokens else "stop")
 
 
