@@ -1,4 +1,4 @@
-"""The Shapes world against its contract (SHAPES_WORLD.md): renderer <-> detector, relations,
+"""The Shapes world against its contract: renderer <-> detector, relations,
 prompts and `check`, questions and scoring, descriptions, and the shard format."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from blip3o.shapes import (
     ANTIALIASED,
     BACKGROUND,
     CAPTION,
+    CAPTION_QUESTION,
     COLORS,
     PALETTE,
     QUESTION_TYPES,
@@ -37,21 +38,19 @@ from blip3o.shapes import (
     answer_question,
     ask,
     below,
-    caption_question,
     check,
     describe,
     detect,
     geneval_scores,
-    iter_samples,
+    iter_examples,
     left_of,
+    make_example,
     make_prompt,
-    make_sample,
     more_questions,
     normalize_answer,
     parse_description,
     plan_questions,
     position_safe,
-    prompt_from_scene,
     prompts_from_scene,
     questions_for_scene,
     reading_questions,
@@ -297,10 +296,9 @@ def test_counting_is_exact_and_prompts_from_scenes_hold():
             seen[p.tag] += 1
             assert check(p, scene.objects), (p, scene)
             assert p.tag != "position" or position_safe(scene.objects)
-        p = prompt_from_scene(scene, rng)
-        assert p is not None and check(p, scene.objects)
     assert set(seen) == set(TAGS)
-    assert prompt_from_scene(_scene(("circle", "red", 5, 5, 12)), rng, "two_object") is None
+    assert prompts_from_scene(_scene(("circle", "red", 5, 5, 12)), rng) == [
+        make_prompt("single_object", ["circle"]), make_prompt("colors", ["circle"], ["red"])]
 
 
 def test_geneval_scores_average_the_tags():
@@ -520,8 +518,8 @@ def test_score_answer_normalisation():
     assert score_answer(q, "yes") and score_answer(q, " Yes. ") and score_answer(q, "YES")
     assert not score_answer(q, "no") and not score_answer(q, "yes!") and not score_answer(q, "yes..")
     assert normalize_answer(" Two. ") == "two"
-    cap = caption_question(HAND_SCENE, random.Random(0))
-    assert cap.type == CAPTION and cap.text == "describe the image."
+    cap = Question(CAPTION, CAPTION_QUESTION, describe(HAND_SCENE, random.Random(0)))
+    assert cap.text == "describe the image."
     assert score_answer(cap, cap.answer, HAND_SCENE) and score_answer(cap, describe(HAND_SCENE) + ".", HAND_SCENE)
     assert score_answer(cap, "A blue square, a red circle and a blue triangle.", HAND_SCENE)
     assert not score_answer(cap, "a red circle and a blue square", HAND_SCENE)  # misses the triangle
@@ -544,10 +542,10 @@ def test_shards_round_trip_and_are_deterministic(tmp_path):
     assert [p.name for p in paths] == ["shapes-000000.tar", "shapes-000001.tar", "shapes-000002.tar"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [p.name for p in paths]  # no .tmp left
     stats = ReadStats()
-    samples = list(iter_samples(tmp_path / "a", stats=stats))
-    assert (stats.samples, stats.bad_samples, stats.bad_shards) == (300, 0, 0)
-    for i, (image, meta) in enumerate(samples):
-        want_image, want_meta = make_sample(7, i)
+    examples = list(iter_examples(tmp_path / "a", stats=stats))
+    assert (stats.examples, stats.bad_examples, stats.bad_shards) == (300, 0, 0)
+    for i, (image, meta) in enumerate(examples):
+        want_image, want_meta = make_example(7, i)
         assert np.array_equal(_decoded(image), _decoded(want_image))
         assert {k: v for k, v in meta.items() if not k.startswith("__")} == want_meta
         assert meta["__key__"] == f"{i:09d}"
@@ -570,7 +568,7 @@ def _rewrite(path, change) -> None:
             tar.addfile(m, io.BytesIO(data))
 
 
-def test_broken_shards_and_samples_are_skipped_and_counted(tmp_path):
+def test_broken_shards_and_examples_are_skipped_and_counted(tmp_path):
     paths = write_shards(tmp_path, 300, seed=1, shard_size=100)
     with tarfile.open(paths[1]) as tar:
         middle = tar.getmembers()[len(tar.getmembers()) // 2]
@@ -584,13 +582,13 @@ def test_broken_shards_and_samples_are_skipped_and_counted(tmp_path):
 
     _rewrite(paths[2], corrupt)
     stats = ReadStats()
-    keys = [meta["__key__"] for _, meta in iter_samples([str(p) for p in paths], stats=stats)]
-    assert stats.bad_shards == 1 and stats.bad_samples >= 2 and stats.samples == len(keys)
+    keys = [meta["__key__"] for _, meta in iter_examples([str(p) for p in paths], stats=stats)]
+    assert stats.bad_shards == 1 and stats.bad_examples >= 2 and stats.examples == len(keys)
     assert keys[:100] == [f"{i:09d}" for i in range(100)]  # the intact shard in full
     assert "000000205" not in keys and "000000207" not in keys and "000000299" in keys
     assert 200 + 40 < len(keys) < 300 - 2 and stats.errors
     stats = ReadStats()
-    assert list(iter_samples([str(tmp_path / "missing.tar")], stats=stats)) == [] and stats.bad_shards == 1
+    assert list(iter_examples([str(tmp_path / "missing.tar")], stats=stats)) == [] and stats.bad_shards == 1
 
 
 def test_reads_generic_image_text_shards(tmp_path):
@@ -608,16 +606,16 @@ def test_reads_generic_image_text_shards(tmp_path):
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
     stats = ReadStats()
-    got = list(iter_samples(str(path), stats=stats))
+    got = list(iter_examples(str(path), stats=stats))
     assert [(im.size, meta["text"]) for im, meta in got] == [((32, 24), "a red thing"), ((32, 24), "a blue thing")]
-    assert (stats.samples, stats.bad_samples, stats.bad_shards) == (2, 1, 0)
+    assert (stats.examples, stats.bad_examples, stats.bad_shards) == (2, 1, 0)
 
 
-def test_prompt_first_samples_are_described_whole():
-    """Half the samples are drawn for a prompt: exactly its objects, so the prompt names every one."""
+def test_prompt_first_examples_are_described_whole():
+    """Half the examples are drawn for a prompt: exactly its objects, so the prompt names every one."""
     drawn = 0
     for i in range(200):
-        _, meta = make_sample(11, i)
+        _, meta = make_example(11, i)
         scene = Scene.from_dict(meta["scene"])
         if meta["prompt"] is None:
             continue
@@ -639,12 +637,12 @@ def test_scene_for_without_extras_holds_only_what_is_named():
 
 
 def test_write_shards_prompt_first_share(tmp_path):
-    """`--prompt-first 1`: every sample pairs a GenEval prompt with a scene it describes whole."""
+    """`--prompt-first 1`: every example pairs a GenEval prompt with a scene it describes whole."""
     write_shards(tmp_path / "all", 40, seed=5, shard_size=20, prompt_first=1.0)
-    metas = [meta for _, meta in iter_samples(tmp_path / "all")]
+    metas = [meta for _, meta in iter_examples(tmp_path / "all")]
     assert len(metas) == 40 and all(m["prompt"] is not None for m in metas)
     write_shards(tmp_path / "none", 20, seed=5, shard_size=20, prompt_first=0.0)
-    assert all(m["prompt"] is None for _, m in iter_samples(tmp_path / "none"))
+    assert all(m["prompt"] is None for _, m in iter_examples(tmp_path / "none"))
     with pytest.raises(ValueError, match="prompt_first must be a share"):
         write_shards(tmp_path / "bad", 4, seed=5, prompt_first=1.5)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
@@ -703,20 +701,20 @@ def test_follows_layout_refuses_objects_out_of_their_region():
 
 
 def test_write_shards_ordered_share(tmp_path):
-    """`--ordered 1` lays every prompt scene out in order and marks it; a sample the option leaves alone is
+    """`--ordered 1` lays every prompt scene out in order and marks it; an example the option leaves alone is
     exactly the one written without it (`ordered` draws from a stream of its own)."""
     from blip3o.shapes.prompts import follows_layout
 
     write_shards(tmp_path / "ord", 30, seed=5, shard_size=30, prompt_first=1.0, ordered=1.0)
-    for _, meta in iter_samples(tmp_path / "ord"):
+    for _, meta in iter_examples(tmp_path / "ord"):
         scene = Scene.from_dict(meta["scene"])
         assert meta["ordered"] is True
         assert follows_layout(parse_description(meta["prompt"]["prompt"]), scene.objects)
-    half = [make_sample(5, i, prompt_first=1.0, ordered=0.5)[1] for i in range(100)]
+    half = [make_example(5, i, prompt_first=1.0, ordered=0.5)[1] for i in range(100)]
     assert 30 <= sum(m.get("ordered", False) for m in half) <= 70
-    for i, meta in enumerate(half):  # a sample not laid out in order is the one written without the option
+    for i, meta in enumerate(half):  # an example not laid out in order is the one written without the option
         if not meta.get("ordered"):
-            assert meta == make_sample(5, i, prompt_first=1.0)[1]
+            assert meta == make_example(5, i, prompt_first=1.0)[1]
     with pytest.raises(ValueError, match="ordered must be a share"):
         write_shards(tmp_path / "bad", 4, seed=5, ordered=-0.1)
     assert not (tmp_path / "bad").exists()
@@ -758,31 +756,33 @@ def test_canonical_scenes_centre_each_named_object_in_its_cell():
 
 
 def test_write_shards_canonical_share(tmp_path):
-    """`--canonical 1` lays every prompt scene out in its cells and marks it; a sample the option leaves alone
+    """`--canonical 1` lays every prompt scene out in its cells and marks it; an example the option leaves alone
     is exactly the one written without it; canonical and ordered share the prompt scenes."""
     from blip3o.shapes.prompts import canonical_cells
 
     write_shards(tmp_path / "can", 30, seed=5, shard_size=30, prompt_first=1.0, canonical=1.0)
-    for _, meta in iter_samples(tmp_path / "can"):
+    for _, meta in iter_examples(tmp_path / "can"):
         objs = Scene.from_dict(meta["scene"]).objects
         assert meta["canonical"] is True and "ordered" not in meta
         cells = canonical_cells(parse_description(meta["prompt"]["prompt"]))
         assert [(int(o.cx // 8), int(o.cy // 8)) for o in objs] == cells
-    mixed = [make_sample(5, i, prompt_first=1.0, ordered=0.4, canonical=0.4)[1] for i in range(150)]
+    mixed = [make_example(5, i, prompt_first=1.0, ordered=0.4, canonical=0.4)[1] for i in range(150)]
     n_can, n_ord = sum(m.get("canonical", False) for m in mixed), sum(m.get("ordered", False) for m in mixed)
     assert 35 <= n_can <= 85 and 35 <= n_ord <= 85
     assert not any(m.get("canonical") and m.get("ordered") for m in mixed)
-    for i, meta in enumerate(mixed):  # neither: the sample written without either option
+    for i, meta in enumerate(mixed):  # neither: the example written without either option
         if not meta.get("canonical") and not meta.get("ordered"):
-            assert meta == make_sample(5, i, prompt_first=1.0)[1]
+            assert meta == make_example(5, i, prompt_first=1.0)[1]
     with pytest.raises(ValueError, match="canonical must be a share"):
         write_shards(tmp_path / "bad", 4, seed=5, ordered=0.6, canonical=0.5)
     with pytest.raises(ValueError, match="canonical jitter must be an integer in 0..3"):
         write_shards(tmp_path / "bad", 4, seed=5, canonical=1.0, canonical_jitter=4)
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="canonical must be a share"):  # one example is checked alike
+        make_example(5, 0, prompt_first=1.0, canonical=1.5)
     # jitter 0: every centre on its cell's middle (up to half a pixel for odd sizes), every object 16 px
     write_shards(tmp_path / "still", 20, seed=5, shard_size=20, prompt_first=1.0, canonical=1.0, canonical_jitter=0)
-    for _, meta in iter_samples(tmp_path / "still"):
+    for _, meta in iter_examples(tmp_path / "still"):
         for o in Scene.from_dict(meta["scene"]).objects:
             assert o.size == 16 and o.cx % 8 == 4 and o.cy % 8 == 4
 
@@ -790,12 +790,12 @@ def test_write_shards_canonical_share(tmp_path):
 def test_tag_weights_draw_the_families_unevenly(tmp_path):
     """`tag_weights`: a family of weight 0 never appears, the others in proportion; data written without the
     option is unchanged; bad weights are refused before anything is written."""
-    metas = [make_sample(3, i, prompt_first=1.0, tag_weights={"position": 3, "single_object": 0})[1]
+    metas = [make_example(3, i, prompt_first=1.0, tag_weights={"position": 3, "single_object": 0})[1]
              for i in range(400)]
     tags = Counter(m["prompt"]["tag"] for m in metas)
     assert "single_object" not in tags and set(tags) == set(TAGS) - {"single_object"}
     assert tags["position"] > 2 * max(tags[t] for t in tags if t != "position")  # 3 : 1 expected
-    assert make_sample(3, 5)[1] == make_sample(3, 5, tag_weights=None)[1]
+    assert make_example(3, 5)[1] == make_example(3, 5, tag_weights=None)[1]
     for bad, message in (({"bogus": 1}, "unknown prompt family 'bogus'"), ({"position": -1}, "must be a number >= 0"),
                          (dict.fromkeys(TAGS, 0), "all zero")):
         with pytest.raises(ValueError, match=message):

@@ -1,8 +1,11 @@
-"""The Shapes world (SHAPES_WORLD.md): a procedural world where every answer is checkable.
+"""The Shapes world: a procedural world of flat shapes where every answer is checkable.
+
+A 64x64 image on a light grey background holds 1 to 4 non-overlapping objects, each one of four shapes
+(circle, square, triangle, cross) in one of six colours, 12 to 18 px a side; relations compare box centres.
 
     sample_scene -> render -> image -> detect -> objects
     scene -> prompts / questions / describe        check(prompt, objects), score_answer(...)
-    write_shards / iter_samples: webdataset shards of (image, json)
+    write_shards / iter_examples: webdataset shards of examples (image, json)
 
 | module         | what it owns                                                        |
 |----------------|---------------------------------------------------------------------|
@@ -14,7 +17,16 @@
 | `data.py`      | shard writing and robust shard reading                              |
 """
 
-from .data import ReadStats, decode_sample, iter_samples, make_sample, shard_urls, write_shards
+from .data import (
+    ReadStats,
+    decode_example,
+    iter_examples,
+    iter_samples,
+    make_example,
+    make_sample,
+    shard_urls,
+    write_shards,
+)
 from .detect import DetectedObj, classify, detect, palette_index
 from .prompts import (
     TAGS,
@@ -29,7 +41,6 @@ from .prompts import (
     geneval_scores,
     make_prompt,
     parse_description,
-    prompt_from_scene,
     prompts_from_scene,
     sample_prompt,
     scene_for,
@@ -41,7 +52,6 @@ from .questions import (
     Question,
     answer_question,
     ask,
-    caption_question,
     more_questions,
     normalize_answer,
     plan_questions,
@@ -106,20 +116,21 @@ __all__ = [
     "answer_question",
     "ask",
     "below",
-    "caption_question",
     "canonical_scene",
     "check",
     "choose_rasteriser",
     "classify",
     "coverage",
-    "decode_sample",
+    "decode_example",
     "describe",
     "detect",
     "evaluation_prompts",
     "geneval_scores",
+    "iter_examples",
     "iter_samples",
     "left_of",
     "make_prompt",
+    "make_example",
     "make_sample",
     "more_questions",
     "normalize_answer",
@@ -127,7 +138,6 @@ __all__ = [
     "parse_description",
     "plural",
     "position_safe",
-    "prompt_from_scene",
     "prompts_from_scene",
     "questions_for_scene",
     "reading_questions",

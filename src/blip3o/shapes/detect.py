@@ -1,4 +1,4 @@
-"""The reference detector: read the objects back from a Shapes image (SHAPES_WORLD.md).
+"""The reference detector: read the objects back from a Shapes image.
 
     pixels -> palette index (nearest palette colour within distance 60, else background)
       -> 4-connected components of one colour with >= 40 px
@@ -74,22 +74,10 @@ def detect(image: Image.Image | np.ndarray) -> list[DetectedObj]:
     if comp.size == 0:
         return []
     n = int(comp.max()) + 1
-    count = np.bincount(comp, minlength=n)
-    h, w = labels.shape
-    top, last_row = np.full(n, h), np.zeros(n, dtype=np.int64)
-    left, last_col = np.full(n, w), np.zeros(n, dtype=np.int64)
-    np.minimum.at(top, comp, rows)
-    np.maximum.at(last_row, comp, rows)
-    np.minimum.at(left, comp, cols)
-    np.maximum.at(last_col, comp, cols)
-    bottom, right = last_row + 1, last_col + 1  # exclusive
-    height = bottom - top
-    # upper half of the box: rows above its middle count 1, an odd height's middle row counts half
-    rel = rows - top[comp]
-    half = height[comp] // 2
-    weight = np.where(rel < half, 1.0, np.where((height[comp] % 2 == 1) & (rel == half), 0.5, 0.0))
-    upper = np.bincount(comp, weights=weight, minlength=n) / count
-    fill = count / (height * (right - left))
+    count = np.bincount(comp, minlength=n)  # (n,) pixels per component
+    top, left, bottom, right = _boxes(comp, rows, cols, n, labels.shape)
+    upper = _upper_share(comp, rows, top, bottom - top, count)
+    fill = count / ((bottom - top) * (right - left))
     color_of = np.zeros(n, dtype=np.int64)
     color_of[comp] = labels[rows, cols]
     out = []
@@ -108,6 +96,29 @@ def detect(image: Image.Image | np.ndarray) -> list[DetectedObj]:
             )
         )
     return out
+
+
+def _boxes(comp: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
+           shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """(top, left, bottom, right) of each of the `n` components, each (n,); bottom and right exclusive."""
+    h, w = shape
+    top, last_row = np.full(n, h), np.zeros(n, dtype=np.int64)
+    left, last_col = np.full(n, w), np.zeros(n, dtype=np.int64)
+    np.minimum.at(top, comp, rows)
+    np.maximum.at(last_row, comp, rows)
+    np.minimum.at(left, comp, cols)
+    np.maximum.at(last_col, comp, cols)
+    return top, left, last_row + 1, last_col + 1
+
+
+def _upper_share(comp: np.ndarray, rows: np.ndarray, top: np.ndarray, height: np.ndarray,
+                 count: np.ndarray) -> np.ndarray:
+    """h of each component (n,): the share of its pixels in the upper half of its box. Rows above the
+    box's middle count 1; an odd height's middle row counts half."""
+    rel = rows - top[comp]
+    half = height[comp] // 2
+    weight = np.where(rel < half, 1.0, np.where((height[comp] % 2 == 1) & (rel == half), 0.5, 0.0))
+    return np.bincount(comp, weights=weight, minlength=len(count)) / count
 
 
 def _components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

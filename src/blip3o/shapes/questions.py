@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from .prompts import check, describe, item_phrase, parse_description
+from .prompts import check, item_phrase, parse_description
 from .world import (
     COLORS,
     IMAGE_SIZE,
@@ -36,7 +36,7 @@ from .world import (
 )
 
 QUESTION_TYPES: tuple[str, ...] = ("count", "count_color", "color", "shape", "exist", "position")
-CAPTION_QUESTION = "describe the image."
+CAPTION_QUESTION = "describe the image."  # the caption request: its answer is `describe(scene)`
 CAPTION = "caption"  # the Question.type of the caption request
 
 _SHAPE = "(" + "|".join(SHAPES) + ")"
@@ -190,11 +190,6 @@ def more_questions(scene: Scene, rng: random.Random, k: int, asked: Sequence[str
     return out
 
 
-def caption_question(scene: Scene, rng: random.Random | None = None) -> Question:
-    """`describe the image.`, answered by a scene description (see prompts.describe)."""
-    return Question(CAPTION, CAPTION_QUESTION, describe(scene, rng))
-
-
 CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 READING_TYPES: tuple[str, ...] = ("count", "count_color", "color", "shape", "exist")
 
@@ -268,9 +263,10 @@ def restate_questions(rng: random.Random, k: int) -> list[tuple[str, str]]:
 
     Its answer's relation word is a function of the question's, one token back along a fixed path: a
     dense, easy target that makes the backbone carry what the relation word says (yes/no questions
-    about relations give one bit per turn and leave it at the majority answer, docs/training.md,
-    sessions 9 and 10). The generation condition needs exactly that: `a square left of a circle` and
-    `a square right of a circle` must differ, and before this they differed by 4% (session 15).
+    about relations give one bit per turn and leave their accuracy at the majority answer, 0.649). The
+    generation condition needs exactly that: `a square left of a circle` and `a square right of a circle`
+    must differ. Without these turns their 64 query states differ by 4.4% (relative change); 500
+    understanding steps with two of them per conversation raise that to 11.6%.
     """
     turns = []
     for _ in range(k):

@@ -1,4 +1,4 @@
-"""The Shapes world's objects, scenes, relations and scene sampler (docs: SHAPES_WORLD.md).
+"""The Shapes world's objects, scenes, relations and scene sampler.
 
 Coordinates are pixels with y growing downward. An object is a square bounding box: its
 top-left corner (x, y) and its side `size`; the box covers columns x .. x + size - 1, so as
