@@ -16,9 +16,11 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
+    """Where this process sits among the training processes."""
+
+    rank: int = 0  # this process's index among all of them
+    size: int = 1  # how many processes train together
+    local_rank: int = 0  # its index on this machine (its GPU)
 
     @property
     def is_main(self) -> bool:
@@ -60,10 +62,12 @@ def all_mean(value: float, world: World) -> float:
 
 
 def barrier(world: World) -> None:
+    """Wait until every rank gets here (e.g. before the main rank reads what all wrote)."""
     if world.size > 1:
         dist.barrier()
 
 
 def shutdown(world: World) -> None:
+    """Leave the process group `init_world` joined."""
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
