@@ -254,7 +254,8 @@ def iter_examples(
 
 
 def decode_example(raw: dict) -> tuple[Image.Image, dict]:
-    """A webdataset sample dict (member suffix -> bytes) -> (RGB image, metadata); raises if broken."""
+    """The members of one example as webdataset groups them (suffix -> bytes) -> (RGB image, metadata);
+    raises if broken."""
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise ValueError(f"no image member (one of {IMAGE_KEYS}) among {sorted(raw)}")

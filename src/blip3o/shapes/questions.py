@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from .prompts import check, item_phrase, parse_description
+from .prompts import Group, Requirement, check, item_phrase, parse_description
 from .world import (
     COLORS,
     IMAGE_SIZE,
@@ -219,11 +219,19 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
     scene = Scene(objects)  # without positions: `ask` reads only shapes and colours for these types
     others = [(q.text, q.answer) for t in READING_TYPES
               if (q := ask(scene, t, rng)) is not None and q.answer is not None]
+    relations = _relation_turns(req, objects, rng)
+    rng.shuffle(relations)  # relation turns first: the image questions rarely teach them
+    picked = relations[:k] + rng.sample(others, min(len(others), k - len(relations[:k])))
+    return [(f"{description}. {question}", answer) for question, answer in picked]
 
-    def name(g) -> str:
+
+def _relation_turns(req: Requirement, objects: Sequence[_Named], rng: random.Random) -> list[tuple[str, str]]:
+    """For each stated relation between single objects, one yes/no question about it (reading_questions)."""
+
+    def name(g: Group) -> str:
         return f"the {g.shape}" if sum(o.shape == g.shape for o in objects) == 1 else f"the {g.color} {g.shape}"
 
-    relations = []
+    turns = []
     for r in req.relations:
         a, b = req.groups[r.a], req.groups[r.b]
         if a.count != 1 or b.count != 1:
@@ -232,10 +240,8 @@ def reading_questions(description: str, rng: random.Random, k: int) -> list[tupl
         swap = rng.random() < 0.5  # ask about B and A instead of A and B
         first, second = (b, a) if swap else (a, b)
         holds = (rel == r.rel) != swap  # `a rel b` stated: `b conv a` holds, `a conv b` and `b rel a` do not
-        relations.append((f"is {name(first)} {rel} {name(second)}?", _yes_no(holds)))
-    rng.shuffle(relations)  # relation turns first: the image questions rarely teach them
-    picked = relations[:k] + rng.sample(others, min(len(others), k - len(relations[:k])))
-    return [(f"{description}. {question}", answer) for question, answer in picked]
+        turns.append((f"is {name(first)} {rel} {name(second)}?", _yes_no(holds)))
+    return turns
 
 
 RESTATE_REQUEST = "the other way round?"
