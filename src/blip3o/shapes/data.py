@@ -273,7 +273,7 @@ def decode_example(raw: dict) -> tuple[Image.Image, dict]:
     return image, meta
 
 
-# The former names, until their callers (blip3o.evaluate, blip3o.train.data, tests/test_recipe.py,
-# scripts/diagnostics) use the new ones.
+# The former names, until their callers (blip3o.train.data, tests/test_recipe.py, tests/test_trainer.py,
+# tests/test_shapes_training.py) use the new ones.
 make_sample = make_example
 iter_samples = iter_examples
