@@ -53,6 +53,16 @@ def tokens_for(decoder, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 64, decoder.token_width, generator=seeded(seed))
 
 
+def test_star_import_gives_every_public_name():
+    import blip3o.decoder
+
+    namespace: dict = {}
+    exec("from blip3o.decoder import *", namespace)
+    missing = [name for name in blip3o.decoder.__all__ if name not in namespace]
+    assert not missing, missing
+    assert namespace["Decoder"] is blip3o.decoder.base.Decoder  # one base class, defined in base.py
+
+
 def test_config_dict_round_trip_and_errors():
     for config in DECODER_PRESETS.values():
         d = json.loads(json.dumps(dataclasses.asdict(config)))

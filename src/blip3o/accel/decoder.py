@@ -1,4 +1,11 @@
-"""The SDXL decoder's UNet step and whole sampling loop as CUDA graphs."""
+"""The SDXL decoder's UNet call and whole sampling loop as CUDA graphs.
+
+`SdxlUnetDecoder` samples through two replaceable callables; these are the faster ones (`accelerate` installs
+them), each computing what the eager one does:
+
+    decoder.unet_call = UNetStepGraph(decoder)        a `UNetCall`: the UNet on the CFG batch, one graph a shape
+    decoder.sampling_loop = DecoderLoopGraph(decoder)  a `SamplingLoop`: `decoder.denoise` captured whole
+"""
 
 from __future__ import annotations
 
@@ -15,10 +22,11 @@ if TYPE_CHECKING:
 
 
 class UNetStepGraph:
-    """The decoder's `predict` (one UNet call on both CFG branches) as a CUDA graph per input shape.
+    """The decoder's `unet_output` (one UNet call on both CFG branches) as a CUDA graph per input shape.
 
-    Installed as `decoder.fast_predict`. The conditioning (token mean, time ids) is built eagerly and
-    copied into static buffers: it holds a host-to-device copy that a graph cannot capture.
+    A `UNetCall`, for `decoder.unet_call`. The conditioning (token mean, time ids) is built eagerly and
+    copied into static buffers: it holds a host-to-device copy that a graph cannot capture. Without a
+    graph factory on a CPU it calls the UNet eagerly.
     """
 
     def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: CallFactory | None = None) -> None:
@@ -32,7 +40,9 @@ class UNetStepGraph:
         return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, tokens: torch.Tensor, size: int) -> torch.Tensor:
-        cond = self.decoder.conditioning(tokens, size)
+        """Latents x (N, 4, h, w), timestep t, tokens (N, 64, C) -> the UNet's output (N, 4, h, w)."""
+        x = self.decoder.unet_layout(x)
+        cond = self.decoder.unet_conditioning(tokens, size)
         added = cond["added_cond_kwargs"]
         t = torch.as_tensor(t, device=x.device)
         inputs = (x, t, cond["encoder_hidden_states"], added["text_embeds"], added["time_ids"])
@@ -50,6 +60,7 @@ class UNetStepGraph:
         return self._graphs[key](*inputs)
 
     def clear(self) -> None:
+        """Drop the captured graphs (and their memory pools)."""
         self._graphs.clear()
 
 
@@ -64,9 +75,10 @@ class DecoderLoopGraph:
     as ONE CUDA graph per (shapes, steps, guidance, size): a 50-step decode is one launch, no host work
     between the UNet calls.
 
-    Installed as `decoder.fast_loop` (by `accelerate`); `decode` uses it for the schedulers it `supports`.
-    The conditioning (token mean, time ids: a host-to-device copy) and the device timesteps are made
-    eagerly and read from static buffers. On a CPU, without a graph factory, it runs the eager loop.
+    A `SamplingLoop`, for `decoder.sampling_loop`. The captured function is `decoder.denoise` itself, given
+    a UNet step that reads the conditioning (token mean, time ids: a host-to-device copy) and the device
+    timesteps from static buffers made eagerly. For the schedulers it does not `support`, and on a CPU
+    without a graph factory, it runs `decoder.denoise` eagerly.
     """
 
     def __init__(self, decoder: SdxlUnetDecoder, *, compile: bool = False, graph: CallFactory | None = None) -> None:
@@ -77,22 +89,24 @@ class DecoderLoopGraph:
 
     @staticmethod
     def supports(scheduler_config: dict[str, Any]) -> bool:
+        """Whether a graph captures the loop of the scheduler this config builds (see LOOP_SCHEDULERS)."""
         return scheduler_config.get("_class_name") in LOOP_SCHEDULERS
 
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
-                 size: int) -> torch.Tensor:
+                 size: int, **step_kwargs: Any) -> torch.Tensor:
         """Starting latents (B, 4, h, w) scaled by the scheduler's init sigma, cond (B or 2B, 64, C), a fresh
         scheduler with its timesteps set on the latents' device -> the loop's last latents; see
-        `SdxlUnetDecoder.denoise`."""
+        `SdxlUnetDecoder.denoise`. `step_kwargs` reach `scheduler.step` only in the eager loop: the
+        schedulers a graph captures draw no noise."""
         decoder = self.decoder
         factory = self.graph or default_graph(latents.device, loop=True)
-        if factory is None:
-            return decoder.denoise(latents, cond, scheduler, guidance, size)
+        if factory is None or not self.supports(decoder.scheduler_config):
+            return decoder.denoise(latents, cond, scheduler, guidance, size, **step_kwargs)
         now = fingerprint(decoder.unet)
         if now != self._fingerprint:  # weights moved or changed: every captured graph reads stale memory
             self._graphs.clear()
             self._fingerprint = now
-        conditioning = decoder.conditioning(cond, size)
+        conditioning = decoder.unet_conditioning(cond, size)
         added = conditioning["added_cond_kwargs"]
         inputs = (latents, cond, added["text_embeds"], added["time_ids"])
         steps = len(scheduler.timesteps)
@@ -110,17 +124,16 @@ class DecoderLoopGraph:
         decoder, (latents, cond, text_embeds, time_ids) = self.decoder, static
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
 
-        def unet(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-            if decoder.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self.unet(x, timesteps[i], encoder_hidden_states=cond, added_cond_kwargs=added,
-                             return_dict=False)[0]
+        def unet_step(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            # timesteps[i], on the device, rather than t: the CPU schedule's scalar would need a host copy
+            return self.unet(decoder.unet_layout(x), timesteps[i], encoder_hidden_states=cond,
+                             added_cond_kwargs=added, return_dict=False)[0]
 
         def loop() -> torch.Tensor:
             scheduler = make_scheduler(decoder.scheduler_config)
             scheduler.set_timesteps(len(timesteps))  # on the CPU: the schedule's scalars, fixed in the captured kernels
             scheduler.set_begin_index(0)
-            return decoder.denoise(latents, cond, scheduler, guidance, size, unet)
+            return decoder.denoise(latents, cond, scheduler, guidance, size, unet_step)
 
         return factory(loop, static)
 

@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import diffusers
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from blip3o.decoder import Decoder, drop_mask
+from blip3o.decoder.base import Decoder, drop_mask
 from blip3o.flow import Generators, draw_noise, per_row
 
 # BAAI/Emu2-Gen scheduler/scheduler_config.json (the schedule BLIP3-o's decoder was trained with),
@@ -133,6 +133,20 @@ DETERMINISTIC_SCHEDULERS = frozenset({"EulerDiscreteScheduler", "DDIMScheduler",
                                       "UniPCMultistepScheduler", "DEISMultistepScheduler"})
 
 
+# One UNet call of sampling: latents x (N, 4, h, w) scaled for the scheduler, timestep t, cond (N, 64, C), the
+# output side in pixels -> the UNet's output (N, 4, h, w); N = B, or 2B with both CFG branches in one batch.
+UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# The UNet call at step i of the loop, its conditioning bound: (x (N, 4, h, w), timestep t, i) -> (N, 4, h, w).
+UNetStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class SamplingLoop(Protocol):
+    """How `decode` runs its loop: `SdxlUnetDecoder.denoise`, or a faster runner of that same loop."""
+
+    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
+                 size: int, **step_kwargs: Any) -> torch.Tensor: ...
+
+
 def make_scheduler(scheduler_config: dict[str, Any]) -> SchedulerMixin:
     """A fresh diffusers scheduler from its config (its `_class_name` picks the class)."""
     name = scheduler_config["_class_name"]
@@ -142,10 +156,20 @@ def make_scheduler(scheduler_config: dict[str, Any]) -> SchedulerMixin:
     return scheduler_class.from_config(scheduler_config)
 
 
+def scheduler_step_kwargs(scheduler: SchedulerMixin, generator: Generators, batch: int) -> dict[str, Any]:
+    """`scheduler.step`'s generator argument (one generator per row) for the schedulers whose step takes one."""
+    if "generator" not in inspect.signature(scheduler.step).parameters:
+        return {}
+    return {"generator": per_row(generator, batch)}
+
+
 class SdxlUnetDecoder(Decoder):
     """SDXL UNet + VAE decoding 64 CLIP tokens, sampled with a diffusers scheduler and CFG.
 
-    Attributes: `unet` (UNet2DConditionModel), `vae` (AutoencoderKL, frozen), `scheduler_config`.
+    Attributes: `unet` (UNet2DConditionModel), `vae` (AutoencoderKL, frozen), `scheduler_config`, and how
+    `decode` samples: `unet_call` (a `UNetCall`, by default `unet_output`) and `sampling_loop` (a
+    `SamplingLoop`, by default `denoise`). Faster versions of both (CUDA graphs, `blip3o.accel.decoder`)
+    compute the same thing; `loss` always calls the UNet eagerly, with autograd.
     """
 
     def __init__(
@@ -162,12 +186,10 @@ class SdxlUnetDecoder(Decoder):
         self.vae.requires_grad_(False)
         self.vae.eval()
         self.scheduler_config = dict(config.scheduler)
-        # Inference fast paths (blip3o.accel), used only without autograd: an optional replacement of
-        # `predict` (a CUDA-graphed UNet step), one of the whole sampling loop (`denoise` captured as one CUDA
-        # graph, for the schedulers it `supports`), and the channels-last layout (`set_channels_last`).
-        self.fast_predict: Callable[..., torch.Tensor] | None = None
-        self.fast_loop: Any = None
-        self.channels_last = False
+        self.channels_last = False  # set_channels_last
+        # How `decode` calls the UNet and runs its loop; `blip3o.accel.accelerate` puts CUDA graphs here.
+        self.unet_call: UNetCall = self.unet_output
+        self.sampling_loop: SamplingLoop = self.denoise
 
     @property
     def step_noise(self) -> bool:
@@ -215,7 +237,7 @@ class SdxlUnetDecoder(Decoder):
         if size < multiple or size % multiple != 0:
             raise ValueError(f"size must be a positive multiple of {multiple} for this decoder, got {size}")
 
-    def conditioning(self, tokens: torch.Tensor, size: int) -> dict[str, Any]:
+    def unet_conditioning(self, tokens: torch.Tensor, size: int) -> dict[str, Any]:
         """UNet conditioning for tokens (B, 64, C) at output side `size`, as Emu2-Gen builds it."""
         batch = tokens.shape[0]
         # original size, crop top-left, target size: an uncropped image made at its own size.
@@ -235,13 +257,15 @@ class SdxlUnetDecoder(Decoder):
         self.channels_last = enabled
         return self
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int) -> torch.Tensor:
-        """UNet output (noise for epsilon prediction) for latents x (B, 4, h, w) at scheduler timestep(s)."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.fast_predict is not None and not torch.is_grad_enabled():
-            return self.fast_predict(x, t, tokens, size)
-        return self.unet(x, t, **self.conditioning(tokens, size), return_dict=False)[0]
+    def unet_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (N, 4, h, w) in the memory format of the UNet's weights (channels-last after
+        `set_channels_last`)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def unet_output(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int) -> torch.Tensor:
+        """The eager UNet call: its output (noise for epsilon prediction) (N, 4, h, w) for latents x
+        (N, 4, h, w) at scheduler timestep(s) t, conditioned on tokens (N, 64, C) for output side `size`."""
+        return self.unet(self.unet_layout(x), t, **self.unet_conditioning(tokens, size), return_dict=False)[0]
 
     def latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> pixels (B, 3, H, W) float32 in [0, 1]."""
@@ -276,7 +300,7 @@ class SdxlUnetDecoder(Decoder):
         generator: Generators = None,
     ) -> torch.Tensor:
         """tokens (B, 64, C) -> pixels (B, 3, size, size) float32 in [0, 1]; see `Decoder.decode`."""
-        negative, steps, guidance, size = self.sampling_args(tokens, negative, steps, guidance, size)
+        negative, steps, guidance, size = self.sampling_settings(tokens, negative, steps, guidance, size)
         unet_dtype = next(self.unet.parameters()).dtype
         device = tokens.device
         tokens = tokens.to(unet_dtype)
@@ -287,29 +311,27 @@ class SdxlUnetDecoder(Decoder):
         side = size // self.vae_downscale
         shape = (tokens.shape[0], self.config.latent_channels, side, side)
         latents = draw_noise(shape, generator, device, unet_dtype) * scheduler.init_noise_sigma
-        if self.fast_loop is not None and self.fast_loop.supports(self.scheduler_config):
-            return self.latents_to_pixels(self.fast_loop(latents, cond, scheduler, guidance, size))
-        step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        extra = {"generator": per_row(generator, tokens.shape[0])} if step_takes_generator else {}
-        return self.latents_to_pixels(self.denoise(latents, cond, scheduler, guidance, size, **extra))
+        step_kwargs = scheduler_step_kwargs(scheduler, generator, tokens.shape[0])
+        return self.latents_to_pixels(self.sampling_loop(latents, cond, scheduler, guidance, size, **step_kwargs))
 
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
-                size: int, unet: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
-                **extra: Any) -> torch.Tensor:
+                size: int, unet_step: UNetStep | None = None, **step_kwargs: Any) -> torch.Tensor:
         """The sampling loop: latents (B, 4, h, w) at the scheduler's first timestep -> its last latents.
 
         cond is the tokens (B, 64, C), or [negative; tokens] (2B, 64, C) for CFG at `guidance` (both branches
-        in one batch). `unet(x, t, i)` replaces `predict(x, t, cond, size)` at step i (the whole-loop graph of
-        `blip3o.accel` passes the UNet on precomputed conditioning); `extra` goes to `scheduler.step`.
+        in one batch). Step i calls `unet_step(x, t, i)`, by default `self.unet_call(x, t, cond, size)` (the
+        whole-loop graph of `blip3o.accel` passes the UNet on conditioning it holds in static buffers);
+        `step_kwargs` go to `scheduler.step`.
         """
+        unet_step = unet_step or (lambda x, t, i: self.unet_call(x, t, cond, size))
         guided = cond.shape[0] != latents.shape[0]
         for i, t in enumerate(scheduler.timesteps):
             x = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
-            eps = self.predict(x, t, cond, size) if unet is None else unet(x, t, i)
+            eps = unet_step(x, t, i)
             if guided:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents, return_dict=False, **extra)[0]
+            latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
         return latents
 
     def loss(
@@ -333,7 +355,7 @@ class SdxlUnetDecoder(Decoder):
         x_t = a.sqrt() * x_0.float() + (1 - a).sqrt() * eps
         keep = drop_mask(batch, self.config.condition_drop, generator, device)  # (B, 1, 1)
         cond = tokens.to(unet_dtype) * keep.to(unet_dtype)
-        pred = self.predict(x_t.to(unet_dtype), t.to(device), cond, pixels.shape[-1])
+        pred = self.unet_output(x_t.to(unet_dtype), t.to(device), cond, pixels.shape[-1])
         kind = scheduler.config.prediction_type
         if kind == "epsilon":
             target = eps
