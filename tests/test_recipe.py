@@ -6,8 +6,8 @@ import pytest
 
 from blip3o import Blip3o
 from blip3o.cli import main as cli_main
-from blip3o.evaluate import evaluate_shapes, format_results
 from blip3o.shapes import write_shards
+from blip3o.shapes.evaluate import evaluate_shapes, format_results
 from blip3o.train.recipe import NANO_STAGES, train_nano
 
 
@@ -30,11 +30,11 @@ def test_recipe_runs_all_stages_in_order(nano_run):
     # the generation stage trained on shards of its own: prompt scenes in their canonical cells
     import torch
 
-    from blip3o.shapes import iter_samples
+    from blip3o.shapes import iter_examples
 
-    metas = [meta for _, meta in iter_samples(out / "data_generation")]
+    metas = [meta for _, meta in iter_examples(out / "data_generation")]
     assert len(metas) == round(64 * 0.8) and all(m["prompt"] is not None and m["canonical"] for m in metas)
-    state = torch.load(out / "generation" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "generation" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=True)
     assert state["identity"]["train"]["data"] == [str(out / "data_generation")]
     assert state["identity"]["train"]["stage_options"] == {"prompt_share": 0.9}
 
@@ -48,7 +48,7 @@ def test_recipe_runs_in_parts(nano_run, tmp_path):
     assert final == tmp_path / "model" and (final / "config.json").exists()
     import torch
 
-    state = torch.load(tmp_path / "decoder" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "decoder" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 2  # set outright, not scaled (0.001 x 600 rounds to 1)
     timings = json.loads((tmp_path / "timings.json").read_text())  # both calls' stages
     # both calls' stages, and the generation shards this run wrote (the first shards were reused)

@@ -20,39 +20,35 @@ from blip3o.train.data import ShardDataset
 from blip3o.train.trainer import TrainConfig, Trainer
 
 NANO_STAGES: list[TrainConfig] = [
-    # each object is read back from the token of its centre (see ClipStage): the decoder draws every real
-    # scene right (1.0 against 0.975 for run 3's patch read-out); weight 16 makes the centre token say the
-    # shape (linear probe 0.92 against 0.78 at 4) and the self-conditioned DiT generates 0.43 against 0.27 (G 7)
+    # object codes at weight 16: each object is read back from the token of its centre (a linear probe reads
+    # its shape at 0.92, against 0.78 at weight 4); the decoder then draws every scene of real tokens right
+    # (1.0, against 0.975 with a read-out of each token's own patch) and the DiT generates 0.43 against 0.27
     TrainConfig(stage="clip", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.0,
                 stage_options={"object_codes": 16.0}),
-    # conversations of up to 8 turns (every question of the image and its caption): 7x the answers per image;
-    # 1800 steps: 4 px vision patches (64 image tokens) cost ~1.6x a step of 8 px ones, and win per second
-    # and each object labelled on the vision token of its box centre (object code read-out): VQA 0.961 against 0.840
-    # and two text-only `the other way round?` turns (restate): the condition of `left of` and `right of` prompts
-    # then differs 2.6x more (0.044 -> 0.116) and the DiT can place the objects by the relation (session 15)
-    # and two `plan` turns opening the conversation (a relation prompt asked as generation asks it -> its two
-    # shapes in reading order): the token the queries follow knows which shape goes where (session 16)
-    # 1000 steps (1800 until session 17): the turns above made a step 2.6 s at 2 threads, and the recipe must fit
-    # its 90 minutes
+    # conversations of up to 8 turns (every question of the image and its caption): 7x the answers per image
+    # forward. Objects labelled on the vision token of their box centre: VQA 0.961 against 0.840 with whole
+    # boxes labelled. Two `restate` turns: the condition of `left of` and `right of` prompts differs 2.6x
+    # more (0.044 -> 0.116), so the DiT can place objects by the relation. Two `plan` turns open the
+    # conversation: the token the queries follow learns which named shape goes where. 1000 steps (2.6 s a
+    # step on 2 CPU threads) reach VQA 0.734 and keep the recipe within 90 minutes; 1800 reach 0.927
     TrainConfig(stage="understanding", steps=1000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"max_turns": 8, "object_labels": 1.0, "object_labels_at": "centre", "restate": 2,
                                "plan": 2}),
     # tokens noised (std up to 0.3) so that the decoder draws clean shapes from the DiT's inexact tokens;
-    # 600 steps (1200 until session 17; 1.3 s a step); session 18 tried 400 and lost two_object 0.90 -> 0.75 and
-    # counting 0.85 -> 0.64 (blobbier shapes)
+    # 600 steps (1.3 s a step): at 400 two_object falls from 0.90 to 0.75 and counting from 0.85 to 0.64
     TrainConfig(stage="decoder", steps=600, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"token_noise": 0.3}),
-    # on shards of its own (NANO_GENERATION_DATA); the text is the prompt 9 times in 10, the caption otherwise;
-    # 2650 steps (0.73 s a step): 2000 (session 17) gave generation 0.745 with color_attr 0.29 and position 0.53,
-    # 3000 (session 18) 0.940 with 0.96 and 0.93: binding colours and places to the named shapes is learned late;
-    # 2650 (session 19) 0.903 (every tag >= 0.78) and the recipe fits its 90 minutes (87.9; 3000: about 92 to 94.5)
+    # on shards of its own (NANO_GENERATION_DATA); the text is the prompt 9 times in 10, the caption otherwise.
+    # 2650 steps (0.73 s a step) generate 0.903 with every tag >= 0.78 and the recipe takes 87.9 minutes;
+    # binding colours and places to the named shapes is learned late: 2000 steps give 0.745 (color_attr 0.29,
+    # position 0.53), 3000 give 0.940 but take the recipe past 90 minutes
     TrainConfig(stage="generation", steps=2650, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"prompt_share": 0.9}),
 ]
-NANO_SAMPLES = 40_000
-# The generation stage's shards (OUT/data_generation, 0.8 x the samples of the others): every scene drawn for a
+NANO_SAMPLES = 40_000  # Shapes scenes written for the first three stages
+# The generation stage's shards (OUT/data_generation, 0.8 x the scenes of the others): every scene drawn for a
 # GenEval prompt and laid out in its canonical cells without jitter, so that the text decides the layout and
-# the DiT learns which named object goes where (session 13: it reads the order only once the rest of its
+# the DiT learns which named object goes where (it reads the order of the names only once the rest of its
 # target is sharp); the families whose objects' places depend on their order are drawn more often.
 NANO_GENERATION_DATA: dict = {"prompt_first": 1.0, "canonical": 1.0, "canonical_jitter": 0,
                               "tag_weights": {"position": 2.0, "color_attr": 2.0, "single_object": 0.5, "colors": 0.5}}
@@ -66,7 +62,7 @@ def ensure_shapes_data(data_dir: Path, num: int, seed: int, timings: dict | None
     from blip3o.shapes import write_shards
 
     if not sorted(data_dir.glob("shapes-*.tar")):
-        print(f"writing {num} Shapes samples to {data_dir}", flush=True)
+        print(f"writing {num} Shapes scenes to {data_dir}", flush=True)
         started = time.perf_counter()
         write_shards(data_dir, num, seed, **options)
         if timings is not None:
@@ -99,7 +95,7 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
     data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed, timings)
     dataset = ShardDataset(data_dir, seed=seed)
     print(f"data: {dataset.describe()}", flush=True)
-    init, last_run = "nano", None
+    init, last_run = "random:nano", None
     for base in NANO_STAGES:
         stage_data, stage_dataset = data_dir, dataset
         if base.stage == "generation" and (stages is None or "generation" in stages):

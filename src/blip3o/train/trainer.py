@@ -1,9 +1,9 @@
 """One trainer for every stage: AdamW, warm-up + cosine, clipping, EMA, exact resume, torchrun.
 
-Determinism is by construction: global sample i of the run is `dataset[i]` and all of its
-randomness (noise, time, condition dropout, which prompt) comes from a generator seeded by
-(seed, i). So the same global batch gives the same update on 1 or N processes, and a resumed
-run replays exactly what an uninterrupted one would have done.
+Determinism is by construction: global item i of the run is `dataset[i]` and every random draw made
+for it comes from a generator keyed by (seed, i, stream) (blip3o.train.streams). So the same global
+batch gives the same update on 1 or N processes, and a resumed run replays exactly what an
+uninterrupted one would have done.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,9 @@ RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
 @dataclass
 class TrainConfig:
     stage: str  # clip | understanding | decoder | generation
-    init: str = "nano"  # preset name or checkpoint folder the stage starts from
+    # what the stage starts from: "random:PRESET" (the preset's architecture, fresh random weights), "PRESET"
+    # (the trained weights the package ships for it, as Blip3o.from_preset) or a model folder
+    init: str = "random:nano"
     out_dir: str = "runs/stage"  # gets checkpoint/ (resumable state) and model/ (the trained Blip3o)
     data: list[str] = field(default_factory=list)  # webdataset shards: paths, globs, brace patterns or URLs
     steps: int = 1000  # optimiser steps
@@ -52,18 +55,32 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     progress: bool = True
-    stage_options: dict = field(default_factory=dict)  # stage-specific knobs (see stages.py)
+    stage_options: dict = field(default_factory=dict)  # the stage's options (blip3o.train.stages)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
+        STAGES[self.stage].parse_options(self.stage_options)  # refuses unknown options and bad values
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
-        raw = json.loads(Path(path).read_text())
+        """A config from a JSON file; unknown fields, stages and stage options are refused naming the file."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a train config is a JSON object of fields, got {type(raw).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
             raise ValueError(f"{path}: unknown train config fields {unknown}; known: {sorted(names)}")
         if "betas" in raw:
             raw["betas"] = tuple(raw["betas"])
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def ema_decay(decay: float, step: int) -> float:
@@ -100,16 +117,58 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def load_init(init: str, device: torch.device) -> Blip3o:
+    """The model a stage starts from (TrainConfig.init); a value that names nothing is refused."""
+    from blip3o.presets import PRESETS, preset_weights
+
+    if init.startswith("random:") and init.removeprefix("random:") in PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random weights on every process
+            return Blip3o.from_preset(init.removeprefix("random:"), device=device, pretrained=False)
+    if init in PRESETS:
+        if preset_weights(init) is None:
+            raise ValueError(f"init {init!r}: the package ships no trained weights for preset {init!r}; "
+                             f"use 'random:{init}' to start from random weights")
+        return Blip3o.from_preset(init, device=device)
     if Path(init).is_dir():
         return Blip3o.from_pretrained(init, device=device)
-    torch.manual_seed(0)  # a fresh preset starts from the same random weights on every rank
-    return Blip3o.from_preset(init, device=device, pretrained=False)  # never the shipped nano weights
+    raise ValueError(f"init {init!r} is neither a model folder nor a preset: use a folder written by "
+                     f"save_pretrained, 'random:PRESET' or 'PRESET' (shipped weights); presets: {', '.join(PRESETS)}")
+
+
+def global_rng_state() -> dict:
+    """The global torch, Python and NumPy generators' states as tensors, numbers and strings only: what
+    `torch.load(weights_only=True)` reads back."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+
+
+def set_global_rng_state(state: dict) -> None:
+    """Inverse of `global_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def load_state(path: Path) -> dict:
+    """A trainer_state.pt, read with weights_only=True: tensors, numbers, strings, lists and dicts only, so a
+    crafted file cannot run code; one that holds anything else is refused with a checkpoints.CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise checkpoints.CheckpointError(
+            f"refusing to load {path}: it holds objects a trainer checkpoint never holds (only tensors, numbers, "
+            f"strings, lists and dicts are read): {reason}. Delete it or use another out_dir") from None
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, dataset, *, model: Blip3o | None = None, world: World | None = None):
-        if config.stage not in STAGES:
-            raise ValueError(f"unknown stage {config.stage!r}; stages: {', '.join(STAGES)}")
         self.config = config
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
@@ -121,10 +180,9 @@ class Trainer:
         self.model = model if model is not None else load_init(config.init, self.device)
         self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
         self.named_params = self.stage.trainable(self.model)
-        self.stage.prepare(dataset)  # after trainable(): frozen parts are in eval mode
         self.params = [p for _, p in self.named_params]
-        # foreach: one call per op over all tensors (torch picks it on CUDA only; the per-tensor loop took 13 to
-        # 21 ms of a CPU step in session 19's profile); the same update up to rounding
+        # foreach: one call per op over all tensors (torch picks it on CUDA only; on a CPU the per-tensor loop
+        # costs 13 to 21 ms of a step); the same update up to rounding
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -157,7 +215,7 @@ class Trainer:
             "ema": None if self.ema is None else {n: t.cpu().clone() for n, t in self.ema.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "rng": global_rng_state(),
             "identity": self._comparable(),
         }
 
@@ -173,7 +231,7 @@ class Trainer:
         path = self.out / "checkpoint" / STATE_NAME
         if not path.exists():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_state(path)
         mine, theirs = self._comparable(), state["identity"]
         if mine != theirs:
             diff = [f"{part}.{k}: checkpoint {theirs[part].get(k)!r} vs now {mine[part].get(k)!r}"
@@ -188,17 +246,15 @@ class Trainer:
             self.ema = {n: t.to(self.device) for n, t in state["ema"].items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        set_global_rng_state(state["rng"])
         self.step = state["step"]
-        self.seconds = self.resumed_seconds = float(state.get("seconds", 0.0))  # older checkpoints lack it
+        self.seconds = self.resumed_seconds = float(state["seconds"])
         return True
 
     # ------------------------------------------------------------------ the loop
 
     def local_indices(self, step: int) -> list[int]:
-        """Global sample indices of this rank's share of the global batch at `step`."""
+        """Global item indices of this process's share of the global batch at `step`."""
         b, per_rank = self.config.batch_size, self.config.batch_size // self.world.size
         start = step * b + self.world.rank * per_rank
         return list(range(start, start + per_rank))
@@ -240,7 +296,7 @@ class Trainer:
                 loss = all_mean(loss, self.world)
                 rate = (self.step - done_at_start) * self.config.batch_size / (time.perf_counter() - started)
                 lr = self.scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{rate:.1f}", lr=f"{lr:.2e}")
             if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
                 self.save_checkpoint()
         bar.close()
