@@ -1,4 +1,4 @@
-"""The `blip3o` command line end to end on the debug model: layouts, files, exit codes, help."""
+"""The `blip3o` command line end to end on the debug model: layouts, files, refusals, exit codes, help."""
 
 import io
 import json
@@ -16,7 +16,11 @@ import torch
 from PIL import Image
 
 from blip3o import Blip3o
+from blip3o.cli import commands as generic_commands
 from blip3o.cli import main
+from blip3o.cli.entry import command_table
+from blip3o.cli.table import Command, CommandTable, Refusal, flag
+from blip3o.shapes import commands as shapes_commands
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +189,116 @@ def test_bad_input_exits_2_with_a_message(checkpoint, image_path, tmp_path, caps
           "unknown prompt family 'where'")
 
 
-def test_runtime_failure_exits_1(monkeypatch, capsys):
+def test_library_checks_of_user_values_exit_2(tmp_path, capsys):
+    """A library check run on the user's values (user_input) and CheckpointError are bad input too."""
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (4, 4)).save(tiny)
+    assert main(["ask", "--model", "debug", str(tiny), "what?"]) == 2
+    assert "both sides must be at least" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "--model", str(tmp_path / "empty"), "a circle"]) == 2  # CheckpointError
+    assert "blip3o generate: error:" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_flags_a_mode_ignores_are_refused(tmp_path, image_path, capsys):
+    def refused(args, expected):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert expected in err, err
+
+    config = tmp_path / "clip.json"
+    config.write_text(json.dumps({"stage": "clip", "out_dir": str(tmp_path / "run"), "data": ["shards"]}))
+    for typed in (["--out", "x"], ["--data", "d"], ["--seed", "1"], ["--device", "cpu"], ["--scale", "2"]):
+        refused(["train", "clip", "--config", str(config), *typed], f"{typed[0]}: a stage takes every setting")
+    refused(["train", "decoder", "--config", str(config)], "trains the clip stage, not decoder")
+    config.write_text(json.dumps({"stage": "clip", "out_dir": "x", "stepz": 3}))
+    refused(["train", "clip", "--config", str(config)], "unknown train config fields ['stepz']")
+    refused(["train", "clip", "--config", str(tmp_path / "none.json")], "no such file")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a circle"}\n')
+    refused(["generate", "a circle", "--prompts-file", str(prompts)], "PROMPT cannot go with --prompts-file")
+    refused(["generate", "--model", "debug", "a circle", "--eta", "0.5"], "--eta is the stochastic sampler's noise")
+    refused(["ask", str(image_path), "what?", "--out", "a.jsonl"], "--out applies to --questions-file only")
+    # typed counts, not the value: --batch-size 8 is the default, and still meaningless for one question
+    refused(["ask", str(image_path), "what?", "--batch-size", "8"], "--batch-size applies to --questions-file")
+    refused(["ask", str(image_path), "--questions-file", str(prompts)], "IMAGE cannot go with --questions-file")
+    refused(["chat", "--seed", "3"], "--seed applies to sampled replies only")
+    refused(["info", "--meta", "--device", "cpu"], "--device cannot go with --meta")
+    data = ["data", "shapes", "--out", str(tmp_path / "d"), "--num", "4"]
+    refused([*data, "--prompt-first", "0", "--ordered", "0.5"], "--ordered applies to scenes drawn for a prompt")
+    refused([*data, "--canonical-jitter", "1"], "--canonical-jitter moves canonical layouts only")
+    refused(["train", "nano", "--scale", "2", "--stages", "clip", "--steps", "clip=5"], "--scale has nothing")
+    refused(["train", "nano", "--stages", "clip", "--steps", "decoder=5"], "--stages does not run decoder")
+    refused(["train", "nano", "--stages", "clipp"], "--stages: unknown stage 'clipp'")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_an_internal_error_exits_1_in_one_line_with_the_traceback_only_when_debugging(monkeypatch, capsys):
+    def broken_load(*args):
+        raise ValueError("a bug's ValueError is no bad input")
+
+    monkeypatch.setattr("blip3o.cli.models.load_model", broken_load)
+    assert main(["generate", "--model", "debug", "a circle"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("blip3o generate: failed (ValueError): a bug's ValueError is no bad input "
+                           "(BLIP3O_DEBUG=1 shows the traceback)")
+    monkeypatch.setenv("BLIP3O_DEBUG", "1")
+    assert main(["generate", "--model", "debug", "a circle"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken_load" in err
+    assert err.strip().endswith("blip3o generate: failed (ValueError): a bug's ValueError is no bad input")
+
+
+def test_runtime_failure_exits_1_and_ctrl_c_130(monkeypatch, capsys):
     class Broken:
         def generate(self, *args, **kwargs):
             raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr("blip3o.cli.load_model", lambda *args: Broken())
+    monkeypatch.setattr("blip3o.cli.models.load_model", lambda *args: Broken())
     assert main(["generate", "--model", "debug", "a circle"]) == 1
     assert "failed (RuntimeError): CUDA out of memory" in capsys.readouterr().err
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("blip3o.cli.models.load_model", interrupted)
+    assert main(["generate", "--model", "debug", "a circle"]) == 130
+    assert capsys.readouterr().err.strip() == "blip3o generate: interrupted"
+
+
+def test_the_shapes_commands_register_from_the_shapes_package():
+    table = CommandTable("", "")
+    generic_commands.register(table)
+    assert ("train", "clip") in table.commands
+    assert not [words for words in table.commands if words in (("data", "shapes"), ("train", "nano"),
+                                                                ("eval", "shapes"))]
+    help_text = table.build_parser()[0].format_help()
+    assert "generate" in help_text and "eval" not in help_text  # a group with no target is left out
+    shapes_commands.register(table)
+    assert {("data", "shapes"), ("train", "nano"), ("eval", "shapes")} <= set(table.commands)
+    assert list(table.commands) == list(command_table().commands)  # what `blip3o` runs
+    with pytest.raises(ValueError, match="added twice"):
+        shapes_commands.register(table)
+
+
+def test_the_table_fills_defaults_and_knows_what_was_typed():
+    table = CommandTable("", "")
+    with pytest.raises(ValueError, match="needs a group"):
+        table.add(Command(("eval", "x"), "x", lambda args: 0))
+    said = []
+    table.add(Command(("go",), "go", said.append, flags=(
+        flag("--mode", default="a"), flag("--tags", action="append", default=[]), flag("--fast", action="store_true"),
+    ), refusals=(Refusal(("fast",), lambda a: a.mode == "b", "cannot go with --mode b"),)))
+    args = table.parse(["go"])
+    assert (args.mode, args.tags, args.fast) == ("a", [], False)
+    args.tags.append("x")
+    assert table.parse(["go"]).tags == []  # a fresh default each time
+    assert table.parse(["go", "--mode", "b"]).mode == "b"
+    with pytest.raises(SystemExit):
+        table.parse(["go", "--mode", "b", "--fast"])
+    assert table.parse(["go", "--fast"]).fast
 
 
 def test_serve_command_answers_until_interrupted(tmp_path):

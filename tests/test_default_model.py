@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from blip3o import DEFAULT_MODEL, Blip3o
-from blip3o.cli import default_model
 from blip3o.cli import main as cli_main
+from blip3o.cli.entry import command_table
 from blip3o.presets import preset_weights
 from blip3o.train import TrainConfig, Trainer
 from train_helpers import tiny_dataset
 
-BUDGET = 25 * 2**20  # the limit on the shipped checkpoint
+BUDGET = 25 * 2**20  # the most the shipped checkpoint may weigh: it ships inside the package
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def test_nano_ships_within_budget_and_is_the_default():
     assert DEFAULT_MODEL == "nano" and folder is not None
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= BUDGET, f"the shipped nano checkpoint is {size / 2**20:.1f} MiB, over the 25 MiB budget"
-    assert default_model() == "nano"
+    for command in (["generate", "a circle"], ["demo"], ["eval", "shapes"], ["serve"]):
+        assert command_table().parse(command).model == "nano"
 
 
 def test_the_api_default_loads_the_shipped_weights_and_the_recipe_does_not(shipped):

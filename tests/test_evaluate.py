@@ -2,8 +2,9 @@
 
 from PIL import Image
 
-from blip3o.evaluate import GRID_PER_TAG, evaluate_generation, image_grid
+from blip3o.cli.files import image_grid
 from blip3o.shapes import TAGS, evaluation_prompts
+from blip3o.shapes.evaluate import GRID_PER_TAG, evaluate_generation
 
 
 class BlankModel:
@@ -21,5 +22,5 @@ def test_the_sample_grid_has_a_row_per_tag_in_prompt_order():
     assert [text for text, _ in result["samples"]] == expected
     assert result["num_images"] == 2 * per_tag * len(TAGS)
     assert result["scores"]["overall"] == 0.0 and result["diverse_prompts"] == 0.0
-    grid = image_grid(result["samples"], columns=GRID_PER_TAG)
+    grid = image_grid([image for _, image in result["samples"]], columns=GRID_PER_TAG)
     assert grid.size == (GRID_PER_TAG * 64, len(TAGS) * 64)

@@ -7,32 +7,33 @@ Fresh prompts and scenes (seeded, never the training seed), the model's own `gen
 from __future__ import annotations
 
 import json
-import random
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
 from tqdm import tqdm
 
-from blip3o.model import Blip3o
-from blip3o.shapes import (
-    CAPTION,
-    TAGS,
-    check,
-    detect,
-    evaluation_prompts,
-    geneval_scores,
-    make_sample,
-    score_answer,
-)
-from blip3o.shapes.questions import Question
-from blip3o.shapes.world import Scene
+from blip3o.cli.files import image_grid
+
+from .data import make_example
+from .detect import detect
+from .prompts import TAGS, check, evaluation_prompts, geneval_scores
+from .questions import CAPTION, Question, score_answer
+from .world import Scene
+
+if TYPE_CHECKING:
+    from blip3o import Blip3o
 
 EVAL_SEED = 1_000_003  # far from any training seed
 GRID_PER_TAG = 8  # samples.png: a row of 8 images per tag
 
 
 def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: int, batch: int = 16) -> dict:
+    """GenEval's score of `num_images` images for each of `per_tag` prompts a family, judged by the detector.
+
+    Returns {"scores": {tag: accuracy, ..., "overall"}, "num_images", "diverse_prompts" (share of prompts
+    whose images are not all one layout), "samples": [(prompt, image), ...] for the grid}.
+    """
     prompts = evaluation_prompts(per_tag, seed)
     passed, tags, grid, layouts = [], [], defaultdict(list), defaultdict(set)
     for start in tqdm(range(0, len(prompts), batch), desc="generate", leave=False):
@@ -56,9 +57,14 @@ def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: i
 
 
 def evaluate_understanding(model: Blip3o, *, num_scenes: int, seed: int, batch: int = 32) -> dict:
+    """Answers to every question of `num_scenes` random scenes, and their captions, scored against the scene.
+
+    Returns {"per_type": {question type: accuracy}, "vqa_overall" (captions left out), "caption",
+    "num_questions"}.
+    """
     items = []
     for i in range(num_scenes):
-        image, meta = make_sample(seed, i, prompt_first=0.0)  # random scenes of 1-4 objects, none drawn for a prompt
+        image, meta = make_example(seed, i, prompt_first=0.0)  # random scenes of 1-4 objects, none for a prompt
         scene = Scene.from_dict(meta["scene"])
         for q in meta["questions"]:
             items.append((image, Question(q["type"], q["question"], q["answer"]), scene))
@@ -75,25 +81,14 @@ def evaluate_understanding(model: Blip3o, *, num_scenes: int, seed: int, batch: 
             "num_questions": len(items)}
 
 
-def image_grid(samples: list[tuple[str, Image.Image]], columns: int = 8) -> Image.Image:
-    if not samples:
-        return Image.new("RGB", (64, 64), (255, 255, 255))
-    w, h = samples[0][1].size
-    rows = (len(samples) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, (_, image) in enumerate(samples):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def evaluate_shapes(model: Blip3o, out_dir: str | Path, *, per_tag: int = 25, num_images: int = 4,
                     num_scenes: int = 200, seed: int = EVAL_SEED) -> dict:
-    random.seed(seed)
+    """Both evaluations; writes OUT/results.json (what this returns) and OUT/samples.png (a row per tag)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = evaluate_generation(model, per_tag=per_tag, num_images=num_images, seed=seed)
     und = evaluate_understanding(model, num_scenes=num_scenes, seed=seed)
-    image_grid(gen.pop("samples"), columns=GRID_PER_TAG).save(out / "samples.png")
+    image_grid([image for _, image in gen.pop("samples")], columns=GRID_PER_TAG).save(out / "samples.png")
     results = {"generation": gen, "understanding": und, "settings": {
         "per_tag": per_tag, "num_images": num_images, "num_scenes": num_scenes, "seed": seed}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -101,6 +96,7 @@ def evaluate_shapes(model: Blip3o, out_dir: str | Path, *, per_tag: int = 25, nu
 
 
 def format_results(results: dict) -> str:
+    """`evaluate_shapes`'s results as the lines `blip3o eval shapes` prints."""
     gen, und = results["generation"], results["understanding"]
     lines = ["generation (GenEval formula)"]
     lines += [f"  {tag:<14} {score:.3f}" for tag, score in gen["scores"].items()]

@@ -1,0 +1,411 @@
+"""The generic commands: any model, any world. Each checks its input, calls the library and prints the result.
+
+The Shapes world's commands (`data shapes`, `train nano`, `eval shapes`) live in blip3o/shapes/commands.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from blip3o.cli.errors import EXIT_OK, BadInput, user_input
+from blip3o.cli.files import open_image, read_jsonl, save_samples
+from blip3o.cli.models import SAMPLING_FLAGS, SPEED_FLAGS, load_for_command, load_model, model_flags
+from blip3o.cli.table import Command, CommandTable, Refusal, flag
+from blip3o.cli.terminal import progress
+
+
+def check_positive(args: argparse.Namespace, *dests: str) -> None:
+    """BadInput unless each of these flags is unset (None) or above 0."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is not None and value <= 0:
+            raise BadInput(f"--{dest.replace('_', '-')} must be positive, got {value}")
+
+
+# ------------------------------------------------------------------ generate
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.prompts_file:
+        records = read_jsonl(args.prompts_file, {"prompt": str})
+    elif args.prompt:
+        records = [{"prompt": p} for p in args.prompt]
+    else:
+        raise BadInput("give a prompt, e.g. blip3o generate \"a red circle\", or --prompts-file FILE")
+    check_positive(args, "num_images", "steps", "size", "batch_size")
+    model = load_for_command(args)
+    if args.size is not None:
+        with user_input("--size"):
+            model.decoder.check_size(args.size)
+    settings = dict(num_images=args.num_images, steps=args.steps, guidance=args.guidance, size=args.size)
+    if args.prompt and len(args.prompt) == 1:
+        with progress(None, total=1, desc="generate", unit="prompt") as bar:
+            images = model.generate(args.prompt, seed=args.seed, **settings)
+            bar.update()
+        print(save_samples(images, Path(args.outdir)))
+    else:
+        generate_geneval_layout(model, records, Path(args.outdir), args.seed, args.batch_size, settings)
+        print(f"{len(records)} prompts x {args.num_images} images in {args.outdir}/ (GenEval layout)")
+    return EXIT_OK
+
+
+def generate_geneval_layout(model, records: list[dict], out: Path, seed: int, batch_size: int,
+                            settings: dict) -> None:
+    """GenEval's layout: OUT/00000/{metadata.jsonl, samples/0000.png, ..., grid.png}, a folder per record.
+
+    Every prompt gets the same seed, so each folder holds what `blip3o generate PROMPT --seed S` makes;
+    `batch_size` prompts share a model call (one seed per prompt keeps that true).
+    """
+    n = settings["num_images"]
+    with progress(None, total=len(records), desc="generate", unit="prompt") as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            images = model.generate([r["prompt"] for r in chunk], seed=[seed] * len(chunk), **settings)
+            for offset, record in enumerate(chunk):
+                folder = out / f"{start + offset:05d}"
+                save_samples(images[offset * n:(offset + 1) * n], folder / "samples", grid=folder / "grid.png")
+                (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+            bar.update(len(chunk))
+
+
+def generate_command() -> Command:
+    return Command(("generate",), "generate images from text prompts", run_generate, flags=(
+        flag("prompt", nargs="*", help="one or more prompts"),
+        flag("--prompts-file", help="JSON lines, one object with a `prompt` per line (GenEval's "
+                                    "evaluation_metadata.jsonl); every field is kept in metadata.jsonl"),
+        flag("--outdir", default="outputs"),
+        flag("--num-images", type=int, default=1, help="images per prompt (default 1)"),
+        flag("--seed", type=int, default=0, help="random seed (default 0); same seed, same images"),
+        flag("--size", type=int, default=None, help="image side in pixels, where the decoder allows it"),
+        flag("--batch-size", type=int, default=8, help="prompts per model call (default 8)"),
+        *model_flags(), *SAMPLING_FLAGS, *SPEED_FLAGS,
+    ), refusals=(
+        Refusal(("prompt",), lambda a: bool(a.prompts_file),
+                "cannot go with --prompts-file: give prompts on the command line or in the file, not both"),
+    ), epilog=(
+        "one prompt writes DIR/0000.png, 0001.png, ... and DIR/grid.png; several prompts or --prompts-file\n"
+        "write GenEval's layout: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png, ..., DIR/00000/grid.png\n"
+        "(each prompt is generated with the same --seed; --batch-size prompts share a model call)\n\n"
+        "examples:\n"
+        '  blip3o generate "two red circles" --num-images 4 --seed 0 --outdir out/\n'
+        "  blip3o generate --prompts-file evaluation_metadata.jsonl --outdir geneval_out/ --num-images 4"))
+
+
+# ------------------------------------------------------------------ ask
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    if args.questions_file:
+        return ask_questions_file(args)
+    if not (args.image and args.question):
+        raise BadInput('give an image and a question, e.g. blip3o ask image.png "what is this?", '
+                       "or --questions-file FILE")
+    image = open_image(Path(args.image), "IMAGE")
+    model = load_for_command(args)
+    (answer,) = model.answer([image], [args.question], max_new_tokens=args.max_new_tokens)
+    print(answer)
+    return EXIT_OK
+
+
+def ask_questions_file(args: argparse.Namespace) -> int:
+    """--questions-file: each record's answer, as the record plus `answer`, to --out or stdout."""
+    records = read_jsonl(args.questions_file, {"image": str, "question": str})
+    paths = [question_image(args.questions_file, number, record) for number, record in enumerate(records, 1)]
+    check_positive(args, "batch_size")
+    model = load_for_command(args)
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout must stay open
+    try:
+        batches = list(chunks(list(zip(records, paths, strict=True)), args.batch_size))
+        for batch in progress(batches, desc="ask", unit="batch"):
+            images = [open_image(path, f"{args.questions_file}: {path}") for _, path in batch]
+            answers = model.answer(images, [r["question"] for r, _ in batch], max_new_tokens=args.max_new_tokens)
+            for (record, _), answer in zip(batch, answers, strict=True):
+                out.write(json.dumps({**record, "answer": answer}) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.out:
+        print(f"{len(records)} answers in {args.out}")
+    return EXIT_OK
+
+
+def question_image(questions_file: str, number: int, record: dict) -> Path:
+    """A record's image: relative paths to the working folder, else to the questions file's folder."""
+    path = Path(record["image"]).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = Path(questions_file).parent / path
+    if not path.is_file():
+        raise BadInput(f"{questions_file}: record {number}: no image file {record['image']}")
+    return path
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def ask_command() -> Command:
+    file_only = "applies to --questions-file only (one question's answer is printed)"
+    return Command(("ask",), "answer questions about images", run_ask, flags=(
+        flag("image", nargs="?", help="an image file"),
+        flag("question", nargs="?", help="a question about it"),
+        flag("--questions-file", help="JSON lines, each with `image` and `question`"),
+        flag("--out", help="where --questions-file's answers go (JSON lines; default: standard output)"),
+        flag("--batch-size", type=int, default=8, help="questions per model call (default 8)"),
+        flag("--max-new-tokens", type=int, default=64),
+        *model_flags(),
+    ), refusals=(
+        Refusal(("image", "question"), lambda a: bool(a.questions_file),
+                "cannot go with --questions-file: give IMAGE QUESTION or --questions-file, not both"),
+        Refusal(("out", "batch_size"), lambda a: not a.questions_file, file_only),
+    ), epilog=(
+        "--questions-file: JSON lines with `image` (a path: relative to the working folder, else to the file's\n"
+        "folder) and `question`; each output line is the same object plus `answer`.\n\n"
+        "examples:\n"
+        '  blip3o ask photo.png "how many circles are there?"\n'
+        "  blip3o ask --questions-file questions.jsonl --out answers.jsonl"))
+
+
+# ------------------------------------------------------------------ chat
+
+CHAT_HELP = "type a message; /image PATH attaches an image to your next message, /reset starts over, /quit leaves"
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    attached = [open_image(Path(p), "--image") for p in args.image]
+    model = load_for_command(args)
+    print(f"chatting with {args.model}: {CHAT_HELP}")
+    history: list[dict] = []
+    for line in typed_lines():
+        command, _, rest = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/reset":
+            history, attached = [], []
+            print("(a new conversation)")
+        elif command == "/image" and rest.strip():
+            attached += attach(rest.strip())
+        elif line.startswith("/"):
+            print(CHAT_HELP)
+        else:
+            chat_turn(model, history, attached, line, args)
+            attached = []
+    return EXIT_OK
+
+
+def typed_lines() -> Iterator[str]:
+    """The user's non-empty lines, until end of input; a prompt only when a person types them."""
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except EOFError:
+            return
+        if line:
+            yield line
+
+
+def attach(path: str) -> list:
+    """/image PATH: the image, or none and a word of why (the chat goes on)."""
+    try:
+        image = open_image(Path(path).expanduser(), "/image")
+    except BadInput as e:
+        print(f"error: {e}")
+        return []
+    print(f"(attached {path}; it goes with your next message)")
+    return [image]
+
+
+def chat_turn(model, history: list[dict], attached: list, line: str, args: argparse.Namespace) -> None:
+    """Send `line` (with the attached images) and print the reply word by word as the model writes it."""
+    from blip3o.backbone import stripped_stream
+
+    content = [{"type": "image", "image": im} for im in attached] + [{"type": "text", "text": line}]
+    history.append({"role": "user", "content": content if attached else line})
+    sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else {}
+    print("blip3o> ", end="", flush=True)
+    (reply,) = model.chat([history], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          on_text=stripped_stream(lambda piece: print(piece, end="", flush=True)), **sampling)
+    history.append({"role": "assistant", "content": reply})
+    print(flush=True)
+
+
+def chat_command() -> Command:
+    return Command(("chat",), "chat about images in the terminal", run_chat, flags=(
+        flag("--image", action="append", default=[], help="attach an image to the first message"),
+        flag("--max-new-tokens", type=int, default=128),
+        flag("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling"),
+        flag("--seed", type=int, default=None, help="seed of the sampled replies (--temperature above 0)"),
+        *model_flags(),
+    ), refusals=(
+        Refusal(("seed",), lambda a: a.temperature <= 0,
+                "applies to sampled replies only (--temperature above 0); greedy replies draw no random numbers"),
+    ), epilog=(
+        "in the chat: /image PATH attaches an image to your next message, /reset starts a new conversation,\n"
+        "/quit (or Ctrl-D) leaves.\n\nexample:\n  blip3o chat --image photo.png"))
+
+
+# ------------------------------------------------------------------ reconstruct, info, serve, demo, convert
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    images = [open_image(Path(p), "IMAGES") for p in args.images]
+    model = load_for_command(args)
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(args.images, progress(images, desc="reconstruct", unit="image"), strict=True):
+        (result,) = model.reconstruct([image], seed=args.seed)
+        target = out / f"{Path(path).stem}_reconstructed.png"
+        result.save(target)
+        print(target)
+    return EXIT_OK
+
+
+def run_info(args: argparse.Namespace) -> int:
+    model = load_model(args.model, "meta" if args.meta else args.device, args.dtype)
+    cfg = model.config
+    print(f"model: {args.model}")
+    print(f"device: {model.device}  dtype: {model.queries.dtype}")
+    print(f"sampling: {cfg.steps} steps ({cfg.sampler}), guidance {cfg.guidance}; "
+          f"images {model.decoder.default_size}x{model.decoder.default_size}")
+    print("parts:")
+    kinds = {"backbone": "Qwen2.5-VL", "dit": "Lumina-Next DiT", "clip_encoder": cfg.clip_encoder.kind,
+             "decoder": cfg.decoder.kind, "queries": f"{cfg.num_queries} learnable queries"}
+    for part, n in model.num_parameters().items():
+        print(f"  {part:<13} {n:>15,d} parameters  {kinds.get(part, '')}".rstrip())
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from blip3o.server import Blip3oService, ServerConfig, create_app, serve
+
+    with user_input():
+        config = ServerConfig(allow_dirs=args.allow_dir, max_queue=args.max_queue,
+                              max_batch_images=args.max_batch_images, batch_window_ms=args.batch_window_ms,
+                              request_timeout_s=args.timeout)
+    for folder in config.allow_dirs:
+        if not folder.is_dir():
+            raise BadInput(f"--allow-dir {folder}: no such folder")
+    model = load_for_command(args)
+    model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
+    print(f"serving {model_id} at http://{args.host}:{args.port}/ (web page) and http://{args.host}:{args.port}/v1 "
+          f"(OpenAI API); Ctrl-C stops", flush=True)
+    serve(create_app(Blip3oService(model, model_id, config)), host=args.host, port=args.port,
+          log_level=args.log_level)
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.device, args.dtype)
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (image,) = model.generate([args.prompt], seed=args.seed)
+    path = out / "generated.png"
+    image.save(path)
+    print(f"[{args.model}] generated {path} for {args.prompt!r}")
+    (answer,) = model.answer([image], [args.question])
+    print(f"[{args.model}] Q: {args.question}\n[{args.model}] A: {answer}")
+    return EXIT_OK
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from blip3o import Blip3o
+
+    weights = args.clip_encoder_weights
+    if weights is not None and not Path(weights).is_dir():
+        raise BadInput(f"--clip-encoder-weights {weights}: no such folder")
+    model = Blip3o.from_pretrained(args.directory, clip_encoder_weights=weights)  # converted on load
+    print(model.save_pretrained(args.out))
+    return EXIT_OK
+
+
+def serve_command() -> Command:
+    return Command(("serve",), "serve the model: an OpenAI-compatible API and a web page", run_serve, flags=(
+        flag("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"),
+        flag("--port", type=int, default=8000),
+        flag("--allow-dir", action="append", default=[], metavar="DIR",
+             help="a folder whose images chat requests may name by path (repeatable; default: none)"),
+        flag("--max-queue", type=int, default=64, help="requests waiting past this get 429 (default 64)"),
+        flag("--max-batch-images", type=int, default=16, help="images per generate call (default 16)"),
+        flag("--batch-window-ms", type=float, default=10.0, help="time to gather a batch (default 10)"),
+        flag("--timeout", type=float, default=120.0, help="seconds before a request gets 504 (default 120)"),
+        flag("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
+        *model_flags(), *SPEED_FLAGS,
+    ), epilog=(
+        "routes: POST /v1/images/generations, POST /v1/chat/completions, GET /v1/models, GET /health,\n"
+        "GET /metrics (Prometheus), GET / (the web page)\n\n"
+        "example:\n  blip3o serve --model nano --port 8000 --allow-dir ~/pictures"))
+
+
+def small_commands() -> list[Command]:
+    """reconstruct, info, demo, convert: a few flags each."""
+    return [
+        Command(("reconstruct",), "encode images to CLIP tokens and decode them back", run_reconstruct, flags=(
+            flag("images", nargs="+"), flag("--outdir", default="outputs"), flag("--seed", type=int, default=0),
+            *model_flags())),
+        Command(("info",), "show a model's parts, parameter counts and device", run_info, flags=(
+            flag("--meta", action="store_true", help="build on the meta device (no memory; any size)"),
+            *model_flags(),
+        ), refusals=(Refusal(("device",), lambda a: a.meta, "cannot go with --meta, which builds on the meta "
+                                                             "device"),)),
+        Command(("demo",), "generate an image from a prompt, then answer a question about it", run_demo, flags=(
+            flag("--prompt", default="a photo of a red circle and a blue square"),
+            flag("--question", default="how many circles are there?"),
+            flag("--outdir", default="demo_out"),
+            flag("--seed", type=int, default=0),
+            *model_flags())),
+        Command(("convert",), "convert an official BLIP3-o folder (BLIP3o/BLIP3o-Model-8B, -4B) to this "
+                              "library's format", run_convert, flags=(
+            flag("directory", help="the official folder, as downloaded"),
+            flag("out", help="where to write the converted checkpoint"),
+            flag("--clip-encoder-weights", default=None,
+                 help="folder with the EVA-CLIP tower's safetensors, if the official folder lacks it"))),
+    ]
+
+
+# ------------------------------------------------------------------ train STAGE
+
+
+def run_train_stage(args: argparse.Namespace) -> int:
+    from blip3o.train import TrainConfig
+    from blip3o.train.recipe import train_stage
+
+    stage = args.command.words[-1]
+    if not Path(args.config).is_file():
+        raise BadInput(f"--config {args.config}: no such file")
+    with user_input(args.config):
+        config = TrainConfig.from_json(args.config)
+    if config.stage != stage:
+        raise BadInput(f"{args.config} trains the {config.stage} stage, not {stage}: run "
+                       f"`blip3o train {config.stage} --config {args.config}`")
+    if not config.data:
+        raise BadInput(f"{args.config}: `data` must list the training shards")
+    print(f"trained model: {train_stage(args.config)}")
+    return EXIT_OK
+
+
+def train_stage_command(stage: str) -> Command:
+    return Command(("train", stage), f"train the {stage} stage as its --config file says", run_train_stage,
+                   flags=(flag("--config", required=True, help="TrainConfig JSON: the stage, its data, "
+                                                               "out_dir, steps, seed, device, ..."),),
+                   other_options="a stage takes every setting (out_dir, data, seed, device, steps, ...) from its "
+                                 "--config file; set it there",
+                   epilog=f"example:\n  torchrun --nproc_per_node 2 -m blip3o.cli train {stage} --config {stage}.json")
+
+
+def register(table: CommandTable) -> None:
+    """Add the generic commands to `table`, and the groups that other modules add targets to."""
+    from blip3o.train import STAGES
+
+    for command in (generate_command(), ask_command(), chat_command(), serve_command(), *small_commands()):
+        table.add(command)
+    table.add_group("data", "write training data as webdataset shards")
+    table.add_group("train", "train a model: a recipe, or one stage from its --config file")
+    for stage in STAGES:
+        table.add(train_stage_command(stage))
+    table.add_group("eval", "evaluate a model")

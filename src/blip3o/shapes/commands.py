@@ -1,0 +1,179 @@
+"""The Shapes world's commands; `register` adds them to the command table (blip3o/cli/table.py):
+
+    blip3o data shapes --out DIR     training shards of Shapes examples (write_shards)
+    blip3o train nano --out DIR      the whole nano recipe: its data, then its stages in order (train_nano)
+    blip3o eval shapes --model M     GenEval-style generation accuracy and VQA accuracy (evaluate_shapes)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from blip3o.cli.commands import check_positive
+from blip3o.cli.errors import EXIT_OK, BadInput, user_input
+from blip3o.cli.models import SAMPLING_FLAGS, load_for_command, model_flags
+from blip3o.cli.table import Command, CommandTable, Refusal, flag
+
+# ------------------------------------------------------------------ data shapes
+
+
+def tag_weights_arg(text: str) -> dict[str, float]:
+    """`position=3,color_attr=2` -> {"position": 3.0, "color_attr": 2.0} (argparse type of --tag-weights)."""
+    weights = {}
+    for part in text.split(","):
+        tag, sep, value = part.partition("=")
+        try:
+            weights[tag.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected FAMILY=WEIGHT pairs separated by commas, got {part!r}")
+    return weights
+
+
+def example_options(args: argparse.Namespace) -> dict:
+    """make_example's options from the flags of `data shapes`."""
+    return dict(prompt_first=args.prompt_first, ordered=args.ordered, canonical=args.canonical,
+                tag_weights=args.tag_weights, canonical_jitter=args.canonical_jitter)
+
+
+def run_data_shapes(args: argparse.Namespace) -> int:
+    from .data import check_example_options, write_shards
+
+    check_positive(args, "num", "shard_size")
+    with user_input():
+        check_example_options(**example_options(args))
+    paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, **example_options(args))
+    print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
+    return EXIT_OK
+
+
+def data_command() -> Command:
+    prompt_scenes = "applies to scenes drawn for a prompt only, and --prompt-first 0 draws none"
+    return Command(("data", "shapes"), "write Shapes-world training data as webdataset shards", run_data_shapes,
+                   flags=(
+        flag("--out", required=True),
+        flag("--num", type=int, default=40_000),
+        flag("--seed", type=int, default=0),
+        flag("--shard-size", type=int, default=1000),
+        flag("--prompt-first", type=float, default=0.5,
+             help="share of scenes drawn for a random GenEval prompt (the rest: random scenes of 1-4 objects)"),
+        flag("--ordered", type=float, default=0.0,
+             help="share of those prompt scenes laid out in the prompt's ordered layout (one region per named "
+                  "object, in the order named; a relation's objects in the halves it names)"),
+        flag("--canonical", type=float, default=0.0,
+             help="share of those prompt scenes with each named object centred in its canonical cell (a few px "
+                  "of jitter): the text decides the layout (at most 1 - --ordered)"),
+        flag("--canonical-jitter", type=int, default=3, metavar="J",
+             help="canonical layouts move each centre by up to J px (0..3) and draw sizes in 16-2J..16+J"),
+        flag("--tag-weights", type=tag_weights_arg, default=None, metavar="FAMILY=W,...",
+             help="how often each prompt family is drawn, e.g. position=3,color_attr=3 (unnamed families 1)"),
+    ), refusals=(
+        Refusal(("ordered", "canonical", "canonical_jitter", "tag_weights"), lambda a: a.prompt_first == 0,
+                prompt_scenes),
+        Refusal(("canonical_jitter",), lambda a: a.canonical == 0,
+                "moves canonical layouts only, and --canonical 0 makes none"),
+    ))
+
+
+# ------------------------------------------------------------------ train nano
+
+
+def recipe_stages() -> list[str]:
+    """The nano recipe's stages, in the order it runs them."""
+    from blip3o.train.recipe import NANO_STAGES
+
+    return [stage.stage for stage in NANO_STAGES]
+
+
+def stage_steps_arg(text: str) -> tuple[str, int]:
+    """`understanding=2000` -> ("understanding", 2000) (argparse type of `train nano --steps`)."""
+    stage, sep, value = text.partition("=")
+    try:
+        steps = int(value)
+    except ValueError:
+        sep = ""
+    if not sep or steps < 1:
+        raise argparse.ArgumentTypeError(f"expected STAGE=STEPS with a positive whole number, got {text!r}")
+    return stage.strip(), steps
+
+
+def check_recipe_flags(args: argparse.Namespace) -> None:
+    """BadInput for a stage the recipe lacks (--stages, --steps), a --steps stage that --stages leaves out,
+    and counts below 1."""
+    check_positive(args, "num_samples", "scale")
+    known = recipe_stages()
+    for flag_name, stages in (("--stages", args.stages or []), ("--steps", [stage for stage, _ in args.steps])):
+        for stage in stages:
+            if stage not in known:
+                raise BadInput(f"{flag_name}: unknown stage {stage!r}; the recipe's stages: {', '.join(known)}")
+    for stage, _ in args.steps:
+        if args.stages is not None and stage not in args.stages:
+            raise BadInput(f"--steps {stage}: --stages does not run {stage}")
+
+
+def run_train_nano(args: argparse.Namespace) -> int:
+    from blip3o.train.recipe import train_nano
+
+    check_recipe_flags(args)
+    final = train_nano(args.out, data=args.data, num_samples=args.num_samples, seed=args.seed, device=args.device,
+                       scale=args.scale, stages=args.stages, steps=dict(args.steps))
+    print(f"trained model: {final}")
+    return EXIT_OK
+
+
+def every_stage_run_has_steps(args: argparse.Namespace) -> bool:
+    """--steps sets the steps of every stage this run trains, leaving --scale nothing to scale."""
+    return set(args.stages or recipe_stages()) <= {stage for stage, _ in args.steps}
+
+
+def train_command() -> Command:
+    return Command(("train", "nano"), "train the nano model: Shapes data, then the recipe's stages in order",
+                   run_train_nano, flags=(
+        flag("--out", default="runs/nano"),
+        flag("--data", default=None, help="Shapes shards folder (default: OUT/data, written if missing)"),
+        flag("--num-samples", type=int, default=40_000),
+        flag("--seed", type=int, default=0),
+        flag("--device", default="auto"),
+        flag("--scale", type=float, default=1.0, help="multiply every stage's steps (quick runs)"),
+        flag("--stages", nargs="+", default=None, metavar="STAGE",
+             help="only these stages, each from the model of the stage before it (the others are reused)"),
+        flag("--steps", nargs="+", type=stage_steps_arg, default=[], metavar="STAGE=N",
+             help="set stages' steps outright, e.g. understanding=2000 (not scaled by --scale)"),
+    ), refusals=(
+        Refusal(("scale",), every_stage_run_has_steps, "has nothing to scale: --steps sets every stage this run "
+                                                       "trains"),
+    ))
+
+
+# ------------------------------------------------------------------ eval shapes
+
+
+def run_eval_shapes(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_shapes, format_results
+
+    check_positive(args, "steps", "per_tag", "num_images", "num_scenes")
+    model = load_for_command(args)
+    results = evaluate_shapes(model, args.out, per_tag=args.per_tag, num_images=args.num_images,
+                              num_scenes=args.num_scenes)
+    print(format_results(results))
+    print(f"results: {Path(args.out) / 'results.json'}  samples: {Path(args.out) / 'samples.png'}")
+    return EXIT_OK
+
+
+def eval_command() -> Command:
+    return Command(("eval", "shapes"), "evaluate in the Shapes world: GenEval-style generation accuracy and VQA",
+                   run_eval_shapes, flags=(
+        flag("--out", default="eval_out"),
+        flag("--per-tag", type=int, default=25, help="prompts of each GenEval family (default 25)"),
+        flag("--num-images", type=int, default=4, help="images per prompt (default 4)"),
+        flag("--num-scenes", type=int, default=200, help="random scenes whose questions are asked (default 200)"),
+        *model_flags(), *SAMPLING_FLAGS,
+    ))
+
+
+def register(table: CommandTable) -> None:
+    """Add `data shapes`, `train nano` and `eval shapes` to the table's groups."""
+    for command in (data_command(), train_command(), eval_command()):
+        table.add(command)
