@@ -16,11 +16,13 @@ from PIL import Image
 
 from blip3o import Blip3o
 from blip3o.accel import (
-    DiTSampler,
+    DecoderLoopGraph,
+    DiTLoopGraph,
     EagerCall,
     disable_static_cache,
     enable_static_cache,
 )
+from blip3o.sampling import run_dit_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,28 +38,39 @@ def model():
     return m
 
 
+def sample_with(model, loop, cond, **kwargs):
+    """model.sample_tokens with `loop` running the DiT's sampling loop."""
+    saved, model.dit_loop = model.dit_loop, loop
+    try:
+        return model.sample_tokens(cond, **kwargs)
+    finally:
+        model.dit_loop = saved
+
+
 def _cond(model, batch=2):
     return torch.randn(batch, 64, model.config.backbone.hidden_size, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
-def test_dit_sampler_eager_fallback_equals_sample_tokens(model, guidance):
+def test_dit_loop_graph_eager_fallback_equals_sample_tokens(model, guidance):
     cond = _cond(model)
     want = model.sample_tokens(cond, guidance=guidance, generator=torch.Generator().manual_seed(0))
-    got = DiTSampler(model)(cond, guidance=guidance, generator=torch.Generator().manual_seed(0))
+    got = sample_with(
+        model, DiTLoopGraph(model.dit), cond, guidance=guidance, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(got, want)
 
 
-def test_dit_sampler_graph_logic_equals_sample_tokens(model):
-    sampler = DiTSampler(model, graph=EagerCall)
+def test_dit_loop_graph_graph_logic_equals_sample_tokens(model):
+    sampler = DiTLoopGraph(model.dit, graph=EagerCall)
     for seed in (0, 1):  # the second call replays the captured loop with new static inputs
         cond = _cond(model, batch=1 + seed)
         want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
-        got = sampler(cond, generator=torch.Generator().manual_seed(seed))
+        got = sample_with(model, sampler, cond, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(got, want)
     assert len(sampler._graphs) == 2  # one capture per shape
     cond = _cond(model, batch=1)
-    sampler(cond, steps=3, generator=torch.Generator().manual_seed(0))
+    sample_with(model, sampler, cond, steps=3, generator=torch.Generator().manual_seed(0))
     assert len(sampler._graphs) == 3  # and per setting
 
 
@@ -73,10 +86,10 @@ def test_stochastic_sampler_is_seeded_and_the_graph_logic_replays_it(model):
         # fresh noise is drawn after the start noise: same start as Euler, another path
         euler = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0), sampler="euler")
         assert not torch.allclose(first, euler)
-        sampler = DiTSampler(model, graph=EagerCall)
+        sampler = DiTLoopGraph(model.dit, graph=EagerCall)
         for seed in (0, 1):  # the second call replays the captured loop with new noise
             want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
-            assert torch.equal(sampler(cond, generator=torch.Generator().manual_seed(seed)), want)
+            assert torch.equal(sample_with(model, sampler, cond, generator=torch.Generator().manual_seed(seed)), want)
         assert len(sampler._graphs) == 1
         model.config = dataclasses.replace(config, sampler="stochastic", eta=0.0)
         assert torch.equal(model.sample_tokens(cond, generator=torch.Generator().manual_seed(0)), euler)
@@ -84,7 +97,7 @@ def test_stochastic_sampler_is_seeded_and_the_graph_logic_replays_it(model):
         model.config = config
 
 
-def test_dit_sampler_graph_logic_with_self_conditioning_equals_sample_tokens():
+def test_dit_loop_graph_graph_logic_with_self_conditioning_equals_sample_tokens():
     import dataclasses
 
     from blip3o.dit import DiT
@@ -97,23 +110,23 @@ def test_dit_sampler_graph_logic_with_self_conditioning_equals_sample_tokens():
         for p in m.dit.parameters():
             if not p.any():
                 p.normal_(0, 0.02)
-    sampler = DiTSampler(m, graph=EagerCall)
+    sampler = DiTLoopGraph(m.dit, graph=EagerCall)
     for seed in (0, 1):  # each replay starts its estimate from zeros again
         cond = _cond(m)
         want = m.sample_tokens(cond, generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(sampler(cond, generator=torch.Generator().manual_seed(seed)), want)
+        assert torch.equal(sample_with(m, sampler, cond, generator=torch.Generator().manual_seed(seed)), want)
 
 
-def test_dit_sampler_recaptures_when_weights_change(model):
-    sampler = DiTSampler(model, graph=EagerCall)
+def test_dit_loop_graph_recaptures_when_weights_change(model):
+    sampler = DiTLoopGraph(model.dit, graph=EagerCall)
     cond = _cond(model, batch=1)
-    sampler(cond, generator=torch.Generator().manual_seed(0))
+    sample_with(model, sampler, cond, generator=torch.Generator().manual_seed(0))
     first = next(iter(sampler._graphs.values()))
     weight = model.dit.layers[0].feed_forward.linear_2.weight
     with torch.no_grad():
         weight.mul_(1.5)
     try:
-        got = sampler(cond, generator=torch.Generator().manual_seed(0))
+        got = sample_with(model, sampler, cond, generator=torch.Generator().manual_seed(0))
         want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0))
         assert torch.equal(got, want) and next(iter(sampler._graphs.values())) is not first
     finally:
@@ -126,7 +139,9 @@ def test_fused_dit_sampler_matches_within_rounding(model):
     want = model.sample_tokens(cond, generator=torch.Generator().manual_seed(0))
     model.dit.fuse_projections(True)
     try:
-        got = DiTSampler(model, graph=EagerCall)(cond, generator=torch.Generator().manual_seed(0))
+        got = sample_with(
+            model, DiTLoopGraph(model.dit, graph=EagerCall), cond, generator=torch.Generator().manual_seed(0)
+        )
     finally:
         model.dit.fuse_projections(False)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -139,14 +154,15 @@ def test_accelerate_on_cpu_generates_the_same_images(model):
         got = model.generate(["a red circle"], seed=0)
         # on a CPU one wide GEMM is no faster (docs/benchmarks.md): the projections stay apart
         assert all(block._fused is None for block in model.dit.layers)
-        assert model.decoder.fast_loop is not None and model.decoder.channels_last
+        assert isinstance(model.dit_loop, DiTLoopGraph)
+        assert isinstance(model.decoder.sampling_loop, DecoderLoopGraph) and model.decoder.channels_last
     finally:
-        model.fast_sampler, model.decoder.fast_predict, model.decoder.fast_loop = None, None, None
+        model.dit_loop = run_dit_loop
+        model.decoder.unet_call, model.decoder.sampling_loop = model.decoder.unet_output, model.decoder.denoise
         model.decoder.set_channels_last(False)
         model.dit.fuse_projections(False)
         disable_static_cache(model.backbone)
-    diff = [abs(a - b) for x, y in zip(want, got, strict=True)
-            for a, b in zip(x.tobytes(), y.tobytes(), strict=True)]
+    diff = [abs(a - b) for x, y in zip(want, got, strict=True) for a, b in zip(x.tobytes(), y.tobytes(), strict=True)]
     assert max(diff) <= 1  # NHWC and the modulations' GEMM change float rounding, not the image
 
 
@@ -164,12 +180,21 @@ def test_static_cache_answer_runs(model):
 def test_offload_runs_each_part_alone_and_gives_the_same_images(model):
     want = model.generate(["a red circle"], seed=0)
     seen = []
-    hooks = [model.dit.patch_embedder.proj.register_forward_pre_hook(
-        lambda m, a: seen.append(("dit", tuple(model._offload.resident))))]
-    hooks += [model.backbone.model.model.language_model.register_forward_pre_hook(
-        lambda m, a: seen.append(("backbone", tuple(model._offload.resident))))]
-    hooks += [model.decoder.unet.register_forward_pre_hook(
-        lambda m, a: seen.append(("decoder", tuple(model._offload.resident))))]
+    hooks = [
+        model.dit.patch_embedder.proj.register_forward_pre_hook(
+            lambda m, a: seen.append(("dit", tuple(model._offload.resident)))
+        )
+    ]
+    hooks += [
+        model.backbone.model.model.language_model.register_forward_pre_hook(
+            lambda m, a: seen.append(("backbone", tuple(model._offload.resident)))
+        )
+    ]
+    hooks += [
+        model.decoder.unet.register_forward_pre_hook(
+            lambda m, a: seen.append(("decoder", tuple(model._offload.resident)))
+        )
+    ]
     model._negative_cache.clear()
     model.enable_offload("cpu")
     try:
@@ -212,7 +237,12 @@ def test_offload_points_weights_at_home_copies_between_uses(model):
 @pytest.mark.parametrize("script", ["generation", "understanding", "train_stage2"])
 def test_benchmark_runs_at_debug_size(script):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "USE_FLAX": "0"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--preset", "debug"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--preset", "debug"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "device:" in out.stdout and "ratio" in out.stdout, out.stdout

@@ -180,50 +180,7 @@ def test_sample_prediction_reads_the_output_as_clean_tokens():
         DiTConfig(prediction="noise")
 
 
-def test_preconditioning_is_exact_and_gives_unit_variance_targets():
-    from blip3o.dit import Preconditioning
-
-    g = torch.Generator().manual_seed(0)
-    for s in (0.5, 1.0, 2.0):
-        t = torch.tensor([0.02, 0.3, 0.7, 1.0])
-        x_0 = s * torch.randn(4, 4096, 8, generator=g)
-        x_1 = torch.randn(4, 4096, 8, generator=g)
-        x_t = sample_path(x_0, x_1, t).x_t
-        pre = Preconditioning(t, s)
-        target = pre.target(x_t, x_0)
-        torch.testing.assert_close(pre.clean(x_t, target), x_0, rtol=1e-4, atol=1e-4)  # F = target gives x_0 back
-        torch.testing.assert_close(target.var(dim=(1, 2)), torch.ones(4), rtol=0.05, atol=0.0)  # unit variance
-        torch.testing.assert_close((pre.c_in * x_t).var(dim=(1, 2)), torch.ones(4), rtol=0.05, atol=0.0)
-    # t = 0: the clean tokens are x_t itself, whatever the network says; t = 1: the network's output
-    edge = Preconditioning(torch.tensor([0.0, 1.0]), 1.0)
-    x, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    clean = edge.clean(x, out)
-    torch.testing.assert_close(clean[0], x[0])
-    torch.testing.assert_close(clean[1], out[1])
-
-
-def test_preconditioned_velocity_reads_the_clean_tokens():
-    from blip3o.dit import Preconditioning
-
-    cfg = dataclasses.replace(DIT_PRESETS["debug"], prediction="preconditioned", data_std=0.8)
-    dit = DiT(cfg).eval()
-    _randomize(dit)
-    x, t, c = torch.randn(3, 64, cfg.in_channels), torch.tensor([1.0, 0.5, 0.25]), torch.randn(3, 5, cfg.cond_size)
-    with torch.no_grad():
-        cond = dit.prepare_condition(c)
-        x_0 = Preconditioning(t, 0.8).clean(x, dit.predict(x, t, cond))
-        # one Euler step from t to 0 lands on the clean tokens
-        torch.testing.assert_close(x - t.view(-1, 1, 1) * dit.velocity(x, t, cond), x_0, rtol=1e-5, atol=1e-5)
-        # the network reads c_in x_t: the raw network on the scaled input gives the same output
-        plain = DiT(dataclasses.replace(cfg, prediction="sample")).eval()
-        plain.load_state_dict(dit.state_dict())
-        torch.testing.assert_close(dit.predict(x, t, cond),
-                                   plain.predict(x * Preconditioning(t, 0.8).c_in, t, plain.prepare_condition(c)))
-    with pytest.raises(ValueError, match="data_std"):
-        DiTConfig(prediction="preconditioned", data_std=0.0)
-
-
-@pytest.mark.parametrize("prediction", ["velocity", "sample", "preconditioned"])
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
 def test_loss_compares_the_output_with_its_own_target(prediction):
     cfg = dataclasses.replace(DIT_PRESETS["debug"], prediction=prediction)
     dit = DiT(cfg).eval()
@@ -233,58 +190,8 @@ def test_loss_compares_the_output_with_its_own_target(prediction):
     path = sample_path(x_0, x_1, t)
     with torch.no_grad():
         out = dit.predict(path.x_t, t, dit.prepare_condition(c))
-        # preconditioned: F's target is (t x_0 - (1 - t) x_1) / sqrt((1 - t)^2 + t^2) at data_std 1
-        a, b = (1 - t).view(-1, 1, 1), t.view(-1, 1, 1)
-        target = {"velocity": path.v, "sample": x_0,
-                  "preconditioned": (b * x_0 - a * x_1) / (a * a + b * b).sqrt()}[prediction]
+        target = {"velocity": path.v, "sample": x_0}[prediction]
         torch.testing.assert_close(dit.loss(path, c), ((out - target) ** 2).mean())
-
-
-def test_token_whitening_gives_unit_variance_and_inverts_exactly():
-    from blip3o.dit import TokenWhitening
-
-    g = torch.Generator().manual_seed(0)
-    c = 16
-    # a few strong shared directions and many weak ones, like contrastive tokens of a small world
-    scales = torch.tensor([4.0] * 3 + [0.3] * 9 + [1e-4] * 4)
-    basis = torch.linalg.qr(torch.randn(c, c, generator=g))[0]
-    x = (torch.randn(20000, c, generator=g) * scales) @ basis.T + 2.0
-    white = TokenWhitening(c, eps=1e-2)
-    assert not white.is_fitted
-    white.fit(x)
-    assert white.is_fitted
-    z = white(x)
-    var = torch.linalg.eigvalsh(torch.cov(z.T.double())).flip(0)
-    # directions far above eps come out with unit variance; those far below it stay small
-    torch.testing.assert_close(var[:3], torch.ones(3, dtype=torch.float64), atol=0.03, rtol=0)
-    assert ((var[3:12] - 0.09 / 0.1).abs() < 0.05).all()
-    assert (var[12:] < 1e-5).all()
-    torch.testing.assert_close(z.mean(0), torch.zeros(c), atol=1e-3, rtol=0)
-    torch.testing.assert_close(white.inverse(z), x, atol=1e-4, rtol=0)
-    half = TokenWhitening(c, eps=1e-2)
-    half.load_state_dict(white.state_dict())
-    half.to(torch.float16)  # a model cast to fp16 (as shipped) still whitens in fp32
-    assert half(x.half()).dtype == torch.float16
-    torch.testing.assert_close(half.inverse(half(x.half())).float(), x, atol=0.05, rtol=0.01)
-    with pytest.raises(ValueError, match="at least 32 token vectors"):
-        TokenWhitening(c, 1e-2).fit(x[:10])
-
-
-def test_token_whitening_is_off_by_default_and_must_be_fitted_before_use():
-    plain = DiT(DIT_PRESETS["debug"])
-    assert plain.token_whitening is None
-    x = torch.randn(2, 64, 32)
-    assert plain.to_model_space(x) is x and plain.to_tokens(x) is x
-    white = DiT(dataclasses.replace(DIT_PRESETS["debug"], token_whitening=0.01))
-    assert {"token_whitening.mean", "token_whitening.whiten", "token_whitening.color",
-            "token_whitening.fitted"} <= set(white.state_dict())
-    with pytest.raises(RuntimeError, match="not fitted"):
-        white.to_model_space(x)
-    with pytest.raises(ValueError, match="token_whitening must be >= 0"):
-        DiTConfig(token_whitening=-1.0)
-
-
-# --- self-conditioning ---------------------------------------------------------------------------
 
 
 def _self_conditioned(prediction: str = "sample") -> tuple[DiT, DiT]:
@@ -305,22 +212,20 @@ def test_self_condition_embeds_the_previous_estimate_and_starts_as_the_plain_dit
     with torch.no_grad():
         cond = dit.prepare_condition(c)
         # None reads zeros: only the embedding's bias is added
-        torch.testing.assert_close(dit.predict(x, t, cond), dit.predict(x, t, cond, None, torch.zeros_like(x)))
-        assert not torch.allclose(dit.predict(x, t, cond, None, previous), dit.predict(x, t, cond))
+        torch.testing.assert_close(dit.predict(x, t, cond), dit.predict(x, t, cond, torch.zeros_like(x)))
+        assert not torch.allclose(dit.predict(x, t, cond, previous), dit.predict(x, t, cond))
         # the estimate enters as one more linear embedding added to the patch embedding
         dit.self_condition.weight.zero_()
         dit.self_condition.bias.zero_()
         expected = plain.predict(x, t, plain.prepare_condition(c))
-        torch.testing.assert_close(dit.predict(x, t, cond, None, previous), expected)
+        torch.testing.assert_close(dit.predict(x, t, cond, previous), expected)
     fresh = DiT(cfg)  # zero-initialised: a new self-conditioned DiT ignores the estimate
     assert not fresh.self_condition.weight.any() and not fresh.self_condition.bias.any()
     assert "self_condition.weight" not in DiT(DIT_PRESETS["debug"]).state_dict()  # off by default (official)
 
 
-@pytest.mark.parametrize("prediction", ["velocity", "sample", "preconditioned"])
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
 def test_self_conditioned_loss_reads_a_gradient_free_first_estimate(prediction):
-    from blip3o.dit import Preconditioning
-
     dit, _ = _self_conditioned(prediction)
     cfg = dit.config
     x_0, x_1, t, c = (torch.randn(3, 64, cfg.in_channels), torch.randn(3, 64, cfg.in_channels),
@@ -329,16 +234,13 @@ def test_self_conditioned_loss_reads_a_gradient_free_first_estimate(prediction):
     use = torch.tensor([True, False, True])
     with torch.no_grad():
         cond = dit.prepare_condition(c)
-        pre = Preconditioning(t, cfg.data_std) if prediction == "preconditioned" else None
-        first = dit.predict(path.x_t, t, cond, pre)
-        estimate = {"velocity": path.x_t - t.view(-1, 1, 1) * first, "sample": first,
-                    "preconditioned": pre.clean(path.x_t, first) if pre else None}[prediction]
-        out = dit.predict(path.x_t, t, cond, pre, estimate * use.view(-1, 1, 1))
-        target = {"velocity": path.v, "sample": x_0,
-                  "preconditioned": pre.target(path.x_t, x_0) if pre else None}[prediction]
+        first = dit.predict(path.x_t, t, cond)
+        estimate = {"velocity": path.x_t - t.view(-1, 1, 1) * first, "sample": first}[prediction]
+        out = dit.predict(path.x_t, t, cond, estimate * use.view(-1, 1, 1))
+        target = {"velocity": path.v, "sample": x_0}[prediction]
         torch.testing.assert_close(dit.loss(path, c, use), ((out - target) ** 2).mean())
         # no mask (or nothing selected): every sample reads zeros
-        zeros = ((dit.predict(path.x_t, t, cond, pre) - target) ** 2).mean()
+        zeros = ((dit.predict(path.x_t, t, cond) - target) ** 2).mean()
         torch.testing.assert_close(dit.loss(path, c), zeros)
         torch.testing.assert_close(dit.loss(path, c, torch.zeros(3, dtype=torch.bool)), zeros)
     # gradients flow through the second pass only
@@ -363,134 +265,26 @@ def test_condition_select_equals_the_condition_of_those_rows():
     assert one.select(rows) is one  # a batch-1 condition broadcasts to any rows
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_self_conditioned_sampling_feeds_each_step_the_last_guided_estimate(guidance):
-    dit, _ = _self_conditioned()
-    cfg = dit.config
-    c = torch.randn(2, 5, cfg.cond_size)
-    x_a, x_b = torch.randn(2, 64, cfg.in_channels), torch.randn(2, 64, cfg.in_channels)
-    t_a, t_b = torch.full((2,), 0.9), torch.full((2,), 0.6)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_feed_forward_silu_runs_in_float32_in_half_precision(dtype):
+    """Lumina-Next's blocks compute the SwiGLU's SiLU in float32 and round back once (diffusers' FP32SiLU)."""
+    from blip3o.dit import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(64, 128).to(dtype)
+    x = torch.randn(4, 16, 64).to(dtype)
     with torch.no_grad():
-        v = dit.sampling_velocity(c, guidance)
-        v_a, v_b = v(x_a, t_a), v(x_b, t_b)
-        if guidance == 1.0:
-            prepared = dit.prepare_condition(c)
-
-            def manual(x, t, previous):
-                return dit.velocity(x, t, prepared, previous)
-        else:
-            both = dit.prepare_condition(torch.cat([torch.zeros_like(c), c]))
-
-            def manual(x, t, previous):
-                u, k = dit.velocity(torch.cat([x, x]), torch.cat([t, t]), both, torch.cat([previous] * 2)).chunk(2)
-                return u + guidance * (k - u)
-
-        torch.testing.assert_close(v_a, manual(x_a, t_a, torch.zeros_like(x_a)))
-        torch.testing.assert_close(v_b, manual(x_b, t_b, x_a - 0.9 * v_a))
-        # a new sampling velocity starts again from zeros
-        again = dit.sampling_velocity(c, guidance)(x_b, t_b)
-        torch.testing.assert_close(again, manual(x_b, t_b, torch.zeros_like(x_b)))
-
-
-# --- absolute position ---------------------------------------------------------------------------
-
-
-def test_sincos_2d_encodes_row_then_column():
-    from blip3o.dit import sincos_2d
-
-    table = sincos_2d(8, 16)  # (64, 16): channels 0-7 the row, 8-15 the column; sines then cosines
-    assert table.shape == (64, 16) and table.dtype == torch.float32
-    freqs = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
-    for n in (0, 9, 23, 63):
-        row, col = divmod(n, 8)
-        expected = torch.cat([torch.sin(row * freqs), torch.cos(row * freqs), torch.sin(col * freqs),
-                              torch.cos(col * freqs)]).float()
-        torch.testing.assert_close(table[n], expected)
-    assert len({tuple(r.tolist()) for r in table}) == 64  # every cell has its own code
-
-
-def test_absolute_position_adds_the_table_to_the_patch_embedding():
-    from blip3o.dit import sincos_2d
-
-    cfg = dataclasses.replace(DIT_PRESETS["debug"], absolute_position=True)
-    dit = DiT(cfg).eval()
-    _randomize(dit)
-    plain = DiT(dataclasses.replace(cfg, absolute_position=False)).eval()
-    plain.load_state_dict(dit.state_dict())  # no parameters of its own: the same state dict
-    assert set(dit.state_dict()) == set(DiT(DIT_PRESETS["debug"]).state_dict())
-    x, t, c = torch.randn(2, 64, cfg.in_channels), torch.tensor([0.8, 0.3]), torch.randn(2, 5, cfg.cond_size)
-    with torch.no_grad():
-        got = dit.predict(x, t, dit.prepare_condition(c))
-        assert not torch.allclose(got, plain.predict(x, t, plain.prepare_condition(c)))
-        # the same as the plain DiT with the table added to its patch embedding's output, cell by cell
-        table = sincos_2d(8, cfg.hidden_size)
-        hook = plain.patch_embedder.proj.register_forward_hook(lambda module, args, out: out + table)
-        torch.testing.assert_close(got, plain.predict(x, t, plain.prepare_condition(c)))
-        hook.remove()
-
-
-# --- modulations computed before the sampling loop -------------------------------------------------
-
-
-@pytest.mark.parametrize("method", ["euler", "heun"])
-@pytest.mark.parametrize("variant", ["plain", "self_condition", "quantized", "preconditioned"])
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_sampling_with_precomputed_modulations_matches_per_step(method, variant, guidance):
-    from blip3o.flow import call_times, sample, time_grid
-
-    cfg = DIT_PRESETS["debug"]
-    if variant == "self_condition":
-        cfg = dataclasses.replace(cfg, self_condition=True, prediction="sample")
-    elif variant == "quantized":
-        cfg = dataclasses.replace(cfg, quantize_timesteps=True)
-    elif variant == "preconditioned":
-        cfg = dataclasses.replace(cfg, prediction="preconditioned", data_std=0.7)
-    torch.manual_seed(0)  # the same weights whatever ran before
-    dit = DiT(cfg).eval()
-    _randomize(dit)
-    # float64: what is left is the summation order of a GEMM over more rows, far below any wrong modulation
-    dit = dit.double()
-    c = torch.randn(3, 5, cfg.cond_size, dtype=torch.float64)
-    x = torch.randn(3, 64, cfg.in_channels, dtype=torch.float64)
-    times = time_grid(6, 2.0)
-    with torch.no_grad():
-        per_step, calls = dit.sampling_velocity(c, guidance), []
-
-        def recorded(x_t, t):
-            calls.append((x_t, t, per_step(x_t, t)))
-            return calls[-1][2]
-
-        sample(recorded, x, times, method)
-        # the same calls (the per-step loop's inputs, one after another) with the modulations computed up front
-        velocity = dit.sampling_velocity(c, guidance, times=call_times(times, method))
-        assert len(calls) == len(call_times(times, method))
-        for x_t, t, want in calls:
-            torch.testing.assert_close(velocity(x_t, t), want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
-        with pytest.raises(RuntimeError, match="prepared for"):  # one call more than the times given
-            velocity(x, torch.full((3,), 0.1))
-
-
-def test_modulation_is_each_steps_own_and_refused_over_budget():
-    dit = DiT(DIT_PRESETS["debug"]).eval()
-    _randomize(dit)
-    c = torch.randn(2, 5, dit.config.cond_size)
-    mask = torch.ones(2, 5, dtype=torch.bool)
-    mask[0, 3:] = False  # masked pooling of the caption embedding
-    with torch.no_grad():
-        cond = dit.prepare_condition(c, mask)
-        times = [0.9, 0.4, 0.05]
-        mod = dit.modulation(times, cond)
-        assert len(mod) == 3 and mod.layers[0].shape == (3, 2, 4 * dit.config.hidden_size)
-        for i, t in enumerate(times):
-            c_t = dit.time_caption_embed(torch.full((2,), t), cond.context, cond.mask)
-            layers, out = mod.at(i)
-            for block, m in zip(dit.layers, layers, strict=True):
-                torch.testing.assert_close(m, block.norm1.modulation(c_t))
-            torch.testing.assert_close(out, dit.norm_out.scale(c_t))
-        # one GEMM per block over every call's rows, unless that is too large: then each step computes its own
-        dit.modulation_budget_bytes = mod.out.numel() * 4 * (4 * len(dit.layers) + 1) - 1
-        assert dit.modulation(times, cond) is None
-        assert dit.modulation([], cond) is None
-        v = dit.sampling_velocity(c, 1.0, times=times)  # falls back to per-step modulations: no call limit
-        for _ in range(4):
-            v(torch.randn(2, 64, dit.config.in_channels), torch.full((2,), 0.5))
+        h1, h3 = ff.linear_1(x), ff.linear_3(x)
+        want = ff.linear_2(torch.nn.functional.silu(h1.float()).to(dtype) * h3)
+        assert torch.equal(ff(x), want)
+        assert not torch.equal(torch.nn.functional.silu(h1), torch.nn.functional.silu(h1.float()).to(dtype))
+        # the fused inference path computes the same SiLU
+        block_dit = DiT(DIT_PRESETS["debug"]).eval()
+        _randomize(block_dit)
+        block_dit.to(dtype)
+        c, xt = torch.randn(2, 5, block_dit.config.cond_size).to(dtype), torch.randn(2, 64, 32).to(dtype)
+        t = torch.tensor([0.7, 0.2])
+        plain = block_dit(xt, t, c)
+        block_dit.fuse_projections()
+        fused = block_dit(xt, t, c)
+    assert (fused.float() - plain.float()).abs().max() <= 0.02 * plain.float().abs().max()

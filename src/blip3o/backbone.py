@@ -28,6 +28,7 @@ from blip3o.images import check_images
 from blip3o.tokenizer import BLIP3O_SPECIAL_TOKENS, CHAT_TEMPLATE, SPECIAL_IDS, load_builtin_tokenizer
 
 GENERATION_REQUEST = "Please generate image based on the following caption: "
+NEGATIVE_PROMPT = " "  # the original pipeline's negative prompt for the decoder's CFG
 GENERATION_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     f"<|im_start|>user\n{GENERATION_REQUEST}{{prompt}}<|im_end|>\n"
@@ -149,7 +150,7 @@ BACKBONE_PRESETS: dict[str, BackboneConfig] = {
     # (8 px patches, 16 tokens, read shapes badly: VQA 0.55 against 0.69 after 500 steps, shape 0.27 vs 0.46.)
     # Untied embeddings: tied ones pulled the relation words (above/below/left/right) together while the
     # understanding stage predicted them at chance, and generation's frozen condition lost the relation
-    # (above vs below 2.4% apart); untied they stay apart (docs/training.md, sessions 9 and 10).
+    # (above vs below 2.4% apart); untied they stay apart (docs/experiments.md).
     "nano": BackboneConfig(
         hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768, vocab_size=704,
         tie_word_embeddings=False, max_position_embeddings=4096, mrope_section=[8, 12, 12],
@@ -264,19 +265,25 @@ class Backbone(nn.Module):
         return self._hidden_at_queries(texts, _check_queries(queries, self.hidden_size))
 
     def negative_condition(self, queries: torch.Tensor) -> torch.Tensor:
-        """The classifier-free-guidance negative, as BLIP3-o's inference builds it: (1, Q, H).
+        """The decoder's negative prompt, as BLIP3-o's inference builds it: (1, Q, H).
 
-        Official code conditions on `[""]` *without* the chat template, so the sequence is just
-        `[IMG]` followed by the queries.
+        The original's pipeline conditions it on `[" "]` *without* the chat template, so the sequence is
+        the one space (Qwen's `Ġ`), `[IMG]`, then the queries.
         """
         self._require_tokenizer()
-        return self._hidden_at_queries([""], _check_queries(queries, self.hidden_size))
+        return self._hidden_at_queries([NEGATIVE_PROMPT], _check_queries(queries, self.hidden_size))
 
-    def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor, *, one_pass: bool = False) -> torch.Tensor:
-        """texts (B) + [IMG] + queries (1, Q, H) -> final-norm hidden states at the queries (B, Q, H).
+    def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor) -> torch.Tensor:
+        """texts (B) + [IMG] + queries (1, Q, H) -> final-norm hidden states at the queries (B, Q, H)."""
+        embeds, queries, mask, positions = self.query_sequence(texts, queries)
+        frozen = not any(p.requires_grad for p in self.model.model.language_model.parameters())
+        if torch.is_grad_enabled() and queries.requires_grad and frozen:
+            return self.queries_after_prompt(embeds, queries, mask, positions)
+        return self.whole_sequence(embeds, queries, mask, positions)
 
-        one_pass: always differentiate the whole sequence (as the original code does; benchmarks' reference).
-        """
+    def query_sequence(self, texts: list[str], queries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The generation sequence's parts: prompt + [IMG] embeddings (B, P, H), queries (B, Q, H), the
+        attention mask (B, P + Q) and the M-RoPE positions (3, B, P + Q)."""
         batch = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
                                add_special_tokens=False)
         B, Q = len(texts), queries.shape[1]
@@ -288,25 +295,29 @@ class Backbone(nn.Module):
         queries = queries.to(embeds.dtype).expand(B, -1, -1)  # (B, Q, H)
         # Explicit positions from the mask: padding must not shift a prompt's positions, and the
         # model's own fallback would reuse `rope_deltas` left over from the last image chat.
-        positions = positions_from_mask(mask)  # (3, B, L + 1 + Q)
-        lm = self.model.model.language_model
-        frozen = not any(p.requires_grad for p in lm.parameters())
-        if one_pass or not (torch.is_grad_enabled() and queries.requires_grad and frozen):
-            out = lm(inputs_embeds=torch.cat([embeds, queries], dim=1), attention_mask=mask,
-                     position_ids=positions, use_cache=False)
-            return out.last_hidden_state[:, -Q:]  # (B, Q, H)
-        # Training the queries of a frozen backbone: the attention is causal, so the prompt's keys and
-        # values do not depend on them. The prompt runs once without a graph; only the Q query positions
-        # are differentiated (attending to the prompt's cached K/V), which leaves the gradient unchanged
-        # and skips the backward through the prompt.
-        P = embeds.shape[1]
+        return embeds, queries, mask, positions_from_mask(mask)  # positions (3, B, L + 1 + Q)
+
+    def whole_sequence(self, embeds: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """The whole sequence in one pass (inference; the original code trains this way too) -> (B, Q, H)."""
+        out = self.model.model.language_model(inputs_embeds=torch.cat([embeds, queries], dim=1), attention_mask=mask,
+                                              position_ids=positions, use_cache=False)
+        return out.last_hidden_state[:, -queries.shape[1]:]
+
+    def queries_after_prompt(self, embeds: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor,
+                             positions: torch.Tensor) -> torch.Tensor:
+        """Training the queries of a frozen backbone -> (B, Q, H). The attention is causal, so the prompt's keys
+        and values do not depend on the queries: the prompt runs once without a graph and only the Q query
+        positions are differentiated (attending to its cached K/V), which leaves the gradient unchanged and
+        skips the backward through the prompt."""
+        lm, P = self.model.model.language_model, embeds.shape[1]
         with torch.no_grad():
             prefix = lm(inputs_embeds=embeds, attention_mask=mask[:, :P], position_ids=positions[..., :P],
                         use_cache=True)
         past = prefix["cache"] if "cache" in prefix else prefix["past_key_values"]
         out = lm(inputs_embeds=queries, attention_mask=mask, position_ids=positions[..., P:], use_cache=True,
                  **{_cache_argument(type(lm)): past})
-        return out.last_hidden_state[:, -Q:]  # (B, Q, H)
+        return out.last_hidden_state[:, -queries.shape[1]:]  # (B, Q, H)
 
     def answer(
         self,

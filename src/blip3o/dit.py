@@ -11,6 +11,9 @@ One forward pass, as the figure reads (B batch, N = 64 tokens on an 8x8 grid, L 
     v       = norm_out(x, s)                                   # AdaLN-continuous, final linear -> (B, N, C)
               (or x_0 = norm_out(x, s), v = (x_t - x_0) / t with `prediction="sample"`)
 
+Time: every method takes t in [0, 1] (`blip3o.flow`'s convention); the x1000 of Lumina's timestep scale
+lives in `timestep_features` alone.
+
 Parameter names follow diffusers' `LuminaNextDiT2DModel` (plus BLIP3-o's `caption_projection`), so
 official checkpoints and the parity test load without renaming. The module is written for one
 device; dtype and sharding are applied from outside.
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o.flow import PathSample, Velocity, flow_matching_loss, guided_pair
+from blip3o.flow import PathSample, flow_matching_loss
 
 MIN_T = 0.02  # sample prediction: v = (x_t - x_0) / t divides by at least this
 
@@ -39,7 +42,6 @@ class DiTConfig:
     num_heads: int = 28
     num_kv_heads: int | None = None  # < num_heads for grouped-query attention; None = num_heads
     multiple_of: int = 256  # FFN width is rounded up to a multiple of this
-    ffn_dim_multiplier: float | None = None
     ffn_two_thirds: bool = True  # Lumina-Next (diffusers <= 0.32, official BLIP3-o): FFN = 2/3 * 4D -> 4864 for 1792
     norm_eps: float = 1e-5
     qk_norm: bool = True  # LayerNorm over all heads of q and k (Lumina's "layer_norm_across_heads")
@@ -50,37 +52,22 @@ class DiTConfig:
     # starts at 0, made for adding text to a pretrained model; from scratch an open gate lets the DiT use
     # its condition from the first steps (a shut gate and untrained cross-attention are a slow saddle).
     cross_gate_init: float = 0.0
-    # What the network outputs: "velocity" (v = x_1 - x_0, official BLIP3-o), "sample" (the clean tokens
+    # What the network outputs: "velocity" (v = x_1 - x_0, official BLIP3-o) or "sample" (the clean tokens
     # x_0, read as v = (x_t - x_0) / t; tokens of a small world lie on a low-dimensional manifold, where
-    # predicting the clean point is easier than predicting noise: Li & He 2025, "Back to Basics"), or
-    # "preconditioned" (EDM, Karras et al. 2022, on the straight path: see `Preconditioning`).
+    # predicting the clean point is easier than predicting noise: Li & He 2025, "Back to Basics").
     prediction: str = "velocity"
-    data_std: float = 1.0  # "preconditioned": standard deviation of the tokens the DiT learns
-    # > 0: the DiT learns and samples whitened tokens z = (lam + e)^-1/2 U^T (x - mean), U, lam the
-    # eigenvectors and eigenvalues of the token covariance (fitted once on the data, see TokenWhitening),
-    # e this value. 0 (official): the raw tokens.
-    token_whitening: float = 0.0
     # Self-conditioning (Chen et al. 2023, "Analog Bits"): the network also reads its own clean estimate
     # from the previous sampling step (training: from a first, gradient-free pass on half of the batch),
     # which lets it refine near-discrete targets instead of re-deriving them. An extra zero-initialised
     # linear embedding; not in the official model (False).
     self_condition: bool = False
-    # Fixed 2D sin-cos position embedding added to the patch embedding (DiT, Peebles & Xie 2023). Lumina-Next
-    # has RoPE only, which reaches a token's absolute place through cross-attention alone (RoPE on q, none
-    # on the condition's k). Not in the official model (False). (hidden_size % 4 == 0 follows from RoPE's check.)
-    absolute_position: bool = False
-
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
             raise ValueError(f"2D RoPE needs head_dim % 4 == 0, got head_dim {self.head_dim}")
-        if self.prediction not in ("velocity", "sample", "preconditioned"):
-            raise ValueError(f"prediction must be 'velocity', 'sample' or 'preconditioned', got {self.prediction!r}")
-        if not self.data_std > 0:
-            raise ValueError(f"data_std must be > 0, got {self.data_std}")
-        if not self.token_whitening >= 0:
-            raise ValueError(f"token_whitening must be >= 0 (0 = off), got {self.token_whitening}")
+        if self.prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction must be 'velocity' or 'sample', got {self.prediction!r}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
 
@@ -105,8 +92,6 @@ class DiTConfig:
         inner = 4 * self.hidden_size
         if self.ffn_two_thirds:
             inner = int(2 * inner / 3)
-        if self.ffn_dim_multiplier is not None:
-            inner = int(self.ffn_dim_multiplier * inner)
         return self.multiple_of * math.ceil(inner / self.multiple_of)
 
 
@@ -116,7 +101,7 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "blip3o-4b": DiTConfig(cond_size=2048),
     # small enough that the whole nano model ships in 25 MB (fp16); predicts clean tokens (see `prediction`);
     # 32-wide tokens: the nano encoder's object codes (presets.py)
-    # self-conditioning: 0.270 against 0.213 at guidance 7, the same run without it (docs/training.md, session 8)
+    # self-conditioning: generation accuracy 0.270 against 0.213 at guidance 7 without it (docs/experiments.md)
     "nano": DiTConfig(in_channels=32, hidden_size=192, num_layers=4, num_heads=4, cond_size=256, multiple_of=64,
                       cross_gate_init=1.0, prediction="sample", self_condition=True),
     "debug": DiTConfig(in_channels=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, cond_size=64,
@@ -141,19 +126,6 @@ def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> torch.Tens
     cols = torch.outer(pos, freqs)[None, :, :].expand(grid_size, grid_size, quarter)
     angles = torch.stack([rows, cols], dim=-1).reshape(grid_size * grid_size, 2 * quarter)  # (N, hd/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
-
-
-def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
-    """DiT's fixed 2D position embedding (N, dim) fp32, N = grid_size**2 in raster order: the first half
-    of the channels encodes the row, the second the column, each as sines then cosines of
-    pos * 10000 ** (-k / (dim / 4)), k = 0 .. dim / 4 - 1."""
-    quarter = dim // 4
-    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    angles = torch.outer(torch.arange(grid_size, dtype=torch.float64), freqs)  # (G, dim/4)
-    axis = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (G, dim/2)
-    rows = axis[:, None, :].expand(grid_size, grid_size, 2 * quarter)
-    cols = axis[None, :, :].expand(grid_size, grid_size, 2 * quarter)
-    return torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, 4 * quarter).float()
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -265,8 +237,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2)
 
 
+def silu_fp32(x: torch.Tensor) -> torch.Tensor:
+    """SiLU computed in float32 and rounded back once, as Lumina-Next's blocks compute it (in half precision a
+    half-precision SiLU differs from the original's by a rounding on most activations)."""
+    return F.silu(x.float()).to(x.dtype)
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: linear_2(silu(linear_1 x) * linear_3 x)."""
+    """SwiGLU: linear_2(silu(linear_1 x) * linear_3 x), the SiLU in float32."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -275,7 +253,7 @@ class FeedForward(nn.Module):
         self.linear_3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)) * self.linear_3(x))
+        return self.linear_2(silu_fp32(self.linear_1(x)) * self.linear_3(x))
 
 
 class RMSNormZero(nn.Module):
@@ -356,7 +334,7 @@ class DiTBlock(nn.Module):
             ffn_out = self.feed_forward(ffn_in)
         else:
             a, b = F.linear(ffn_in, fused[1]).chunk(2, dim=-1)
-            ffn_out = self.feed_forward.linear_2(F.silu(a) * b)
+            ffn_out = self.feed_forward.linear_2(silu_fp32(a) * b)
         return x + gate_mlp[:, None].tanh() * self.ffn_norm2(ffn_out)
 
 
@@ -379,37 +357,6 @@ class NormOut(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the model
-
-
-class Preconditioning:
-    """EDM's input, skip and output scalings (Karras et al. 2022) for the path x_t = (1 - t) x_0 + t x_1.
-
-    With a = 1 - t, b = t, s = data_std and D = a^2 s^2 + b^2 (the variance of x_t):
-
-        network input  c_in x_t,                     c_in   = 1 / sqrt(D)
-        clean tokens   x_0 = c_skip x_t + c_out F,   c_skip = a s^2 / D,   c_out = b s / sqrt(D)
-        target of F    (x_0 - c_skip x_t) / c_out = (b x_0 - a s^2 x_1) / (s sqrt(D))
-
-    Input and target have unit variance at every t, so no time dominates the loss: near the data the
-    network only corrects x_t (a plain x_0 predictor must rebuild it: nano's missed it by 0.6-1.5% of the
-    token variance at t = 0.05, where x_t / (1 - t) itself misses by 0.43%), near the noise it predicts x_0.
-    """
-
-    def __init__(self, t: torch.Tensor, data_std: float, ndim: int = 3) -> None:
-        a, b, s = 1 - t.float(), t.float(), data_std
-        d = a * a * s * s + b * b
-        shape = (-1, *([1] * (ndim - 1)))
-        self.c_in = d.rsqrt().view(shape)
-        self.c_skip = (a * s * s / d).view(shape)
-        self.c_out = (b * s * d.rsqrt()).view(shape)
-
-    def clean(self, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Clean tokens from the network's output F."""
-        return (self.c_skip * x_t.float() + self.c_out * out.float()).to(out.dtype)
-
-    def target(self, x_t: torch.Tensor, x_0: torch.Tensor) -> torch.Tensor:
-        """What F should be, in fp32."""
-        return (x_0.float() - self.c_skip * x_t.float()) / self.c_out
 
 
 @dataclass
@@ -447,56 +394,6 @@ class Modulation:
         return [m[i] for m in self.layers], self.out[i]
 
 
-class TokenWhitening(nn.Module):
-    """The DiT's token space: z = W (x - mean), W = (lam + e)^-1/2 U^T; back: x = U (lam + e)^1/2 z + mean.
-
-    Why: contrastive CLIP tokens of a small world spend most of their variance on a scene summary that
-    every token repeats (nano's encoder: 7 of 128 directions hold 93% of it) and keep what is drawn at
-    each place in small directions. Flow matching on raw tokens weighs errors by variance and noises
-    every direction alike, so those small directions are drowned first and learnt last; the decoder
-    needs exactly them. Whitened, every direction with lam >> e has unit variance; e keeps directions
-    with lam << e (numerical noise) small instead of blowing them up. Buffers, fitted once (`fit`) and
-    saved with the model. Measured on nano (e = 0.01): the DiT keeps the detail of real tokens noised to
-    t = 0.3 (0.93 of images pass, raw tokens 0.82), but plain generation loses the layout (0.10 against
-    0.24), so nano trains on raw tokens.
-    """
-
-    def __init__(self, channels: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("mean", torch.zeros(channels))
-        self.register_buffer("whiten", torch.eye(channels))
-        self.register_buffer("color", torch.eye(channels))
-        self.register_buffer("fitted", torch.zeros(()))
-
-    @property
-    def is_fitted(self) -> bool:
-        return bool(self.fitted.item())
-
-    @torch.no_grad()
-    def fit(self, tokens: torch.Tensor) -> None:
-        """tokens (..., C): estimate mean and covariance (fp64) and set the transforms."""
-        x = tokens.reshape(-1, tokens.shape[-1]).double()
-        if x.shape[0] < 2 * x.shape[1]:
-            raise ValueError(f"fitting the token whitening needs at least {2 * x.shape[1]} token vectors, "
-                             f"got {x.shape[0]}")
-        mean = x.mean(0)
-        lam, u = torch.linalg.eigh(torch.cov((x - mean).T))
-        scale = (lam.clamp_min(0) + self.eps).sqrt()
-        self.mean.copy_(mean)
-        self.whiten.copy_(u.T / scale[:, None])
-        self.color.copy_(u * scale[None, :])
-        self.fitted.fill_(1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (..., C) -> whitened (..., C)."""
-        return ((x.float() - self.mean.float()) @ self.whiten.float().T).to(x.dtype)  # fp32 whatever the dtype
-
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """Whitened (..., C) -> tokens (..., C)."""
-        return (z.float() @ self.color.float().T + self.mean.float()).to(z.dtype)
-
-
 class DiT(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -510,12 +407,9 @@ class DiT(nn.Module):
         self.time_caption_embed = TimeCaptionEmbed(d, config.time_dim)
         self.layers = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_out = NormOut(d, config.time_dim, config.in_channels)
-        self.token_whitening = TokenWhitening(config.in_channels, config.token_whitening) \
-            if config.token_whitening else None
         # The RoPE table stays fp32 whatever the model's dtype, so it is a per-device cache, not a buffer
         # (Module.to(dtype) would cast a buffer; bf16 angles lose too much).
         self._rope: dict[torch.device, torch.Tensor] = {}
-        self._position: dict[torch.device, torch.Tensor] = {}  # absolute_position's table, fp32 per device
         self.initialize_weights()
 
     def fuse_projections(self, enabled: bool = True) -> DiT:
@@ -526,22 +420,9 @@ class DiT(nn.Module):
             block._fused = ((), None, None) if enabled else None
         return self
 
-    def to_model_space(self, tokens: torch.Tensor) -> torch.Tensor:
-        """CLIP tokens -> the space the DiT learns and samples in (whitened, or the tokens themselves)."""
-        if self.token_whitening is None:
-            return tokens
-        if not self.token_whitening.is_fitted:
-            raise RuntimeError("the DiT's token whitening is not fitted yet (the generation stage fits it)")
-        return self.token_whitening(tokens)
-
-    def to_tokens(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of `to_model_space`: what the DiT sampled -> CLIP tokens."""
-        return z if self.token_whitening is None else self.token_whitening.inverse(z)
-
     def init_buffers(self) -> None:
-        """Nothing to recompute: the RoPE and position tables are built on first use on each device."""
+        """Nothing to recompute: the RoPE table is built on first use on each device."""
         self._rope.clear()
-        self._position.clear()
 
     def rope(self, device: torch.device) -> torch.Tensor:
         """RoPE (cos, sin) table (N, head_dim / 2, 2) for `device`, computed once."""
@@ -549,12 +430,6 @@ class DiT(nn.Module):
             table = rope_2d(self.config.grid_size, self.config.head_dim, self.config.rope_theta)
             self._rope[device] = table.to(device)
         return self._rope[device]
-
-    def position(self, device: torch.device) -> torch.Tensor:
-        """The fixed absolute position embedding (N, D) fp32 for `device` (absolute_position), computed once."""
-        if device not in self._position:
-            self._position[device] = sincos_2d(self.config.grid_size, self.config.hidden_size).to(device)
-        return self._position[device]
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -611,85 +486,28 @@ class DiT(nn.Module):
         """The time the time embedding reads: t, or floor(1000 t) / 1000 with `quantize_timesteps`."""
         return torch.floor(t * 1000) / 1000 if self.config.quantize_timesteps else t
 
-    def sampling_velocity(self, cond: torch.Tensor, guidance: float, velocity=None,
-                          times: list[float] | None = None) -> Velocity:
-        """v(x, t) for `flow.sample` given cond (B, L, H), with the condition's K/V computed once. With
-        CFG (guidance != 1) both branches run as one doubled batch, the unconditional one on an all-zero
-        condition (as trained with condition dropout). `velocity` replaces `self.velocity` (a compiled
-        copy); `Blip3o.sample_tokens` and the accelerated sampler both sample through this.
-
-        `times`: the times of the calls to come, in order (`flow.call_times` of the sampling loop); given,
-        the modulations of all of them are computed up front (`modulation`), and the velocity may be called
-        only that many times, at those times.
-        """
-        velocity = velocity or self.velocity
-        guided = guidance != 1.0
-        prepared = self.prepare_condition(torch.cat([torch.zeros_like(cond), cond]) if guided else cond)
-        modulation = None if times is None else self.modulation(list(times), prepared)
-        calls = [0]
-
-        def modulated(*args: torch.Tensor) -> torch.Tensor:
-            if modulation is None:
-                return velocity(*args)
-            if calls[0] >= len(modulation):
-                raise RuntimeError(f"the sampling velocity was prepared for {len(modulation)} calls (times) and is "
-                                   "called once more")
-            calls[0] += 1
-            return velocity(*args, modulation=modulation.at(calls[0] - 1))
-
-        if self.self_condition is None:
-            plain = lambda x, t: modulated(x, t, prepared)  # noqa: E731  (x doubled when guided)
-            return guided_pair(plain, guidance) if guided else plain
-        # self-conditioning: each call reads the clean estimate x - t v of the previous call (zeros at the
-        # first), with CFG the guided one, fed to both branches
-        previous: list[torch.Tensor] = []
-        copies = 2 if guided else 1
-
-        def branches(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_0 = previous[-1] if previous else torch.zeros_like(x[: x.shape[0] // copies])
-            return modulated(x, t, prepared, x_0.repeat(copies, 1, 1))
-
-        combined = guided_pair(branches, guidance) if guided else branches
-
-        def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = combined(x, t)
-            previous[:] = [x - t.view(-1, 1, 1).to(x.dtype) * out.to(x.dtype)]
-            return out
-
-        return v
-
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition,
                  x_0_previous: torch.Tensor | None = None,
                  modulation: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """x_t (B, N, C), t (B,) in [0, 1], a prepared Condition -> v (B, N, C). x_0_previous: the clean
         estimate a self-conditioned DiT reads (None: zeros); modulation: this call's (`Modulation.at`)."""
-        kind = self.config.prediction
-        pre = Preconditioning(t, self.config.data_std) if kind == "preconditioned" else None
-        out = self.predict(x_t, t, cond, pre, x_0_previous, modulation)
-        if kind == "velocity":
+        out = self.predict(x_t, t, cond, x_0_previous, modulation)
+        if self.config.prediction == "velocity":
             return out
-        x_0 = self.clean_estimate(x_t, t, out, pre)
-        return (x_t - x_0) / t.clamp_min(MIN_T).view(-1, 1, 1).to(out.dtype)
+        return (x_t - out) / t.clamp_min(MIN_T).view(-1, 1, 1).to(out.dtype)
 
-    def clean_estimate(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
-                       pre: Preconditioning | None = None) -> torch.Tensor:
+    def clean_estimate(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The network's raw output at (x_t, t) -> its estimate of the clean tokens x_0."""
-        kind = self.config.prediction
-        if kind == "velocity":
+        if self.config.prediction == "velocity":
             return x_t - t.view(-1, 1, 1).to(out.dtype) * out
-        return out if kind == "sample" else pre.clean(x_t, out)
+        return out
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition,
-                pre: Preconditioning | None = None, x_0_previous: torch.Tensor | None = None,
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition, x_0_previous: torch.Tensor | None = None,
                 modulation: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The network's raw output (B, N, C): v, x_0 with `prediction="sample"`, or F with
-        "preconditioned" (the network then reads c_in x_t; see Preconditioning, built here unless given).
+        """The network's raw output (B, N, C): v, or x_0 with `prediction="sample"`.
         x_0_previous (B, N, C): the clean estimate a self-conditioned DiT reads (None: zeros); ignored
         without self-conditioning. modulation: the blocks' and norm_out's modulations at t, computed
         beforehand (`Modulation.at`); None computes them here."""
-        if self.config.prediction == "preconditioned":
-            pre = pre or Preconditioning(t, self.config.data_std)
-            x_t = x_t * pre.c_in.to(x_t.dtype)
         if modulation is None:
             modulation = self.modulations(self.time_caption_embed(self.network_time(t), cond.context, cond.mask))
         layer_mods, out_scale = modulation
@@ -697,8 +515,6 @@ class DiT(nn.Module):
         if self.self_condition is not None:
             previous = torch.zeros_like(x_t) if x_0_previous is None else x_0_previous.to(x_t.dtype)
             x = x + self.self_condition(previous)
-        if self.config.absolute_position:
-            x = x + self.position(x.device).to(x.dtype)
         rope = self.rope(x.device)
         for block, kv, m in zip(self.layers, cond.cross_kv, layer_mods, strict=True):
             x = block(x, m, rope, kv, cond.mask)
@@ -719,28 +535,30 @@ class DiT(nn.Module):
     def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None, *,
              with_estimate: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training loss at a path sample, in fp32: the network's own output against its target (the
-        velocity; x_0 with `prediction="sample"`; F's unit-variance target with "preconditioned").
+        velocity; x_0 with `prediction="sample"`).
 
         self_condition (B,) bool, for a self-conditioned DiT: the samples that read the clean estimate of a
         first, gradient-free pass (the others read zeros, as the first sampling step does). None: all zeros.
-        with_estimate: also return the clean estimate x_0 (B, N, C) in model space, with its graph.
+        with_estimate: also return the clean estimate x_0 (B, N, C), with its graph.
         """
-        kind = self.config.prediction
-        pre = Preconditioning(path.t, self.config.data_std) if kind == "preconditioned" else None
         prepared = self.prepare_condition(cond)
         previous = None
         if self.self_condition is not None and self_condition is not None and bool(self_condition.any()):
-            with torch.no_grad():  # the first pass only for the rows that read it (every row is independent)
-                rows = self_condition.nonzero()[:, 0]
-                x_t, t = path.x_t[rows], path.t[rows]
-                sub = None if pre is None else Preconditioning(t, self.config.data_std)
-                first = self.predict(x_t, t, prepared.select(rows), sub)
-                previous = torch.zeros_like(path.x_t)
-                previous[rows] = self.clean_estimate(x_t, t, first, sub).to(previous.dtype)
-        out = self.predict(path.x_t, path.t, prepared, pre, previous)
-        if kind == "velocity":
+            previous = self.first_pass_estimate(path, prepared, self_condition)
+        out = self.predict(path.x_t, path.t, prepared, previous)
+        if self.config.prediction == "velocity":
             loss = flow_matching_loss(out, path)
         else:
-            target = path.x_0.float() if pre is None else pre.target(path.x_t, path.x_0)
-            loss = torch.mean((out.float() - target) ** 2)
-        return (loss, self.clean_estimate(path.x_t, path.t, out, pre)) if with_estimate else loss
+            loss = torch.mean((out.float() - path.x_0.float()) ** 2)
+        return (loss, self.clean_estimate(path.x_t, path.t, out)) if with_estimate else loss
+
+    @torch.no_grad()
+    def first_pass_estimate(self, path: PathSample, prepared: Condition, rows: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning's gradient-free first pass, run only for the rows (B,) bool that read it (every row
+        is independent); the other rows' estimate is zeros."""
+        index = rows.nonzero()[:, 0]
+        x_t, t = path.x_t[index], path.t[index]
+        first = self.predict(x_t, t, prepared.select(index))
+        previous = torch.zeros_like(path.x_t)
+        previous[index] = self.clean_estimate(x_t, t, first).to(previous.dtype)
+        return previous

@@ -118,88 +118,37 @@ def time_grid(steps: int, shift: float = 1.0) -> list[float]:
     return [float(shift_time(t, shift)) for t in ts]
 
 
-def guided(velocity: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> Velocity:
-    """Classifier-free guidance with both branches in one batch.
-
-    velocity(x (2B, ...), t (2B,), cond (2B, ...)) -> v; returns v_u + scale * (v_c - v_u).
-    `uncond` may have batch 1 (it is broadcast explicitly to B).
-    """
-    if uncond.shape[0] == 1 and cond.shape[0] != 1:
-        uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
-    if uncond.shape != cond.shape:
-        raise ValueError(f"uncond {tuple(uncond.shape)} does not match cond {tuple(cond.shape)}")
-    if scale == 1.0:
-        return lambda x, t: velocity(x, t, cond)
-    both = torch.cat([uncond, cond])
-    return guided_pair(lambda x2, t2: velocity(x2, t2, both), scale)
+SOLVERS = ("euler", "heun", "stochastic")
 
 
-def guided_pair(velocity_pair: Velocity, scale: float) -> Velocity:
-    """CFG over a velocity that already evaluates the doubled batch [uncond; cond] in one call.
-
-    For models that prepare their condition once per sample (the DiT caches its cross-attention
-    keys and values), so the condition is bound before sampling starts.
-    """
-
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v_u, v_c = velocity_pair(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
-        return v_u + scale * (v_c - v_u)
-
-    return v
+def check_solver(method: str) -> None:
+    if method not in SOLVERS:
+        raise ValueError(f"unknown sampler {method!r}: use one of {', '.join(SOLVERS)}")
 
 
-SAMPLERS = ("euler", "heun", "stochastic")
+def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """x at t_next from x and v at t. Computed in float32 and rounded back to x's dtype once (as diffusers'
+    flow-matching scheduler steps), so half-precision sampling loses no more than one rounding a step."""
+    return (x.float() + (t_next - t) * v.float()).to(x.dtype)
 
 
-def fresh_noise(method: str, x_1: torch.Tensor, intervals: int, generator: Generators) -> torch.Tensor | None:
-    """The stochastic sampler's noise for every interval, (intervals, *x_1.shape), drawn after x_1 from the
-    same generator(s), row group by row group (None for the deterministic samplers: nothing is drawn)."""
-    if method != "stochastic":
-        return None
-    rows = draw_noise((x_1.shape[0], intervals, *x_1.shape[1:]), generator, x_1.device, x_1.dtype)
-    return rows.transpose(0, 1)
+def heun_step(x: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """Heun's (trapezoidal) update from v at t and v_next at the Euler point at t_next; float32 inside."""
+    return (x.float() + (t_next - t) * (0.5 * (v.float() + v_next.float()))).to(x.dtype)
 
 
-def sample(velocity: Velocity, x_1: torch.Tensor, times: Sequence[float], method: str = "euler", *,
-           eta: float = 1.0, fresh: torch.Tensor | None = None) -> torch.Tensor:
-    """Integrate dx/dt = v from times[0] (noise x_1) to times[-1] (data); returns x at times[-1].
+def stochastic_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eta: float,
+                    z: torch.Tensor) -> torch.Tensor:
+    """DDIM with eta on the straight path x_t = (1 - t) x_0 + t e, float32 inside.
 
-    Euler takes one model call per interval; Heun (2nd order) two, except on the last interval
-    when it ends at t = 0, where it falls back to Euler (as EDM does).
-
-    `stochastic` is DDIM with eta on the straight path x_t = (1 - t) x_0 + t e. Each interval reads the
-    clean estimate x_0 = x - t v and the noise estimate e = x + (1 - t) v and steps to
+    Reads the clean estimate x_0 = x - t v and the noise estimate e = x + (1 - t) v and steps to
     x' = (1 - t') x_0 + sqrt(t'^2 - s^2) e + s z, where s = eta times the DDPM posterior std of x_t' given
-    x_t and x_0. eta = 0 is Euler exactly; eta = 1 is DDPM's ancestral sampler. `fresh` holds the z of
-    each interval: (len(times) - 1, *x_1.shape), standard normal.
+    x_t and x_0: eta = 0 is Euler exactly, eta = 1 is DDPM's ancestral sampler; z is standard normal.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}: use one of {', '.join(SAMPLERS)}")
-    if method == "stochastic":
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if fresh is None or fresh.shape != (len(times) - 1, *x_1.shape):
-            got = None if fresh is None else tuple(fresh.shape)
-            raise ValueError(f"the stochastic sampler needs fresh noise of shape {(len(times) - 1, *x_1.shape)}, "
-                             f"got {got}")
-    x = x_1
-    batch = x.shape[0]
-    for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
-        dt = t_next - t_cur
-        t = torch.full((batch,), t_cur, device=x.device, dtype=torch.float32)
-        v = velocity(x, t)
-        if method == "stochastic" and eta > 0:
-            s = eta * ddpm_posterior_std(t_cur, t_next)
-            x_0, noise = x - t_cur * v.to(x.dtype), x + (1.0 - t_cur) * v.to(x.dtype)
-            x = (1.0 - t_next) * x_0 + max(t_next**2 - s**2, 0.0) ** 0.5 * noise + s * fresh[i].to(x.dtype)
-            continue
-        x_euler = x + dt * v.to(x.dtype)
-        if method == "heun" and t_next > 0:
-            v_next = velocity(x_euler, torch.full_like(t, t_next))
-            x = x + dt * (0.5 * (v + v_next)).to(x.dtype)
-        else:
-            x = x_euler
-    return x
+    s = eta * ddpm_posterior_std(t, t_next)
+    xf, vf = x.float(), v.float()
+    x_0, noise = xf - t * vf, xf + (1.0 - t) * vf
+    return ((1.0 - t_next) * x_0 + max(t_next**2 - s**2, 0.0) ** 0.5 * noise + s * z.float()).to(x.dtype)
 
 
 def ddpm_posterior_std(t: float, t_next: float) -> float:
@@ -210,11 +159,10 @@ def ddpm_posterior_std(t: float, t_next: float) -> float:
 
 
 def call_times(times: Sequence[float], method: str = "euler") -> list[float]:
-    """The times at which `sample(velocity, x_1, times, method)` calls `velocity`, in call order: each
+    """The times at which the sampling loop (`blip3o.sampling.denoise`) calls the network, in call order: each
     interval's start, and for Heun also its end unless that is t = 0. Lets a model prepare every call's
     time-dependent inputs before the loop (`DiT.modulation`)."""
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}: use one of {', '.join(SAMPLERS)}")
+    check_solver(method)
     calls: list[float] = []
     for t_cur, t_next in zip(times[:-1], times[1:], strict=True):
         calls.append(t_cur)

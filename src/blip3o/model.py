@@ -12,11 +12,9 @@ training targets and `reconstruct`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,72 +22,24 @@ from PIL import Image
 from torch import nn
 
 from blip3o import checkpoints
-from blip3o.backbone import Backbone, BackboneConfig, check_prompts
-from blip3o.clip_encoder import build_clip_encoder, clip_encoder_config_from_dict
-from blip3o.decoder import build_decoder, decoder_config_from_dict
-from blip3o.dit import DiT, DiTConfig
-from blip3o.flow import SAMPLERS, Generators, call_times, draw_noise, fresh_noise, sample, time_grid
+from blip3o.backbone import Backbone, check_prompts
+from blip3o.checkpoints.folders import open_folder
+from blip3o.clip_encoder import build_clip_encoder
+from blip3o.config import FORMAT_VERSION, Blip3oConfig
+from blip3o.decoder import build_decoder
+from blip3o.dit import DiT
+from blip3o.flow import Generators
 from blip3o.images import check_images, tensor_to_pil
+from blip3o.presets import DEFAULT_MODEL, get_preset, preset_weights
+from blip3o.sampling import DiTLoop, run_dit_loop, sample_tokens
 
-FORMAT_VERSION = 1
+__all__ = ["Blip3o", "Blip3oConfig", "seed_generators"]
 
 
-@dataclass
-class Blip3oConfig:
-    backbone: BackboneConfig
-    dit: DiTConfig
-    clip_encoder: object  # a ClipEncoderConfig (dataclass with `kind`)
-    decoder: object  # a DecoderConfig (dataclass with `kind`)
-    num_queries: int = 64  # learnable query tokens appended after [IMG]; one per CLIP token
-    query_init_std: float = 1.0  # official: torch.randn
-    steps: int = 30  # DiT sampling steps (official 30, Euler)
-    guidance: float = 3.0  # DiT classifier-free guidance scale
-    sampler: str = "euler"  # "euler" | "heun" | "stochastic" (DDIM with eta: fresh noise at every step)
-    eta: float = 1.0  # the stochastic sampler's noise: 0 = Euler, 1 = DDPM's ancestral sampler
-    time_shift: float = 1.0  # SD3-style time shift of the sampling grid (1 = official linear grid)
-    # the decoder's CFG negative: "empty_prompt" = tokens generated for "" (Emu2-Gen / official), or
-    # "zeros" = the all-zero condition the decoder saw under condition dropout in training
-    decoder_negative: str = "empty_prompt"
-    extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
-
-    def __post_init__(self) -> None:
-        width = getattr(self.clip_encoder, "token_width", getattr(self.clip_encoder, "width", None))
-        problems = []
-        if self.dit.cond_size != self.backbone.hidden_size:
-            problems.append(f"dit.cond_size {self.dit.cond_size} != backbone.hidden_size {self.backbone.hidden_size}")
-        if width is not None and self.dit.in_channels != width:
-            problems.append(f"dit.in_channels {self.dit.in_channels} != clip_encoder.width {width}")
-        token_width = getattr(self.decoder, "token_width", None)
-        if token_width is not None and token_width != self.dit.in_channels:
-            problems.append(f"decoder.token_width {token_width} != dit.in_channels {self.dit.in_channels}")
-        if self.decoder_negative not in ("empty_prompt", "zeros"):
-            problems.append(f"decoder_negative must be 'empty_prompt' or 'zeros', got {self.decoder_negative!r}")
-        if self.num_queries != self.dit.num_tokens:
-            problems.append(f"num_queries {self.num_queries} != DiT tokens {self.dit.num_tokens}")
-        if self.sampler not in SAMPLERS:
-            problems.append(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
-        if not 0.0 <= self.eta <= 1.0:
-            problems.append(f"eta {self.eta} is not in [0, 1]")
-        if problems:
-            raise ValueError("inconsistent Blip3oConfig: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Blip3oConfig:
-        d = dict(d)
-        d.pop("format_version", None)
-        try:
-            return cls(
-                backbone=BackboneConfig(**d.pop("backbone")),
-                dit=DiTConfig(**d.pop("dit")),
-                clip_encoder=clip_encoder_config_from_dict(d.pop("clip_encoder")),
-                decoder=decoder_config_from_dict(d.pop("decoder")),
-                **d,
-            )
-        except (KeyError, TypeError) as e:
-            raise checkpoints.CheckpointError(f"config is not a blip3o config: {e}") from e
+def weights_key(*modules: nn.Module) -> tuple:
+    """Which tensor each weight is and how often it was written in place: equal while no weight was replaced or
+    changed (moving a part between devices, as offload does, keeps it)."""
+    return tuple((id(p), p._version) for m in modules for p in m.parameters())
 
 
 class Blip3o(nn.Module):
@@ -102,9 +52,11 @@ class Blip3o(nn.Module):
         self.dit = DiT(config.dit)
         self.clip_encoder = build_clip_encoder(config.clip_encoder)
         self.decoder = build_decoder(config.decoder)
-        self._negative_cache: dict[tuple, torch.Tensor] = {}
         self.backbone.freeze()
-        self.fast_sampler = None  # a blip3o.accel.DiTSampler once `accelerate()` ran; same results, faster
+        # How the DiT's sampling loop runs: `sampling.run_dit_loop`, or a faster runner of the same loop
+        # (compiled, CUDA-graphed) that `accelerate()` puts here.
+        self.dit_loop: DiTLoop = run_dit_loop
+        self._negative: tuple[tuple, torch.Tensor] | None = None  # (what it depends on, the decoder's negative)
         self._offload = None  # a blip3o.offload.Offload once `enable_offload()` ran
 
     # ------------------------------------------------------------------ construction and persistence
@@ -118,8 +70,6 @@ class Blip3o(nn.Module):
         Presets that ship trained weights (`nano`, see `blip3o.presets`) load them unless `pretrained` is
         False (the recipe starts from random weights); the others start random.
         """
-        from blip3o.presets import DEFAULT_MODEL, get_preset, preset_weights
-
         name = DEFAULT_MODEL if name is None else name
         config = get_preset(name)
         weights = preset_weights(name) if pretrained else None
@@ -134,39 +84,23 @@ class Blip3o(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> Blip3o:
-        """Load a folder written by `save_pretrained`: built on meta, then filled shard by shard.
+                        dtype: torch.dtype | None = None, *, clip_encoder_weights: str | Path | None = None) -> Blip3o:
+        """Load a folder written by `save_pretrained`, or an official BLIP3-o folder (BLIP3o/BLIP3o-Model-8B,
+        -4B, converted on load: `blip3o.checkpoints.official`): built on meta, then filled shard by shard.
 
-        An official BLIP3-o folder (BLIP3o/BLIP3o-Model-8B, -4B) is recognised and converted on load
-        (`blip3o.checkpoints.official`); `blip3o convert DIR OUT` does that once.
+        `dtype` None keeps a native folder's stored dtypes and gives an official folder the original's
+        (float16, the decoder bfloat16); a dtype casts every part. `clip_encoder_weights`: the EVA tower's
+        safetensors for an official folder that lacks it.
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise checkpoints.CheckpointError(f"{directory} is not a folder")
-        raw = checkpoints.read_json(directory / checkpoints.CONFIG_NAME)
-        if "format_version" not in raw:
-            from blip3o.checkpoints import official
-
-            if official.is_official_config(raw):
-                return official.load_official(directory, device=device, dtype=dtype)
-            raise checkpoints.CheckpointError(
-                f"{directory} is neither a blip3o checkpoint (its config.json has no format_version) nor an "
-                f"official BLIP3-o folder (model_type {raw.get('model_type')!r}, expected one of "
-                f"{official.OFFICIAL_MODEL_TYPES})"
-            )
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise checkpoints.CheckpointError(
-                f"{directory} has format_version {raw.get('format_version')!r}; this blip3o reads {FORMAT_VERSION}"
-            )
-        config = Blip3oConfig.from_dict(raw)
-        # the builtin tokenizer (debug, nano) is part of the package; others travel with the weights
-        tokenizer_dir = None if config.backbone.tokenizer == "builtin" else directory / "tokenizer"
+        folder = open_folder(directory, clip_encoder_weights=clip_encoder_weights)
         with torch.device("meta"):
-            model = cls(config, tokenizer_dir=tokenizer_dir)
-        tied = frozenset(model.tied_names())
-        checkpoints.load_into(model, checkpoints.iter_tensors(directory), where=str(directory), allow_missing=tied)
-        model.backbone.model.tie_weights()
+            model = cls(folder.config, tokenizer_dir=folder.tokenizer_dir)
+        folder.fill(model)
         model.init_buffers()
+        if dtype is None and folder.dtype is not None:
+            model.to(folder.dtype)
+            for part, part_dtype in folder.part_dtypes.items():
+                getattr(model, part).to(part_dtype)
         return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES) -> Path:
@@ -237,31 +171,29 @@ class Blip3o(nn.Module):
     def sample_tokens(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
                       generator: Generators = None, sampler: str | None = None,
                       time_shift: float | None = None) -> torch.Tensor:
-        """cond (B, 64, H) -> CLIP tokens (B, 64, C) by flow sampling from noise, with CFG.
+        """cond (B, 64, H) -> CLIP tokens (B, 64, C) by flow sampling from noise, with CFG (`blip3o.sampling`).
 
-        The unconditional branch is an all-zero condition (as trained with condition dropout);
-        both branches run in one batch and the condition's cross-attention K/V are computed once.
+        The unconditional branch is an all-zero condition (as trained with condition dropout); both
+        branches run in one batch and the condition's cross-attention K/V are computed once.
         """
         cfg = self.config
-        steps, guidance = steps or cfg.steps, cfg.guidance if guidance is None else guidance
-        b, dit = cond.shape[0], self.dit
-        x_1 = draw_noise((b, dit.config.num_tokens, dit.config.in_channels), generator, cond.device, cond.dtype)
-        times, method = time_grid(steps, time_shift or cfg.time_shift), sampler or cfg.sampler
-        fresh = fresh_noise(method, x_1, len(times) - 1, generator)
-        velocity = dit.sampling_velocity(cond, guidance, times=call_times(times, method))
-        return dit.to_tokens(sample(velocity, x_1, times, method, eta=cfg.eta, fresh=fresh))
+        return sample_tokens(self.dit, cond, steps=steps or cfg.steps, guidance=cfg.guidance if guidance is None
+                             else guidance, method=sampler or cfg.sampler, eta=cfg.eta,
+                             time_shift=time_shift or cfg.time_shift, generator=generator, loop=self.dit_loop)
 
     def negative_tokens(self, steps: int | None, guidance: float | None) -> torch.Tensor:
-        """Tokens generated for the empty prompt: the decoder's negative condition (Emu2-Gen style), cached."""
-        key = (steps, guidance, str(self.device), self.queries.dtype)
-        if key not in self._negative_cache:
+        """The decoder's negative condition (Emu2-Gen style): the tokens generated for the original's empty
+        negative prompt " ", seed 0. Kept until a setting it depends on or a weight it reads changes."""
+        cfg = self.config
+        key = (steps, guidance, cfg.steps, cfg.guidance, cfg.sampler, cfg.eta, cfg.time_shift, str(self.device),
+               self.queries.dtype, weights_key(self.backbone, self.dit), id(self.queries), self.queries._version)
+        if self._negative is None or self._negative[0] != key:
             with torch.no_grad(), self._on_device("backbone"):
                 cond = self.backbone.negative_condition(self.queries)
             generator = torch.Generator().manual_seed(0)
             with self._on_device("dit"):
-                self._negative_cache[key] = self.sample_tokens(cond, steps=steps, guidance=guidance,
-                                                               generator=generator)
-        return self._negative_cache[key]
+                self._negative = (key, self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator))
+        return self._negative[1]
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, num_images: int = 1, steps: int | None = None,
@@ -288,8 +220,7 @@ class Blip3o(nn.Module):
         with self._on_device("backbone"):
             cond = self.condition(prompts).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
         with self._on_device("dit"):
-            tokens = (self.fast_sampler or self.sample_tokens)(cond, steps=steps, guidance=guidance,
-                                                               generator=generator)
+            tokens = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator)
         negative = self.negative_tokens(steps, guidance) if self.config.decoder_negative == "empty_prompt" else None
         with self._on_device("decoder"):
             pixels = self.decoder.decode(tokens, negative=negative, steps=decoder_steps, guidance=decoder_guidance,

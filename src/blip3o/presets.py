@@ -1,8 +1,8 @@
 """Named model configurations, in one registry.
 
 - `debug`: tiny and random; builds and samples on a CPU in seconds (CI, examples).
-- `nano`: the Shapes world model (../shared/SHAPES_WORLD.md), sized to train on a CPU; the
-  embedded default once its trained weights ship in `blip3o/assets/nano/`.
+- `nano`: the Shapes world model (docs/shapes.md), sized to train on a CPU; the embedded default,
+  its trained weights shipped in `blip3o/assets/nano/`.
 - `blip3o-4b`, `blip3o-8b`: the official BLIP3-o configurations (Qwen2.5-VL 3B / 7B backbone,
   1.36B Lumina-Next DiT, EVA-CLIP-E tokens, SDXL-UNet decoder).
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from blip3o.backbone import BACKBONE_PRESETS
 from blip3o.clip_encoder import CLIP_ENCODER_PRESETS
+from blip3o.config import Blip3oConfig
 from blip3o.decoder import DECODER_PRESETS
 from blip3o.dit import DIT_PRESETS
-from blip3o.model import Blip3oConfig
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "nano"
@@ -38,7 +38,7 @@ def _presets() -> dict[str, Blip3oConfig]:
             backbone=BACKBONE_PRESETS["nano"], dit=DIT_PRESETS["nano"],
             clip_encoder=NANO_ENCODER,
             decoder=replace(DECODER_PRESETS["shapes"], token_width=NANO_ENCODER.token_width),
-            # guidance 7: 0.27 against 0.20 at 3 for the recipe's DiT (session 7, docs/training.md)
+            # guidance 7: generation accuracy 0.27 against 0.20 at 3 for the recipe's DiT (docs/experiments.md)
             query_init_std=0.02, steps=20, guidance=7.0, decoder_negative="zeros", extra={"world": "shapes"},
         ),
         "blip3o-4b": Blip3oConfig(

@@ -1,13 +1,15 @@
 """Fast paths for inference on a GPU. All opt-in; each falls back to the plain eager code and gives its answer.
 
-    DiTSampler         the whole fixed-shape sampling loop (condition K/V once, every Euler step with both
-                       CFG branches) replayed as ONE CUDA graph: a 30-step sample is 1 launch, not ~10,000
+    DiTLoopGraph       the DiT's whole fixed-shape sampling loop (`sampling.run_dit_loop`: condition K/V once,
+                       every step with both CFG branches) replayed as ONE CUDA graph: a 30-step sample is
+                       1 launch, not ~10,000
     DecoderLoopGraph   the SDXL decoder's whole sampling loop (50 UNet calls on both CFG branches, the
                        guidance, the scheduler's steps) as ONE CUDA graph, for Euler schedules
     UNetStepGraph      the SDXL decoder's UNet call (both CFG branches) as one CUDA graph per shape (the
                        other schedulers)
     enable_static_cache  transformers' static KV cache (+ its compiled decode step) for `answer`/`chat`
-    accelerate         all of the above plus fused DiT projections and a channels-last UNet, on a Blip3o
+    accelerate         all of the above plus fused DiT projections and a channels-last UNet, on a Blip3o:
+                       each goes into the slot the model declares for it (`Blip3o.dit_loop`, ...)
 
 Why graphs: at batch 1 the 1.4B DiT is launch-bound (~400 small kernels a step); replaying a captured
 graph removes the CPU from the loop, leaving the weight-bandwidth floor. A graph reads its input and
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blip3o.accel.decoder import DecoderLoopGraph, UNetStepGraph
-from blip3o.accel.dit import DiTSampler
+from blip3o.accel.dit import DiTLoopGraph
 from blip3o.accel.graphs import CudaGraphCall, CudaGraphLoopCall, EagerCall, StaticCall, default_graph, fingerprint
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ __all__ = [
     "CudaGraphCall",
     "CudaGraphLoopCall",
     "DecoderLoopGraph",
-    "DiTSampler",
+    "DiTLoopGraph",
     "EagerCall",
     "StaticCall",
     "UNetStepGraph",
@@ -98,13 +100,14 @@ def accelerate(model: Blip3o, options: AccelOptions | None = None, **overrides: 
         warnings.warn("accelerate(compile=True) applies on CUDA devices only; compiling skipped", stacklevel=2)
         compile = False
     model.dit.fuse_projections(options.fuse_projections and model.device.type == "cuda")
-    model.fast_sampler = DiTSampler(model, cuda_graph=options.dit_graph, compile=compile)
+    model.dit_loop = DiTLoopGraph(model.dit, cuda_graph=options.dit_graph, compile=compile)
     if hasattr(model.decoder, "set_channels_last"):
         model.decoder.set_channels_last(options.channels_last)
     if isinstance(model.decoder, SdxlUnetDecoder):
-        model.decoder.fast_predict = UNetStepGraph(model.decoder, compile=compile) if options.unet_graph else None
-        model.decoder.fast_loop = (
-            DecoderLoopGraph(model.decoder, compile=compile) if options.decoder_loop_graph else None
+        decoder = model.decoder
+        decoder.unet_call = UNetStepGraph(decoder, compile=compile) if options.unet_graph else decoder.unet_output
+        decoder.sampling_loop = (
+            DecoderLoopGraph(decoder, compile=compile) if options.decoder_loop_graph else decoder.denoise
         )
     if options.static_cache:
         enable_static_cache(model.backbone, compile=compile)

@@ -12,11 +12,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from blip3o.config import Blip3oConfig
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -161,3 +167,13 @@ def load_into(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
         raise CheckpointError(f"checkpoint {where} does not match the model config: " + " | ".join(problems))
     model.load_state_dict(found, strict=False, assign=True)
 
+
+@dataclass
+class ModelFolder:
+    config: Blip3oConfig
+    tokenizer_dir: Path | None  # None: the package's builtin tokenizer
+    fill: Callable[[nn.Module], None]  # assigns the folder's weights to a model built from `config` on meta
+    # the dtypes the folder loads in when the caller names none: None keeps the stored ones; `part_dtypes`
+    # overrides `dtype` for the named parts
+    dtype: torch.dtype | None = None
+    part_dtypes: dict[str, torch.dtype] = field(default_factory=dict)

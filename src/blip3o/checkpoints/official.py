@@ -48,15 +48,15 @@ import torch
 from safetensors import safe_open
 
 from blip3o.checkpoints import (
-    CONFIG_NAME,
-    DEFAULT_SHARD_BYTES,
     CheckpointError,
+    ModelFolder,
     iter_tensors,
     load_into,
-    read_json,
     weight_files,
 )
 from blip3o.clip_encoder import CLIP_ENCODER_PRESETS, OFFICIAL_PREFIX, EvaClipConfig
+from blip3o.config import Blip3oConfig
+from blip3o.presets import get_preset
 
 # `model_type` of the training (blip3o_qwen.py) and inference (blip3o_qwen_inference.py) configs.
 OFFICIAL_MODEL_TYPES = ("blip3o_qwen", "blip3o_qwen_inference")
@@ -99,15 +99,6 @@ def is_official_config(raw: dict) -> bool:
     """True for the config.json of an official BLIP3-o (Qwen2.5-VL) folder."""
     architectures = raw.get("architectures") or []
     return raw.get("model_type") in OFFICIAL_MODEL_TYPES or any(str(a).startswith("blip3oQwen") for a in architectures)
-
-
-def is_official_folder(directory: str | Path) -> bool:
-    """True for a folder whose config.json is an official BLIP3-o one (not our native format)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.exists():
-        return False
-    raw = read_json(path)
-    return "format_version" not in raw and is_official_config(raw)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -245,19 +236,9 @@ def _eva_suffix(name: str) -> str | None:
     return None
 
 
-def official_config(directory: str | Path, decoder_config, eva_shapes: dict | None = None):
+def _config(raw: dict, shapes: dict, decoder_config, eva_shapes: dict | None, where: str) -> Blip3oConfig:
     """Our Blip3oConfig for an official folder: the 4B / 8B preset adjusted to the folder's numbers.
-
-    `eva_shapes` (tower names without prefix) describes the EVA tower when it comes from elsewhere.
-    """
-    directory = Path(directory)
-    shapes = _renamed(tensor_shapes(directory), str(directory))
-    return _config(read_json(directory / CONFIG_NAME), shapes, decoder_config, eva_shapes, str(directory))
-
-
-def _config(raw: dict, shapes: dict, decoder_config, eva_shapes: dict | None, where: str):
-    from blip3o.presets import get_preset
-
+    `eva_shapes` (tower names without prefix) describes the EVA tower when it comes from elsewhere."""
     hidden = raw.get("hidden_size") or (raw.get("text_config") or {}).get("hidden_size")
     variant = {2048: "blip3o-4b", 3584: "blip3o-8b"}.get(hidden)
     base = get_preset(variant or "blip3o-8b")
@@ -289,7 +270,7 @@ def _random_eva_config(raw: dict, width: int, where: str) -> EvaClipConfig:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _decoder(directory: Path, dtype: torch.dtype | None):
+def _decoder(directory: Path):
     from blip3o.decoder.sdxl_unet import SdxlUnetDecoder
 
     folder = directory / DECODER_FOLDER
@@ -299,7 +280,7 @@ def _decoder(directory: Path, dtype: torch.dtype | None):
     variants = [p.name.split(".")[1] for p in (folder / "unet").glob("diffusion_pytorch_model.*.safetensors")]
     has_plain = (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     return SdxlUnetDecoder.from_diffusers_folder(folder, variant=None if has_plain or not variants else variants[0],
-                                                 torch_dtype=dtype)
+                                                 torch_dtype=None)
 
 
 def _official_tensors(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -314,40 +295,39 @@ def _eva_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield _eva_suffix(name) or name, tensor
 
 
-def load_official(directory: str | Path, *, device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None, clip_encoder_weights: str | Path | None = None):
-    """Build our Blip3o from an official BLIP3-o folder: meta build, then filled shard by shard.
+# The original's inference dtypes: `blip3oQwenForInferenceLM.from_pretrained(..., torch_dtype=torch.float16)` for the
+# backbone, queries, DiT and EVA tower, and the diffusion decoder's pipeline in bfloat16.
+OFFICIAL_DTYPE = torch.float16
+OFFICIAL_DECODER_DTYPE = torch.bfloat16
 
-    Tensors keep the checkpoint's dtype (bf16 in released folders; the decoder is cast to it)
-    unless `dtype` is given. `clip_encoder_weights`: a folder with the EVA tower's safetensors,
-    for an official folder that lacks the tower (see the module docstring).
+
+def official_folder(directory: Path, raw: dict, *, clip_encoder_weights: str | Path | None = None):
+    """An official BLIP3-o folder as a `ModelFolder`: config from its numbers, weights renamed on load.
+
+    `clip_encoder_weights`: a folder with the EVA tower's safetensors, for an official folder that lacks the
+    tower (see the module docstring). Loads in the original's dtypes unless the caller names one.
     """
-    from blip3o.model import Blip3o
-
-    directory = Path(directory)
     where = str(directory)
     shapes = _renamed(tensor_shapes(directory), where)  # unknown names fail here, before any loading
     eva_path = Path(clip_encoder_weights) if clip_encoder_weights is not None else None
     eva_shapes = None if eva_path is None else {_eva_suffix(k) or k: v for k, v in tensor_shapes(eva_path).items()}
-    decoder = _decoder(directory, dtype)
-    config = _config(read_json(directory / CONFIG_NAME), shapes, decoder.config, eva_shapes, where)
-    with torch.device("meta"):
-        model = Blip3o(config, tokenizer_dir=directory)
-    model.decoder = decoder
-    state = model.state_dict()
-    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    aliases = frozenset(set(state) - set(expected))  # 4B's lm_head: the official model ties it as well
+    decoder = _decoder(directory)
+    config = _config(raw, shapes, decoder.config, eva_shapes, where)
     eva_in_folder = any(k.startswith("clip_encoder.") for k in shapes)
-    elsewhere = ("decoder.",) if eva_in_folder else ("decoder.", "clip_encoder.")
-    load_into(model, _official_tensors(directory, aliases), where=where,
-              allow_missing=frozenset(k for k in state if k.startswith(elsewhere)))
-    model.backbone.model.tie_weights()
-    if not eva_in_folder:
-        _fill_clip_encoder(model.clip_encoder, eva_path, model.queries.dtype, where)
-    if dtype is None:
-        model.decoder.to(model.queries.dtype)
-    model.init_buffers()
-    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+    def fill(model: torch.nn.Module) -> None:
+        model.decoder = decoder
+        state = model.state_dict()
+        expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        aliases = frozenset(set(state) - set(expected))  # 4B's lm_head: the official model ties it as well
+        elsewhere = ("decoder.",) if eva_in_folder else ("decoder.", "clip_encoder.")
+        load_into(model, _official_tensors(directory, aliases), where=where,
+                  allow_missing=frozenset(k for k in state if k.startswith(elsewhere)))
+        model.backbone.model.tie_weights()
+        if not eva_in_folder:
+            _fill_clip_encoder(model.clip_encoder, eva_path, model.queries.dtype, where)
+
+    return ModelFolder(config, directory, fill, dtype=OFFICIAL_DTYPE, part_dtypes={"decoder": OFFICIAL_DECODER_DTYPE})
 
 
 def _fill_clip_encoder(encoder: torch.nn.Module, eva_path: Path | None, dtype: torch.dtype, where: str) -> None:
@@ -366,10 +346,3 @@ def _fill_clip_encoder(encoder: torch.nn.Module, eva_path: Path | None, dtype: t
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     encoder.initialize_weights()
-
-
-def convert(directory: str | Path, out: str | Path, *, clip_encoder_weights: str | Path | None = None,
-            dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Convert an official BLIP3-o folder once into our native format (`Blip3o.save_pretrained`)."""
-    model = load_official(directory, dtype=dtype, clip_encoder_weights=clip_encoder_weights)
-    return model.save_pretrained(out, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,62 @@
+"""Which kind of folder a checkpoint is, and how its weights fill a model built on the meta device.
+
+    native     config.json with "format_version" (`Blip3o.save_pretrained`): weights as stored
+    official   an official BLIP3-o folder (`BLIP3o/BLIP3o-Model-8B`, `-4B`): converted on load (official.py)
+
+`Blip3o.from_pretrained` builds the model from `ModelFolder.config` on meta, then calls `fill`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from blip3o.checkpoints import (
+    CONFIG_NAME,
+    CheckpointError,
+    ModelFolder,
+    iter_tensors,
+    load_into,
+    official,
+    read_json,
+    unique_tensors,
+)
+from blip3o.config import FORMAT_VERSION, Blip3oConfig
+
+
+def open_folder(directory: str | Path, *, clip_encoder_weights: str | Path | None = None) -> ModelFolder:
+    """The folder's config and how to fill a model from it, for a native or an official BLIP3-o folder."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a folder")
+    raw = read_json(directory / CONFIG_NAME)
+    if "format_version" in raw:
+        if clip_encoder_weights is not None:
+            raise CheckpointError(f"{directory} is a blip3o folder: clip_encoder_weights applies to official ones")
+        return native_folder(directory, raw)
+    if official.is_official_config(raw):
+        return official.official_folder(directory, raw, clip_encoder_weights=clip_encoder_weights)
+    raise CheckpointError(
+        f"{directory} is neither a blip3o checkpoint (its config.json has no format_version) nor an "
+        f"official BLIP3-o folder (model_type {raw.get('model_type')!r}, expected one of "
+        f"{official.OFFICIAL_MODEL_TYPES})"
+    )
+
+
+def native_folder(directory: Path, raw: dict) -> ModelFolder:
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} has format_version {raw.get('format_version')!r}; this blip3o reads {FORMAT_VERSION}"
+        )
+    config = Blip3oConfig.from_dict(raw)
+
+    def fill(model: nn.Module) -> None:
+        state = model.state_dict()
+        tied = frozenset(set(state) - set(unique_tensors(state)))  # the tied lm_head is stored once
+        load_into(model, iter_tensors(directory), where=str(directory), allow_missing=tied)
+        model.backbone.model.tie_weights()
+
+    # the builtin tokenizer (debug, nano) is part of the package; others travel with the weights
+    tokenizer_dir = None if config.backbone.tokenizer == "builtin" else directory / "tokenizer"
+    return ModelFolder(config, tokenizer_dir, fill)

@@ -1,0 +1,89 @@
+"""Blip3oConfig: one config for the whole system, a dataclass per part.
+
+A leaf of the package: the part configs and this one import no model code, so presets, checkpoint
+loading and the model all read it without a cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from blip3o.backbone import BackboneConfig
+from blip3o.checkpoints import CheckpointError
+from blip3o.clip_encoder import clip_encoder_config_from_dict
+from blip3o.decoder import decoder_config_from_dict
+from blip3o.dit import DiTConfig
+from blip3o.flow import SOLVERS
+
+FORMAT_VERSION = 1  # of the native folder (config.json "format_version")
+# DiT fields that older native folders hold and that no longer exist: read when they hold the value that meant
+# "off" (what the model computes then is unchanged), refused otherwise
+RETIRED_DIT_FIELDS = {"ffn_dim_multiplier": None, "token_whitening": 0.0, "absolute_position": False, "data_std": 1.0}
+
+
+@dataclass
+class Blip3oConfig:
+    backbone: BackboneConfig
+    dit: DiTConfig
+    clip_encoder: object  # a ClipEncoderConfig (dataclass with `kind`)
+    decoder: object  # a DecoderConfig (dataclass with `kind`)
+    num_queries: int = 64  # learnable query tokens appended after [IMG]; one per CLIP token
+    query_init_std: float = 1.0  # official: torch.randn
+    steps: int = 30  # DiT sampling steps (official 30, Euler)
+    guidance: float = 3.0  # DiT classifier-free guidance scale
+    sampler: str = "euler"  # "euler" | "heun" | "stochastic" (DDIM with eta: fresh noise at every step)
+    eta: float = 1.0  # the stochastic sampler's noise: 0 = Euler, 1 = DDPM's ancestral sampler
+    time_shift: float = 1.0  # SD3-style time shift of the sampling grid (1 = official linear grid)
+    # the decoder's CFG negative: "empty_prompt" = tokens generated for " " (Emu2-Gen / official), or
+    # "zeros" = the all-zero condition the decoder saw under condition dropout in training
+    decoder_negative: str = "empty_prompt"
+    extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
+
+    def __post_init__(self) -> None:
+        width = getattr(self.clip_encoder, "token_width", getattr(self.clip_encoder, "width", None))
+        problems = []
+        if self.dit.cond_size != self.backbone.hidden_size:
+            problems.append(f"dit.cond_size {self.dit.cond_size} != backbone.hidden_size {self.backbone.hidden_size}")
+        if width is not None and self.dit.in_channels != width:
+            problems.append(f"dit.in_channels {self.dit.in_channels} != clip_encoder.width {width}")
+        token_width = getattr(self.decoder, "token_width", None)
+        if token_width is not None and token_width != self.dit.in_channels:
+            problems.append(f"decoder.token_width {token_width} != dit.in_channels {self.dit.in_channels}")
+        if self.decoder_negative not in ("empty_prompt", "zeros"):
+            problems.append(f"decoder_negative must be 'empty_prompt' or 'zeros', got {self.decoder_negative!r}")
+        if self.num_queries != self.dit.num_tokens:
+            problems.append(f"num_queries {self.num_queries} != DiT tokens {self.dit.num_tokens}")
+        if self.sampler not in SOLVERS:
+            problems.append(f"sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}")
+        if not 0.0 <= self.eta <= 1.0:
+            problems.append(f"eta {self.eta} is not in [0, 1]")
+        if problems:
+            raise ValueError("inconsistent Blip3oConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Blip3oConfig:
+        d = dict(d)
+        d.pop("format_version", None)
+        try:
+            return cls(
+                backbone=BackboneConfig(**d.pop("backbone")),
+                dit=DiTConfig(**without_retired(d.pop("dit"))),
+                clip_encoder=clip_encoder_config_from_dict(d.pop("clip_encoder")),
+                decoder=decoder_config_from_dict(d.pop("decoder")),
+                **d,
+            )
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"config is not a blip3o config: {e}") from e
+
+
+def without_retired(dit: dict) -> dict:
+    """A saved DiT config without the retired fields (see RETIRED_DIT_FIELDS)."""
+    dit = dict(dit)
+    for name, off in RETIRED_DIT_FIELDS.items():
+        if name in dit and dit.pop(name) != off:
+            raise CheckpointError(f"dit.{name} is not supported any more (only {off!r}, which is the default)")
+    return dit
