@@ -13,6 +13,5 @@
 """
 
 from blip3o.cli.entry import main
-from blip3o.cli.errors import BadInput
 
-__all__ = ["BadInput", "main"]
+__all__ = ["main"]
