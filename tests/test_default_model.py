@@ -27,7 +27,7 @@ def test_nano_ships_within_budget_and_is_the_default():
         assert command_table().parse(command).model == "nano"
 
 
-def test_the_api_default_loads_the_shipped_weights_and_the_recipe_does_not(shipped):
+def test_the_api_default_and_init_nano_load_the_shipped_weights_and_random_nano_does_not(shipped):
     assert shipped.config.extra.get("world") == "shapes"
     assert next(shipped.parameters()).dtype == torch.float32  # stored fp16, computed in fp32
     loaded = Blip3o.from_pretrained(preset_weights("nano"), dtype=torch.float32)
@@ -35,11 +35,13 @@ def test_the_api_default_loads_the_shipped_weights_and_the_recipe_does_not(shipp
         assert torch.equal(a, b), name
     fresh = Blip3o.from_preset("nano", pretrained=False)
     assert not torch.equal(fresh.queries, shipped.queries)
-    # `init: nano` in a stage config (the recipe's first stage) starts from random weights, never the shipped ones
-    cfg = TrainConfig(stage="clip", init="nano", out_dir="unused", steps=1, batch_size=2, device="cpu",
-                      progress=False)
-    trainer = Trainer(cfg, tiny_dataset())
-    assert not torch.equal(trainer.model.queries, shipped.queries)
+    # a stage config's `init: random:nano` (the recipe's first stage) starts from random weights, `init: nano`
+    # from the shipped ones
+    for init, starts_shipped in (("random:nano", False), ("nano", True)):
+        cfg = TrainConfig(stage="clip", init=init, out_dir="unused", steps=1, batch_size=2, device="cpu",
+                          progress=False)
+        trainer = Trainer(cfg, tiny_dataset())
+        assert torch.equal(trainer.model.queries, shipped.queries) == starts_shipped, init
 
 
 def test_the_shipped_model_draws_and_reads_a_shapes_scene(shipped):
