@@ -194,8 +194,8 @@ def test_cli_demo_and_errors(tmp_path, capsys):
 
 def test_changing_a_models_config_leaves_the_preset_alone():
     model = Blip3o.from_preset("debug")
-    model.config.dit = dataclasses.replace(model.config.dit, token_whitening=0.5)
+    model.config.dit = dataclasses.replace(model.config.dit, cross_gate_init=0.5)
     model.config.guidance = 9.0
     fresh = get_preset("debug")
-    assert fresh.dit.token_whitening == 0.0 and fresh.guidance != 9.0
-    assert Blip3o.from_preset("debug").config.dit.token_whitening == 0.0
+    assert fresh.dit.cross_gate_init == 0.0 and fresh.guidance != 9.0
+    assert Blip3o.from_preset("debug").config.dit.cross_gate_init == 0.0

@@ -145,7 +145,7 @@ def official_dir(parts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(official_dir):
-    return Blip3o.from_pretrained(official_dir)
+    return Blip3o.from_pretrained(official_dir, dtype=torch.float32)
 
 
 def reference_velocity(parts, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -208,9 +208,22 @@ def test_tokenizer_eva_and_decoder_load(model, parts):
     assert model.config.extra["converted_from"] == "official BLIP3-o"
 
 
-def test_convert_round_trip(model, official_dir, tmp_path):
+def test_official_folders_load_in_the_originals_dtypes(official_dir):
+    """The original runs its model in float16 (`torch_dtype=torch.float16`) and its decoder pipeline in bfloat16;
+    a dtype given casts every part."""
+    default = Blip3o.from_pretrained(official_dir)
+    for part in ("backbone", "dit", "clip_encoder"):
+        assert {p.dtype for p in getattr(default, part).parameters()} == {torch.float16}, part
+    assert default.queries.dtype == torch.float16
+    assert {p.dtype for p in default.decoder.parameters()} == {torch.bfloat16}
+    cast = Blip3o.from_pretrained(official_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+
+
+def test_convert_round_trip(official_dir, tmp_path):
     assert cli_main(["convert", str(official_dir), str(tmp_path / "native")]) == 0
     assert "format_version" in json.loads((tmp_path / "native" / "config.json").read_text())
+    model = Blip3o.from_pretrained(official_dir)  # the dtypes convert writes: the original's
     native = Blip3o.from_pretrained(tmp_path / "native")
     assert native.config.dit == model.config.dit and native.config.backbone == model.config.backbone
     for (name, a), (_, b) in zip(model.state_dict().items(), native.state_dict().items(), strict=True):
@@ -219,7 +232,7 @@ def test_convert_round_trip(model, official_dir, tmp_path):
 
 
 def test_4b_style_tied_lm_head_loads_tied(parts, tmp_path):
-    tied = Blip3o.from_pretrained(write_official(tmp_path / "BLIP3o-Model-4B", parts, tied=True))
+    tied = Blip3o.from_pretrained(write_official(tmp_path / "BLIP3o-Model-4B", parts, tied=True), dtype=torch.float32)
     lm = tied.backbone.model
     assert lm.lm_head.weight is lm.model.language_model.embed_tokens.weight
     assert torch.equal(lm.lm_head.weight, parts.tensors["model.embed_tokens.weight"])
@@ -231,7 +244,7 @@ def test_missing_eva_from_separate_weights_or_random(parts, tmp_path, monkeypatc
     eva_dir.mkdir()
     save_file({f"vision_tower.model.{k}": v for k, v in parts.eva.state_dict().items()},
               str(eva_dir / "model.safetensors"))
-    loaded = official.load_official(folder, clip_encoder_weights=eva_dir)
+    loaded = Blip3o.from_pretrained(folder, clip_encoder_weights=eva_dir, dtype=torch.float32)
     for name, tensor in parts.eva.state_dict().items():
         assert torch.equal(loaded.clip_encoder.state_dict()[name], tensor), name
     # no tower anywhere: random EVA-CLIP-E (here shrunk to the tiny width), with a loud warning

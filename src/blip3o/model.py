@@ -96,11 +96,11 @@ class Blip3o(nn.Module):
         with torch.device("meta"):
             model = cls(folder.config, tokenizer_dir=folder.tokenizer_dir)
         folder.fill(model)
-        model.init_buffers()
-        if dtype is None and folder.dtype is not None:
+        if dtype is None and folder.dtype is not None:  # before init_buffers: RoPE tables stay float32
             model.to(folder.dtype)
             for part, part_dtype in folder.part_dtypes.items():
                 getattr(model, part).to(part_dtype)
+        model.init_buffers()
         return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES) -> Path:
