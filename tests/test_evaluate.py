@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from blip3o.cli.files import image_grid
+from blip3o.images import image_grid
 from blip3o.shapes import TAGS, evaluation_prompts
 from blip3o.shapes.evaluate import GRID_PER_TAG, evaluate_generation
 

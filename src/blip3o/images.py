@@ -72,3 +72,15 @@ def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
         raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
     arrays = (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, mode="RGB") for a in arrays]
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Images of one size, row by row on a white sheet (`columns` a row); a blank 64x64 for none."""
+    if not images:
+        return Image.new("RGB", (64, 64), (255, 255, 255))
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from blip3o.cli.errors import BadInput, user_input
+from blip3o.images import image_grid
 
 
 def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
@@ -49,18 +50,6 @@ def open_image(path: Path, where: str) -> Image.Image:
         raise BadInput(f"{where}: {path} is not an image this build can read ({e})") from e
     with user_input(where):  # too small, too big, a mode with no RGB reading
         return check_images([image], name=str(path))[0]
-
-
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Images of one size, row by row on a white sheet (`columns` a row); a blank 64x64 for none."""
-    if not images:
-        return Image.new("RGB", (64, 64), (255, 255, 255))
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 def save_samples(images: list[Image.Image], folder: Path, grid: Path | None = None) -> Path:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from blip3o.cli.files import image_grid
+from blip3o.images import image_grid
 
 from .data import make_example
 from .detect import detect
