@@ -199,3 +199,44 @@ def test_changing_a_models_config_leaves_the_preset_alone():
     fresh = get_preset("debug")
     assert fresh.dit.cross_gate_init == 0.0 and fresh.guidance != 9.0
     assert Blip3o.from_preset("debug").config.dit.cross_gate_init == 0.0
+
+
+def test_decoder_negative_is_generated_from_one_space():
+    """The original pipeline's negative prompt is " " without the chat template: the space's token, [IMG], the
+    queries."""
+    model = Blip3o.from_preset("debug").eval()
+    tokenizer, backbone = model.backbone.tokenizer, model.backbone
+    space = tokenizer(" ", add_special_tokens=False).input_ids
+    assert tokenizer.convert_ids_to_tokens(space) == ["Ġ"]
+    with torch.no_grad():
+        ids = torch.tensor([space + [backbone.img_token_id]])
+        embeds = torch.cat([backbone.model.get_input_embeddings()(ids), model.queries], dim=1)
+        want = backbone.model.model.language_model(inputs_embeds=embeds).last_hidden_state[:, -64:]
+        got = backbone.negative_condition(model.queries)
+        empty = backbone._hidden_at_queries([""], model.queries)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, empty)  # the one space is read
+
+
+def test_decoder_negative_cache_follows_sampling_settings_and_weights():
+    torch.manual_seed(0)
+    model = Blip3o.from_preset("debug").eval()
+    with torch.no_grad():
+        for p in model.dit.parameters():  # open the zero-initialised gates and output: the DiT's tokens move
+            if not p.any():
+                p.normal_(0, 0.02)
+    first = model.negative_tokens(None, None)
+    assert model.negative_tokens(None, None) is first  # kept while nothing it depends on changes
+    model.config.sampler = "heun"
+    heun = model.negative_tokens(None, None)
+    assert heun is not first and not torch.equal(heun, first)
+    model.config.sampler = "euler"
+    again = model.negative_tokens(None, None)
+    assert torch.equal(again, first)
+    with torch.no_grad():
+        model.dit.layers[0].feed_forward.linear_2.weight.mul_(1.5)  # an in-place weight update
+    updated = model.negative_tokens(None, None)
+    assert not torch.equal(updated, first)
+    with torch.no_grad():
+        model.queries.add_(0.1)
+    assert not torch.equal(model.negative_tokens(None, None), updated)
