@@ -118,11 +118,6 @@ class Blip3o(nn.Module):
 
         return checkpoints.write_folder(directory, fill)
 
-    def tied_names(self) -> list[str]:
-        """State-dict names that alias another tensor (tied lm_head) and are not stored twice."""
-        state = self.state_dict()
-        return sorted(set(state) - set(checkpoints.unique_tensors(state)))
-
     def init_buffers(self) -> None:
         for part in (self.backbone, self.dit, self.clip_encoder, self.decoder):
             part.init_buffers()
