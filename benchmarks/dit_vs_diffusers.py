@@ -23,7 +23,8 @@ import torch
 from _common import reference_dit, reference_velocity
 from blip3o.allocator import keep_freed_memory
 from blip3o.dit import DiT, DiTConfig
-from blip3o.flow import call_times, guided_pair, sample, time_grid
+from blip3o.flow import call_times, time_grid
+from blip3o.sampling import denoise, dit_velocity
 
 
 def build(cfg: DiTConfig, device, dtype, fuse: bool = True):
@@ -93,15 +94,17 @@ def main() -> None:
             compiled_err = (compiled_out - eager_out).abs().max().item()
             fwd_compiled = timed(lambda: velocity(x2, t2, prepared), args.repeats)
 
-        def sample_ours():  # the product's path (`Blip3o.sample_tokens`): condition K/V and every step's
+        def sample_ours():  # the product's path (`sampling.run_dit_loop`): condition K/V and every step's
             # modulations computed once per sample
-            return sample(ours.sampling_velocity(cond, 3.0, velocity, times=call_times(times)), x, times)
+            return denoise(dit_velocity(ours, cond, 3.0, call_times(times), predict=velocity), x, times, guidance=3.0)
 
-        def sample_ours_per_step():  # the same with each step computing its own modulations
-            return sample(ours.sampling_velocity(cond, 3.0, velocity), x, times)
+        def sample_ours_per_step():  # the same condition K/V, each step computing its own modulations (none
+            # are computed up front: this times what a step's modulations cost, not that and a wasted GEMM)
+            prepared = ours.prepare_condition(both)
+            return denoise(lambda xx, tt, call, x_0: velocity(xx, tt, prepared, x_0), x, times, guidance=3.0)
 
         def sample_theirs():
-            return sample(guided_pair(lambda xx, tt: theirs_v(xx, tt, both), 3.0), x, times)
+            return denoise(lambda xx, tt, call, x_0: theirs_v(xx, tt, both), x, times, guidance=3.0)
 
         err_loop = (sample_ours() - sample_theirs()).abs().max().item()
 

@@ -6,7 +6,8 @@ Stages, each timed for the reference and for ours in the same process on the sam
     DiT                  30 Euler steps, CFG 3, both branches in one batch
                          reference: diffusers LuminaNextDiT2DModel, condition re-projected every step
                          ours eager: Blip3o.sample_tokens (cached condition K/V)
-                         ours fast:  accel.DiTSampler (fused projections, the whole loop as ONE CUDA graph)
+                         ours fast:  accel.DiTLoopGraph as `Blip3o.dit_loop` (fused projections, the whole
+                                     loop as ONE CUDA graph)
     decoder              50 UNet steps with CFG (decode minus the VAE)
                          reference: the plain diffusers UNet; ours: channels-last + the whole 50-step loop
                          as ONE CUDA graph (accel.DecoderLoopGraph); also ours with a CUDA graph per step
@@ -43,8 +44,9 @@ from _common import (
     sync,
     timed,
 )
-from blip3o.accel import AccelOptions, DecoderLoopGraph, DiTSampler, UNetStepGraph, accelerate
-from blip3o.flow import guided_pair, sample, time_grid
+from blip3o.accel import AccelOptions, DecoderLoopGraph, DiTLoopGraph, UNetStepGraph, accelerate
+from blip3o.flow import time_grid
+from blip3o.sampling import denoise, run_dit_loop
 
 
 def parse() -> argparse.Namespace:
@@ -98,10 +100,10 @@ def main() -> None:
         want = set(args.sections.split(","))
         with guarded("DiT fast"):
             model.dit.fuse_projections(True)
-            fast = DiTSampler(model, cuda_graph=True, compile=args.compile)
-            tokens = fast(cond, steps=steps, generator=gen())
-            t_fast = timed(lambda: fast(cond, steps=steps, generator=gen()), device, repeats)
-            fast = None
+            model.dit_loop = DiTLoopGraph(model.dit, cuda_graph=True, compile=args.compile)
+            tokens = model.sample_tokens(cond, steps=steps, generator=gen())
+            t_fast = timed(lambda: model.sample_tokens(cond, steps=steps, generator=gen()), device, repeats)
+        model.dit_loop = run_dit_loop  # the graphs' memory pools go with the DiTLoopGraph
         model.dit.fuse_projections(False)
         with guarded("DiT eager"):
             eager = model.sample_tokens(cond, steps=steps, generator=gen())
@@ -113,7 +115,7 @@ def main() -> None:
             theirs = reference_dit(model.dit)
             theirs_v = reference_velocity(theirs, model.dit)
             both = torch.cat([torch.zeros_like(cond), cond])
-            t_ref = timed(lambda: sample(guided_pair(lambda x, t: theirs_v(x, t, both), guidance), x_1, times),
+            t_ref = timed(lambda: denoise(lambda x, t, call, x_0: theirs_v(x, t, both), x_1, times, guidance=guidance),
                           device, max(1, repeats - 1))
         theirs = theirs_v = None  # free the reference before our graphs allocate
         gc.collect()
@@ -139,20 +141,20 @@ def main() -> None:
             if "decoder" not in want:
                 raise Skipped
             decoder.set_channels_last(True)
-            decoder.fast_loop = DecoderLoopGraph(decoder, compile=args.compile)
+            decoder.sampling_loop = DecoderLoopGraph(decoder, compile=args.compile)
             pixels = decode()
             t_dec = timed(decode, device, repeats) - t_vae
-        decoder.fast_loop = None
+        decoder.sampling_loop = decoder.denoise
         gc.collect()
         with guarded("decoder ours, graph per step"):
             if "decoder" not in want:
                 raise Skipped
-            decoder.fast_predict = UNetStepGraph(decoder, compile=args.compile)
+            decoder.unet_call = UNetStepGraph(decoder, compile=args.compile)
             step_pixels = decode()
             t_dec_step = timed(decode, device, repeats) - t_vae
             if pixels is not None:
                 print(f"  max |loop graph - step graph| = {(pixels - step_pixels).abs().max().item():.3e} (pixels)")
-        decoder.fast_predict = None
+        decoder.unet_call = decoder.unet_output
         decoder.set_channels_last(False)
         gc.collect()
         with guarded("decoder reference"):
@@ -183,7 +185,7 @@ def main() -> None:
         with guarded("throughput"):
             if "throughput" not in want:
                 raise Skipped
-            if model.fast_sampler is None:  # the end-to-end section did not run: accelerate here
+            if not isinstance(model.dit_loop, DiTLoopGraph):  # the end-to-end section did not run: accelerate here
                 accelerate(model, AccelOptions(compile=args.compile, static_cache=False))
             for b in batches:
                 clear_graphs(model)  # each batch size's graphs hold their own memory pool
@@ -214,11 +216,12 @@ def main() -> None:
 
 
 def clear_graphs(model) -> None:
-    """Drop the captured graphs of `accelerate` (a new batch size captures its own)."""
-    for holder in (getattr(model, "fast_sampler", None), getattr(model.decoder, "fast_predict", None),
-                   getattr(model.decoder, "fast_loop", None)):
-        if holder is not None:
-            holder.clear()
+    """Drop the captured graphs of `accelerate` (a new batch size captures its own); the eager defaults in
+    the same slots (`run_dit_loop`, `unet_output`, `denoise`) hold none."""
+    for slot in (model.dit_loop, model.decoder.unet_call, model.decoder.sampling_loop):
+        clear = getattr(slot, "clear", None)
+        if clear is not None:
+            clear()
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ class Step:
     """One training step over a fixed batch; `velocity(x_t, t, cond)` is the DiT under test."""
 
     def __init__(self, model, velocity, params, optimizer, batch: int, device: torch.device, *,
-                 one_pass: bool = False) -> None:
+                 whole_sequence: bool = False) -> None:
         self.model, self.velocity, self.params, self.optimizer = model, velocity, params, optimizer
-        self.device, self.one_pass = device, one_pass
+        self.device, self.whole_sequence = device, whole_sequence
         c = model.config.dit
         g = torch.Generator().manual_seed(batch)
         self.prompts = [f"{PROMPT}, take {i}" for i in range(batch)]
@@ -72,9 +72,10 @@ class Step:
     def __call__(self) -> None:
         cuda = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-            if self.one_pass:  # the original code's way: the whole prompt + queries sequence differentiated
+            if self.whole_sequence:  # the original code's way: the whole prompt + queries sequence differentiated
+                backbone = self.model.backbone
                 texts = [GENERATION_PROMPT.format(prompt=p) for p in self.prompts]
-                cond = self.model.backbone._hidden_at_queries(texts, self.model.queries, one_pass=True)
+                cond = backbone.whole_sequence(*backbone.query_sequence(texts, self.model.queries))
             else:  # ours: only the query positions are differentiated (the prompt's K/V cached)
                 cond = self.model.condition(self.prompts)  # (B, 64, H): gradients reach the queries
             path = sample_path(self.x_0, self.x_1, self.t)
@@ -84,7 +85,7 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def flops_per_sample(model, device, *, one_pass: bool = False) -> float:
+def flops_per_sample(model, device, *, whole_sequence: bool = False) -> float:
     """FLOPs of one training step at batch 1, counted on the ops that ran. torch's SDPA counter rejects
     grouped-query shapes (28 query heads over 4 KV heads in the 7B backbone): for the count, the backbone
     attends with transformers' eager attention (the same matmuls, KV heads repeated)."""
@@ -92,7 +93,7 @@ def flops_per_sample(model, device, *, one_pass: bool = False) -> float:
     impl = backbone.config._attn_implementation
     backbone.set_attn_implementation("eager")
     try:
-        step = Step(model, model.dit, [], _NoOpt(), 1, device, one_pass=one_pass)
+        step = Step(model, model.dit, [], _NoOpt(), 1, device, whole_sequence=whole_sequence)
         with FlopCounterMode(display=False) as counter:
             step()
     finally:
@@ -153,7 +154,7 @@ def main() -> None:
     seq = len(model.backbone.tokenizer([PROMPT + ", take 0"]).input_ids[0]) + 1 + model.config.num_queries
     # FLOPs each step executes (MFU of each on its own count): the reference differentiates the whole
     # sequence, ours only the query positions
-    flops_ref = flops_per_sample(model, device, one_pass=True)
+    flops_ref = flops_per_sample(model, device, whole_sequence=True)
     flops = flops_per_sample(model, device)
     estimate = 6 * p_dit * model.config.dit.num_tokens + 4 * p_lm * seq
     print(f"preset {args.preset}: backbone LM {p_lm:,} params (frozen), DiT {p_dit:,} (trained), sequence ~{seq} "
@@ -164,7 +165,7 @@ def main() -> None:
     theirs_v = reference_velocity(theirs, model.dit)
     ref_params = [model.queries, *model.dit.caption_projection.parameters(), *theirs.parameters()]
     ref_opt = torch.optim.AdamW(ref_params, lr=1e-4)
-    ref = sweep("reference", lambda b: Step(model, theirs_v, ref_params, ref_opt, b, device, one_pass=True),
+    ref = sweep("reference", lambda b: Step(model, theirs_v, ref_params, ref_opt, b, device, whole_sequence=True),
                 batches, device, repeats, flops_ref, peak)
     theirs = theirs_v = ref_opt = ref_params = None  # free the reference DiT and its optimiser state
     gc.collect()
