@@ -79,8 +79,8 @@ def disable_static_cache(backbone: Backbone) -> None:
 @dataclass
 class AccelOptions:
     dit_graph: bool = True  # the whole DiT sampling loop as one CUDA graph
-    # one GEMM for the DiT's q/k/v/q2 and SwiGLU inputs, on CUDA devices (fewer launches); on CPUs one wide GEMM
-    # measured no faster (Xeon) or slower (EPYC: 28-33 ms against 20-22 ms for the four projections), so not there
+    # one GEMM for the DiT's q/k/v/q2 and SwiGLU inputs, on CUDA devices (fewer launches); on CPUs one wide GEMM is
+    # no faster or slower (28-33 ms against 20-22 ms for the four projections: docs/benchmarks.md), so not there
     fuse_projections: bool = True
     channels_last: bool = True  # the decoder's conv weights and activations in NHWC (cuDNN's and oneDNN's fast layout)
     unet_graph: bool = True  # the UNet's CFG step as a CUDA graph
