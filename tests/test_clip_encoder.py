@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ from blip3o.clip_encoder import (
     clip_encoder_config_from_dict,
     pool_patch_tokens,
 )
-from blip3o.clip_encoder.eva import EVA_MEAN, EVA_STD
+from blip3o.clip_encoder.eva import EVA_MEAN, EVA_STD, eva_pixels, resize_crop_plan
 from blip3o.clip_encoder.siglip import patchify
 from blip3o.images import pil_to_tensor
 
@@ -224,11 +227,144 @@ def test_pool_of_constant_per_patch_grid_is_exact():
         pool_patch_tokens(torch.zeros(1, 30, 2), 4)
 
 
-def test_eva_center_crops_non_square_inputs():
-    enc = _build(CLIP_ENCODER_PRESETS["debug-eva"])
+# ---------------------------------------------------------------------------------------------
+# EVA-CLIP preprocessing: the original's torchvision Resize(448, BICUBIC) + CenterCrop(448), exactly
+# ---------------------------------------------------------------------------------------------
+
+# (width, height) -> (resized width, resized height, crop left, crop top) at 448, worked out by hand with
+# torchvision's formulas: long side int(448 * long / short), offset int(round((side - 448) / 2)).
+RESIZE_CROP_TABLE = [
+    ((640, 427), (671, 448, 112, 0)),  # 671.48 truncated; (671 - 448) / 2 = 111.5 rounds to even 112
+    ((427, 640), (448, 671, 0, 112)),
+    ((1000, 872), (513, 448, 32, 0)),  # 513.76 truncated
+    ((872, 1000), (448, 513, 0, 32)),
+    ((100, 60), (746, 448, 149, 0)),  # upscaled: 746.67 truncated
+    ((60, 100), (448, 746, 0, 149)),
+    ((1500, 900), (746, 448, 149, 0)),
+    ((900, 1500), (448, 746, 0, 149)),
+    ((500, 333), (672, 448, 112, 0)),  # 672.86 truncated
+    ((1024, 683), (671, 448, 112, 0)),  # 671.70 truncated
+    ((258, 256), (451, 448, 2, 0)),  # 451.5 truncated; 1.5 rounds to 2
+    ((449, 448), (449, 448, 0, 0)),  # 0.5 rounds to even 0
+    ((448, 448), (448, 448, 0, 0)),
+    ((512, 512), (448, 448, 0, 0)),
+    ((300, 300), (448, 448, 0, 0)),
+    ((2000, 1999), (448, 448, 0, 0)),  # 448.22 truncated: no crop
+    ((1920, 1080), (796, 448, 174, 0)),
+    ((1080, 1920), (448, 796, 0, 174)),
+    ((800, 600), (597, 448, 74, 0)),  # 597.33 truncated; 74.5 rounds to even 74
+    ((600, 800), (448, 597, 0, 74)),
+    ((2048, 1536), (597, 448, 74, 0)),
+    ((256, 1024), (448, 1792, 0, 672)),
+    ((1280, 720), (796, 448, 174, 0)),
+]
+
+
+def torchvision_resize_crop(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """torchvision's `_compute_resized_output_size` (an int size) and `center_crop`, as written there."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    crop_top = int(round((new_h - size) / 2.0))
+    crop_left = int(round((new_w - size) / 2.0))
+    return new_w, new_h, crop_left, crop_top
+
+
+@pytest.mark.parametrize(("size", "expected"), RESIZE_CROP_TABLE)
+def test_eva_resize_crop_plan_is_torchvisions(size, expected):
+    plan = resize_crop_plan(*size, 448)
+    assert (plan.width, plan.height, plan.left, plan.top) == expected == torchvision_resize_crop(*size, 448)
+
+
+def sample_image() -> Image.Image:
+    """A real image that an installed package ships (networkx, a dependency of torch): an 800x600 drawing,
+    antialiased, 9,515 colours."""
+    import networkx
+
+    path = Path(networkx.__file__).parent / "drawing/tests/baseline/test_display_complex.png"
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def exif_rotated_jpeg(image: Image.Image) -> Image.Image:
+    """`image` as a JPEG whose EXIF says "rotate 90 degrees" (orientation 6), decoded as a reader would."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def in_mode(image: Image.Image, mode: str) -> Image.Image:
+    if mode == "RGBA":  # a real alpha channel: a gradient from transparent to opaque
+        alpha = Image.linear_gradient("L").resize(image.size)
+        out = image.copy()
+        out.putalpha(alpha)
+        return out
+    if mode == "P":
+        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=200)
+    if mode == "exif-jpeg":
+        return exif_rotated_jpeg(image)
+    return image.convert(mode)
+
+
+def original_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """The original's processor (convert_rgb, Resize, CenterCrop, ToTensor, Normalize) written with PIL and
+    torchvision's tensor steps: (3, size, size)."""
+    rgb = image.convert("RGB")
+    w, h, left, top = torchvision_resize_crop(rgb.width, rgb.height, size)
+    rgb = rgb.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).contiguous().float().div(255)  # ToTensor
+    mean, std = torch.as_tensor(EVA_MEAN), torch.as_tensor(EVA_STD)
+    return x.sub_(mean[:, None, None]).div_(std[:, None, None])  # Normalize
+
+
+EVA_448 = EvaClipConfig(image_size=448, patch_size=14, width=16, depth=1, num_heads=1, mlp_dim=32)
+MODES = ["RGB", "L", "P", "CMYK", "RGBA", "exif-jpeg"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [(800, 600), (640, 427), (1000, 872), (100, 60)])
+def test_eva_pixels_are_the_originals_bit_for_bit(mode, size):
+    image = in_mode(sample_image().resize(size, Image.BICUBIC), mode)
+    expected = original_pixels(image, 448)
+    assert torch.equal(eva_pixels([image], 448)[0], expected)
+    enc = _build(EVA_448)
+    assert torch.equal(enc.preprocess([image])[0], expected)
+    # the training data path: decoded with convert("RGB"), batched as [0, 1] pixels, then the encoder
+    train_pixels = pil_to_tensor([image.convert("RGB")])
+    assert torch.equal(enc.prepare(train_pixels)[0], expected)
+    tokens = enc.tokens(expected[None])
+    assert torch.equal(enc.encode_images([image]), tokens)
+    assert torch.equal(enc.encode(train_pixels), tokens)
+
+
+def test_eva_drops_alpha_and_keeps_the_stored_orientation():
+    image = sample_image()
+    rgba = in_mode(image, "RGBA")
+    assert torch.equal(eva_pixels([rgba], 448), eva_pixels([image], 448))  # the colour under alpha, not white
+    jpeg = in_mode(image, "exif-jpeg")
+    assert jpeg.getexif()[0x0112] == 6 and jpeg.size == image.size  # read as stored, not turned upright
+    assert torch.equal(eva_pixels([jpeg], 448), eva_pixels([jpeg.convert("RGB")], 448))
+
+
+def test_model_encode_images_reads_the_originals_pixels():
+    from blip3o import Blip3o
+
+    torch.manual_seed(0)
+    model = Blip3o.from_preset("debug")
+    image = in_mode(sample_image().resize((100, 60), Image.BICUBIC), "RGBA")
+    s = model.clip_encoder.image_size
+    expected = model.clip_encoder.tokens(original_pixels(image, s)[None])
+    assert torch.equal(model.encode_images([image]), expected)
+
+
+def test_eva_resizes_differentiable_pixels_only_at_its_size():
+    enc = _build(CLIP_ENCODER_PRESETS["debug-eva"]).requires_grad_(False)
     s = enc.image_size
-    wide = _pixels(1, s, 2 * s)  # short side already s: the resize is the identity, then a crop
-    assert torch.allclose(enc.encode(wide), enc.encode(wide[..., s // 2 : s // 2 + s]), atol=1e-6)
+    enc(_pixels(1, s, s).requires_grad_(True)).sum().backward()  # S x S: normalised, with a gradient
+    with pytest.raises(ValueError, match="8-bit"):
+        enc(_pixels(1, s, 2 * s).requires_grad_(True))
 
 
 def test_siglip2_patchify_matches_siglip_conv():

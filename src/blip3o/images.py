@@ -2,7 +2,9 @@
 
 Pixels inside the library are float tensors in [0, 1], shape (B, 3, H, W); PIL images are
 only the public edge. Each part that needs another range (CLIP normalisation, VAE [-1, 1])
-owns that conversion itself.
+owns that conversion itself, and so does each part that turns a PIL image into RGB: the
+understanding processor composites transparency on white as transformers does, the EVA-CLIP
+encoder drops alpha as the original's `convert("RGB")` does (`blip3o.clip_encoder.eva`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ MAX_PIXELS = 8192 * 8192
 
 
 def check_images(images: Sequence[Image.Image], *, name: str = "images") -> list[Image.Image]:
-    """Validate a list of PIL images and return them as RGB (alpha composited on white)."""
+    """Validate a list of PIL images (sizes, a mode with an RGB reading) and return them as a list,
+    unconverted: each reader of pixels converts them its own way (see the module docstring)."""
     if isinstance(images, Image.Image):
         raise TypeError(f"{name} must be a list of PIL images, got a single image: wrap it in a list")
     if not isinstance(images, Sequence) or len(images) == 0:
@@ -34,19 +37,19 @@ def check_images(images: Sequence[Image.Image], *, name: str = "images") -> list
             raise ValueError(f"{name}[{i}] is {w}x{h}: both sides must be at least {MIN_SIDE} px")
         if w * h > MAX_PIXELS:
             raise ValueError(f"{name}[{i}] is {w}x{h}: more than {MAX_PIXELS} pixels")
-        out.append(to_rgb(image, where=f"{name}[{i}]"))
+        if image.mode not in _CONVERTIBLE_MODES:
+            raise ValueError(
+                f"{name}[{i}] has mode {image.mode!r}, which has no unambiguous RGB form; "
+                f"convert it to 'RGB' first (supported: {sorted(_CONVERTIBLE_MODES)})"
+            )
+        out.append(image)
     return out
 
 
-def to_rgb(image: Image.Image, *, where: str = "image") -> Image.Image:
-    """RGB copy of `image`; transparent pixels become white, as a viewer would show them."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of a checked image; transparent pixels become white, as a viewer would show them."""
     if image.mode == "RGB":
         return image
-    if image.mode not in _CONVERTIBLE_MODES:
-        raise ValueError(
-            f"{where} has mode {image.mode!r}, which has no unambiguous RGB form; "
-            f"convert it to 'RGB' first (supported: {sorted(_CONVERTIBLE_MODES)})"
-        )
     if image.mode in ("RGBA", "LA", "PA", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -54,14 +57,11 @@ def to_rgb(image: Image.Image, *, where: str = "image") -> Image.Image:
     return image.convert("RGB")
 
 
-def pil_to_tensor(images: Sequence[Image.Image], size: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL images -> float tensor (B, 3, H, W) in [0, 1], resized (bicubic) to `size` if given."""
-    images = check_images(images)
-    if size is not None:
-        hw = (size, size) if isinstance(size, int) else size
-        images = [im if im.size == (hw[1], hw[0]) else im.resize((hw[1], hw[0]), Image.BICUBIC) for im in images]
+def pil_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> float tensor (B, 3, H, W) in [0, 1]; transparency on white (`to_rgb`)."""
+    images = [to_rgb(im) for im in check_images(images)]
     if len({im.size for im in images}) > 1:
-        raise ValueError("images have different sizes; pass `size` to resize them to one")
+        raise ValueError(f"images have different sizes {sorted({im.size for im in images})}; pass one size")
     arrays = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # (B, H, W, 3)
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255.0)
 

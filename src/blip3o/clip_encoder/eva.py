@@ -29,15 +29,17 @@ This module also holds `ClipEncoderBase`, the contract every encoder of the pack
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from blip3o.images import check_images, pil_to_tensor
+from blip3o.images import check_images, pil_to_tensor, tensor_to_pil
 
 OFFICIAL_PREFIX = "model.gen_vision_tower.vision_tower.model."
 # EVA-CLIP was trained on OpenAI-CLIP-normalised pixels (eva_clip_processors.py, constants.py).
@@ -72,24 +74,20 @@ def check_pixels(pixels: torch.Tensor) -> None:
             )
 
 
-def resize_pixels(pixels: torch.Tensor, size: int, center_crop: bool) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size), bicubic + antialias, clamped to [0, 1].
-
-    center_crop: scale the short side to `size` and crop the middle (keeps aspect, like the
-    EVA processor); otherwise squash both sides to `size` (like the SigLIP processor).
-    """
-    h, w = pixels.shape[-2:]
-    if (h, w) == (size, size):
+def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size), both sides squashed to `size` (the SigLIP processor's
+    resize) with bicubic + antialias, clamped to [0, 1]."""
+    if pixels.shape[-2:] == (size, size):
         return pixels
-    if center_crop and h != w:
-        scale = size / min(h, w)
-        hw = (max(size, round(h * scale)), max(size, round(w * scale)))
-    else:
-        hw = (size, size)
-    x = F.interpolate(pixels, size=hw, mode="bicubic", antialias=True, align_corners=False)
-    top, left = (hw[0] - size) // 2, (hw[1] - size) // 2
-    # Bicubic overshoots near edges; a uint8 image pipeline would clip there too.
-    return x[..., top : top + size, left : left + size].clamp(0, 1)
+    x = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 1)  # bicubic overshoots near edges; a uint8 image pipeline would clip there too
+
+
+def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) -> (pixels - mean) / std per channel, in the pixels' dtype (torchvision's `Normalize`)."""
+    mean_ = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std_ = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean_) / std_
 
 
 class ClipEncoderBase(nn.Module):
@@ -97,7 +95,6 @@ class ClipEncoderBase(nn.Module):
 
     MEAN: ClassVar[tuple[float, float, float]]  # normalisation the encoder was trained with
     STD: ClassVar[tuple[float, float, float]]
-    CENTER_CROP: ClassVar[bool]  # how a non-square input reaches image_size (see resize_pixels)
     num_tokens: int = NUM_TOKENS
     width: int
     image_size: int
@@ -110,10 +107,8 @@ class ClipEncoderBase(nn.Module):
         """[0, 1] pixels (B, 3, H, W) -> normalised (B, 3, S, S) on the encoder's device/dtype."""
         check_pixels(pixels)
         ref = next(self.parameters())
-        x = resize_pixels(pixels.to(ref.device, torch.float32), self.image_size, self.CENTER_CROP)
-        mean = torch.tensor(self.MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.STD, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(ref.dtype)
+        x = resize_pixels(pixels.to(ref.device, torch.float32), self.image_size)
+        return normalise(x, self.MEAN, self.STD).to(ref.dtype)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels (B, 3, H, W) -> tokens (B, 64, width), with gradients (for training)."""
@@ -125,8 +120,8 @@ class ClipEncoderBase(nn.Module):
         return self.tokens(self.prepare(pixels))
 
     @torch.no_grad()
-    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images (any sizes, any convertible mode) -> tokens (B, 64, width)."""
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images (any sizes, any convertible mode; transparency on white) -> tokens (B, 64, width)."""
         # One at a time: the images may differ in size, and each is resized like `encode` does.
         x = torch.cat([self.prepare(pil_to_tensor([im])) for im in check_images(images)])
         return self.tokens(x)
@@ -158,6 +153,50 @@ def pool_patch_tokens(x: torch.Tensor, stride: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # EVA-CLIP
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResizeCrop:
+    """How an image of some size reaches the EVA tower: resized to width x height, then the
+    size x size square whose top-left corner is (left, top) is kept."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+
+
+def resize_crop_plan(width: int, height: int, size: int) -> ResizeCrop:
+    """The original's torchvision `Resize(size, BICUBIC)` + `CenterCrop(size)` for a width x height image.
+
+    The short side becomes `size` and the long side `int(size * long / short)`, truncated as torchvision
+    computes it; the crop starts at `int(round((side - size) / 2))`, Python's round (half to even).
+    640x427 -> resized 671x448, crop at (112, 0).
+    """
+    short, long = min(width, height), max(width, height)
+    resized = int(size * long / short)
+    w, h = (size, resized) if width <= height else (resized, size)
+    return ResizeCrop(w, h, left=int(round((w - size) / 2)), top=int(round((h - size) / 2)))
+
+
+def eva_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """BLIP3-o's EVA-CLIP preprocessing (eva_clip_processors.py), pixel for pixel, without torchvision:
+    PIL images (any sizes) -> normalised pixels (B, 3, size, size), float32.
+
+    Each image is `convert("RGB")`-ed (alpha dropped, as the original does; EXIF orientation not applied),
+    resized with PIL's bicubic on the 8-bit image and cropped as `resize_crop_plan` says, then scaled by
+    1/255 and normalised with the OpenAI-CLIP mean and std (torchvision's ToTensor and Normalize).
+    """
+    out = []
+    for image in images:
+        rgb = image.convert("RGB")
+        plan = resize_crop_plan(rgb.width, rgb.height, size)
+        if rgb.size != (plan.width, plan.height):
+            rgb = rgb.resize((plan.width, plan.height), Image.BICUBIC)
+        rgb = rgb.crop((plan.left, plan.top, plan.left + size, plan.top + size))
+        out.append(torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1))  # (3, size, size)
+    x = torch.stack(out).float().div(255)  # (B, 3, size, size) in [0, 1]
+    return normalise(x, EVA_MEAN, EVA_STD)
 
 
 @dataclass
@@ -253,7 +292,6 @@ class EvaClipEncoder(ClipEncoderBase):
 
     MEAN = EVA_MEAN
     STD = EVA_STD
-    CENTER_CROP = True  # official processor: Resize(short side, bicubic) + CenterCrop
 
     def __init__(self, config: EvaClipConfig):
         super().__init__()
@@ -276,6 +314,32 @@ class EvaClipEncoder(ClipEncoderBase):
                     nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels (B, 3, H, W) -> normalised (B, 3, S, S), as `eva_pixels` makes them.
+
+        S x S pixels are only normalised (differentiable); any other size is read as the 8-bit image it
+        stands for and goes through `eva_pixels`, the original's resize and crop (no gradient).
+        """
+        check_pixels(pixels)
+        ref = next(self.parameters())
+        s = self.image_size
+        if pixels.shape[-2:] == (s, s):
+            return normalise(pixels.to(ref.device, torch.float32), self.MEAN, self.STD).to(ref.dtype)
+        if pixels.requires_grad:
+            raise ValueError(f"pixels of size {tuple(pixels.shape[-2:])} are resized as 8-bit images, which has no "
+                             f"gradient: pass {s}x{s} pixels to differentiate through the encoder")
+        return self.preprocess(tensor_to_pil(pixels)).to(ref.device, ref.dtype)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> normalised (B, 3, S, S) float32 on the CPU: `eva_pixels` at this tower's size."""
+        return eva_pixels(check_images(images), self.image_size)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images (any sizes, any convertible mode; alpha dropped as the original does) -> (B, 64, width)."""
+        ref = next(self.parameters())
+        return self.tokens(self.preprocess(images).to(ref.device, ref.dtype))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, S, S) -> last-block output (B, 1 + N, C), cls first (unpooled)."""

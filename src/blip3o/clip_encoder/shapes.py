@@ -91,7 +91,6 @@ class ShapesEncoder(ClipEncoderBase):
 
     MEAN = SHAPES_MEAN
     STD = SHAPES_STD
-    CENTER_CROP = False  # Shapes images are square; anything else is squashed
 
     def __init__(self, config: ShapesEncoderConfig):
         super().__init__()

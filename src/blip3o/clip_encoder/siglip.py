@@ -85,7 +85,6 @@ class SiglipEncoder(ClipEncoderBase):
 
     MEAN = SIGLIP_MEAN
     STD = SIGLIP_STD
-    CENTER_CROP = False  # SigLIP's processor resizes straight to (S, S)
 
     def __init__(self, config: SiglipEncoderConfig):
         super().__init__()
