@@ -80,16 +80,7 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
     to trade the 90-minute budget for a longer stage. OUT/model is written once the generation stage has
     run; timings.json keeps the times of every stage run so far.
     """
-    names = [s.stage for s in NANO_STAGES]
-    for name in stages or []:
-        if name not in names:
-            raise ValueError(f"unknown stage {name!r} in stages; the recipe's stages: {', '.join(names)}")
-    steps = dict(steps or {})
-    for name, n in steps.items():
-        if name not in names:
-            raise ValueError(f"unknown stage {name!r} in steps; the recipe's stages: {', '.join(names)}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"steps of stage {name!r} must be a positive integer, got {n!r}")
+    steps = check_recipe_arguments(stages, steps)
     out = Path(out)
     timings: dict[str, float] = {}  # seconds of what this call did: writing shards, training stages
     data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed, timings)
@@ -122,6 +113,22 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
         shutil.rmtree(final)
     shutil.copytree(init, final)
     return final
+
+
+def check_recipe_arguments(stages: list[str] | None, steps: dict[str, int] | None) -> dict[str, int]:
+    """Refuse, before any work, a stage the recipe does not have and a step count that is not a positive
+    integer; returns the steps set outright."""
+    names = [s.stage for s in NANO_STAGES]
+    for name in stages or []:
+        if name not in names:
+            raise ValueError(f"unknown stage {name!r} in stages; the recipe's stages: {', '.join(names)}")
+    steps = dict(steps or {})
+    for name, n in steps.items():
+        if name not in names:
+            raise ValueError(f"unknown stage {name!r} in steps; the recipe's stages: {', '.join(names)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"steps of stage {name!r} must be a positive integer, got {n!r}")
+    return steps
 
 
 def record_timings(out: Path, timings: dict[str, float]) -> None:

@@ -34,6 +34,9 @@ RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
 
 @dataclass
 class TrainConfig:
+    """One stage's run: what it starts from, its data, its optimiser and its stage options. The stage name and
+    its options are checked on construction (ValueError naming the option)."""
+
     stage: str  # clip | understanding | decoder | generation
     # what the stage starts from: "random:PRESET" (the preset's architecture, fresh random weights), "PRESET"
     # (the trained weights the package ships for it, as Blip3o.from_preset) or a model folder
@@ -168,6 +171,9 @@ def load_state(path: Path) -> dict:
 
 
 class Trainer:
+    """Runs one stage: `fit()` trains to config.steps (resuming out_dir/checkpoint when it exists) and writes
+    out_dir/model. `dataset[i]` must give global item i ({"image": PIL, "json": dict})."""
+
     def __init__(self, config: TrainConfig, dataset, *, model: Blip3o | None = None, world: World | None = None):
         self.config = config
         self.device = resolve_device(config.device)
@@ -237,8 +243,8 @@ class Trainer:
             diff = [f"{part}.{k}: checkpoint {theirs[part].get(k)!r} vs now {mine[part].get(k)!r}"
                     for part in mine for k in sorted(set(mine[part]) | set(theirs[part]))
                     if mine[part].get(k) != theirs[part].get(k)]
-            raise ValueError(f"refusing to resume {path}: it was written for a different config ({'; '.join(diff)}); "
-                             "use another out_dir or restore the config")
+            raise checkpoints.CheckpointError(f"refusing to resume {path}: it was written for a different config "
+                                              f"({'; '.join(diff)}); use another out_dir or restore the config")
         with torch.no_grad():
             for n, p in self.named_params:
                 p.copy_(state["params"][n])
