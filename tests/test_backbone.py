@@ -96,11 +96,12 @@ def test_training_condition_differentiates_only_the_queries_and_is_exact(backbon
 def test_negative_condition_is_img_then_queries(backbone, queries):
     negative = backbone.negative_condition(queries)
     assert negative.shape == (1, Q, backbone.hidden_size)
-    # Official CFG negative: the empty text untemplated, i.e. [IMG] + queries and nothing else.
-    img = backbone.model.get_input_embeddings()(torch.tensor([[backbone.img_token_id]]))  # (1, 1, H)
-    embeds = torch.cat([img, queries], dim=1)  # (1, 1 + Q, H)
+    # Official CFG negative: the one-space prompt untemplated, i.e. " " + [IMG] + queries and nothing else.
+    space = backbone.tokenizer([" "], add_special_tokens=False).input_ids[0]
+    ids = torch.tensor([[*space, backbone.img_token_id]])
+    embeds = torch.cat([backbone.model.get_input_embeddings()(ids), queries], dim=1)  # (1, P + Q, H)
     expected = backbone.model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    torch.testing.assert_close(negative, expected[:, 1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(negative, expected[:, -Q:], atol=1e-6, rtol=0)
 
 
 def test_gradients_reach_queries_not_backbone(backbone, queries):

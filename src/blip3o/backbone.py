@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ import torch
 import transformers
 from PIL import Image
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, TextStreamer
+from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, TextStreamer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from blip3o.checkpoints import CheckpointError
 from blip3o.images import check_images
 from blip3o.tokenizer import BLIP3O_SPECIAL_TOKENS, CHAT_TEMPLATE, SPECIAL_IDS, load_builtin_tokenizer
 
@@ -35,6 +37,9 @@ GENERATION_PROMPT = (
     "<|im_start|>assistant\n"
 )
 IMG_TOKEN = "[IMG]"
+DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # where a reply ends when no generation config says
+GENERATION_CONFIG = "generation_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 ROLES = ("system", "user", "assistant")
 # Ids of the control tokens the model config names, in Qwen2.5's own tokenizer ("checkpoint").
 QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_end|>": 151645, "<|vision_start|>": 151652,
@@ -67,7 +72,7 @@ class BackboneConfig:
     window_size: int = 112  # side, in pixels, of the windows of windowed-attention blocks
     # Blocks that attend over the whole image instead of within windows.
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
-    # --- processor ---
+    # --- processor (a folder's preprocessor_config.json, where it has one, configures it instead) ---
     min_pixels: int = 56 * 56  # smaller images are upscaled to at least this many pixels
     max_pixels: int = 28 * 28 * 1280  # larger images are downscaled to at most this many pixels
     # --- tokenizer ---
@@ -167,6 +172,11 @@ BACKBONE_PRESETS: dict[str, BackboneConfig] = {
 }
 
 
+class CannotGenerate(CheckpointError):
+    """The model was loaded from a folder without image-generation parts (a stock Qwen2.5-VL); it answers
+    questions about images, and this is what asking it to generate one raises."""
+
+
 class BackboneProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL's processor for images and text only (no video processor: that needs torchvision)."""
 
@@ -192,45 +202,62 @@ class _CallbackStreamer(TextStreamer):
             self.on_text(text)
 
 
-def stripped_stream(on_text: Callable[[str], None]) -> Callable[[str], None]:
-    """Wrap a streaming callback so that the pieces it receives concatenate to the stripped reply
-    `chat` returns: leading whitespace is dropped, other whitespace held back until text follows it."""
-    started, held = False, ""
-
-    def forward(piece: str) -> None:
-        nonlocal started, held
-        text = held + piece if started else (held + piece).lstrip()
-        body = text.rstrip()
-        held, started = text[len(body):], started or bool(body)
-        if body:
-            on_text(body)
-
-    return forward
-
-
 class Backbone(nn.Module):
     """Qwen2.5-VL wrapped for BLIP3-o: `condition` for generation, `answer`/`chat` for understanding."""
 
-    def __init__(self, config: BackboneConfig, tokenizer_dir: str | Path | None = None):
+    def __init__(self, config: BackboneConfig, tokenizer_dir: str | Path | None = None, *,
+                 generates: bool = True):
+        """`tokenizer_dir`: the folder of the tokenizer, and of the `preprocessor_config.json` and
+        `generation_config.json` that configure understanding where the folder has them (as transformers'
+        `from_pretrained` reads them). `generates` False: a stock Qwen2.5-VL, which has no BLIP3-o tokens and
+        refuses to condition image generation."""
         super().__init__()
         self.config = config
+        self.generates = generates
         self.model = Qwen2_5_VLForConditionalGeneration(config.to_hf())
         self.tokenizer = self.processor = self.img_token_id = None
+        self.stop_ids: list[int] = []  # generation ends at any of these unless the caller names others
         if config.tokenizer == "builtin" or tokenizer_dir is not None:
-            self.set_tokenizer(_load_tokenizer(config, tokenizer_dir))
+            folder = None if tokenizer_dir is None else Path(tokenizer_dir)
+            self.set_tokenizer(_load_tokenizer(config, folder, add_blip3o_tokens=generates),
+                               _image_processor(config, folder), _chat_template(folder))
+            if folder is not None and (folder / GENERATION_CONFIG).is_file():
+                self.use_generation_config(GenerationConfig.from_pretrained(str(folder), local_files_only=True))
 
-    def set_tokenizer(self, tokenizer) -> None:
-        """Attach a tokenizer (and the processor built on it) after checking it fits the model."""
+    def set_tokenizer(self, tokenizer, image_processor=None, chat_template: str | None = None) -> None:
+        """Attach a tokenizer and the processor built on it (the config's image processor unless one is
+        given), after checking both fit the model."""
         _check_tokenizer(tokenizer, self.config)
-        c = self.config
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=c.min_pixels, max_pixels=c.max_pixels, patch_size=c.patch_size,
-            temporal_patch_size=c.temporal_patch_size, merge_size=c.spatial_merge_size,
-        )
+        image_processor = image_processor or _image_processor(self.config, None)
+        _check_image_processor(image_processor, self.config)
         self.tokenizer = tokenizer
         self.processor = BackboneProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                           chat_template=tokenizer.chat_template)
-        self.img_token_id = tokenizer.convert_tokens_to_ids(IMG_TOKEN)
+                                           chat_template=chat_template or tokenizer.chat_template)
+        self.img_token_id = tokenizer.convert_tokens_to_ids(IMG_TOKEN) if self.generates else None
+        self.stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in DEFAULT_STOP_TOKENS]
+
+    def use_generation_config(self, config: GenerationConfig) -> None:
+        """Answer with `config`'s settings (a folder's generation_config.json) where a call names none, and
+        stop at its eos tokens."""
+        self.model.generation_config = config
+        if config.eos_token_id is not None:
+            eos = config.eos_token_id
+            self.stop_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @property
+    def pixel_bounds(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels): the processor resizes each image to a pixel count between them."""
+        size = self.processor.image_processor.size
+        return size.shortest_edge, size.longest_edge
+
+    def _require_generation(self) -> None:
+        self._require_tokenizer()
+        if not self.generates:
+            raise CannotGenerate(
+                "this backbone is a stock Qwen2.5-VL: it understands images but has none of BLIP3-o's generation "
+                "parts (the [IMG] token, trained queries, DiT and decoder), so it cannot generate images; load a "
+                "BLIP3-o folder to generate"
+            )
 
     def _require_tokenizer(self) -> None:
         if self.tokenizer is None:
@@ -260,7 +287,7 @@ class Backbone(nn.Module):
         final-norm hidden states. Not wrapped in no_grad: gradients reach `queries`.
         """
         prompts = check_prompts(prompts)
-        self._require_tokenizer()
+        self._require_generation()
         texts = [GENERATION_PROMPT.format(prompt=p) for p in prompts]
         return self._hidden_at_queries(texts, _check_queries(queries, self.hidden_size))
 
@@ -270,7 +297,7 @@ class Backbone(nn.Module):
         The original's pipeline conditions it on `[" "]` *without* the chat template, so the sequence is
         the one space (Qwen's `Ġ`), `[IMG]`, then the queries.
         """
-        self._require_tokenizer()
+        self._require_generation()
         return self._hidden_at_queries([NEGATIVE_PROMPT], _check_queries(queries, self.hidden_size))
 
     def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor) -> torch.Tensor:
@@ -319,18 +346,8 @@ class Backbone(nn.Module):
                  **{_cache_argument(type(lm)): past})
         return out.last_hidden_state[:, -queries.shape[1]:]  # (B, Q, H)
 
-    def answer(
-        self,
-        images: list[Image.Image | None],
-        questions: list[str],
-        *,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[str]:
-        """One question per image (None: text only); returns B answers."""
+    def answer(self, images: list[Image.Image | None], questions: list[str], **options) -> list[str]:
+        """One question per image (None: text only); returns B answers. `options`: those of `chat`."""
         questions = check_prompts(questions, name="questions")
         if not _is_list(images) or len(images) != len(questions):
             raise ValueError(
@@ -343,8 +360,7 @@ class Backbone(nn.Module):
                                                                  {"type": "text", "text": q}]}]
             for im, q in zip(images, questions, strict=True)
         ]
-        return self.chat(conversations, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                         temperature=temperature, top_p=top_p, seed=seed)
+        return self.chat(conversations, **options)
 
     @torch.no_grad()
     def chat(
@@ -352,37 +368,84 @@ class Backbone(nn.Module):
         conversations: list[list[dict]],
         *,
         max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        stop_tokens: Sequence[str] | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> list[str]:
-        """The next assistant reply of each conversation (batched, left padded).
+        """The next assistant reply of each conversation (batched, left padded), as decoded (not stripped).
 
-        `on_text` (one conversation only) receives the reply as it is generated, in pieces of whole
-        words where possible; their concatenation is the reply before stripping (wrap the callback
-        in `stripped_stream` to receive exactly the returned reply).
+        Sampling options left None come from the model's generation config (a folder's generation_config.json;
+        greedy without one); sampling without a top_k from either draws from the whole distribution (top_k 0).
+        `min_pixels`/`max_pixels` bound each image's pixel count for this call (default: `pixel_bounds`).
+        `stop_tokens` end a reply (default: the generation config's eos tokens, else <|im_end|> and
+        <|endoftext|>). `on_text` (one conversation only) receives the reply as it is generated, in pieces of
+        whole words where possible, which concatenate to the returned reply.
         """
         self._require_tokenizer()
         if on_text is not None and len(conversations) != 1:
             raise ValueError(f"on_text streams one conversation; got {len(conversations)}")
-        texts, images = self._render(conversations)
-        inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                return_tensors="pt").to(self.device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
-        stop = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        inputs = self.inputs(conversations, min_pixels=min_pixels, max_pixels=max_pixels)
+        options = self.generate_options(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                                        stop_tokens=stop_tokens)
         # A private RNG stream: seeded sampling is reproducible and the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                **inputs, max_new_tokens=max_new_tokens, **options,
                 streamer=None if on_text is None else _CallbackStreamer(self.tokenizer, on_text),
             )  # (B, L + new)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def inputs(self, conversations: list[list[dict]], *, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> transformers.BatchFeature:
+        """What the model reads for these conversations: input_ids and attention_mask (B, L), left padded, and
+        for their images pixel_values (patches, C * T * P * P) and image_grid_thw (images, 3), on the device."""
+        texts, images = self._render(conversations)
+        size = self._size(min_pixels, max_pixels)
+        return self.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                              return_tensors="pt", **size).to(self.device)
+
+    def _size(self, min_pixels: int | None, max_pixels: int | None) -> dict:
+        """The processor's `size` for pixel bounds other than its own; {} for its own."""
+        if min_pixels is None and max_pixels is None:
+            return {}
+        low, high = self.pixel_bounds
+        low, high = low if min_pixels is None else min_pixels, high if max_pixels is None else max_pixels
+        for name, value in (("min_pixels", low), ("max_pixels", high)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if low > high:
+            raise ValueError(f"min_pixels {low} is above max_pixels {high}")
+        return {"size": {"shortest_edge": low, "longest_edge": high}}
+
+    def generate_options(self, *, stop_tokens: Sequence[str] | None = None, **sampling) -> dict:
+        """generate()'s options: the sampling settings given (not None) over the generation config's, the
+        stop ids, and the pad id."""
+        options = {k: v for k, v in sampling.items() if v is not None}
+        config = self.model.generation_config
+        if options.get("do_sample", config.do_sample) and config.top_k is None:
+            options.setdefault("top_k", 0)  # no top-k cut unless a generation config asks for one
+        if stop_tokens is None:
+            options["eos_token_id"] = self.stop_ids
+        else:
+            options["eos_token_id"] = [self._token_id(t) for t in stop_tokens]
+        if config.pad_token_id is None:
+            options["pad_token_id"] = self.tokenizer.pad_token_id
+        return options
+
+    def _token_id(self, token: str) -> int:
+        ids = self.tokenizer.convert_tokens_to_ids([token])
+        if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
+            raise ValueError(f"stop token {token!r} is not a token of this tokenizer")
+        return ids[0]
 
     def _render(self, conversations: list[list[dict]]) -> tuple[list[str], list[Image.Image]]:
         """Chat-template texts (one per conversation) and all their images, in order."""
@@ -391,7 +454,8 @@ class Backbone(nn.Module):
         texts, images = [], []
         for i, conversation in enumerate(conversations):
             messages, conv_images = _check_conversation(conversation, where=f"conversations[{i}]")
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.processor.chat_template,
+                                                      tokenize=False, add_generation_prompt=True)
             texts.append(text)
             images.extend(conv_images)
         return texts, images
@@ -433,7 +497,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return positions.unsqueeze(0).expand(3, -1, -1)  # (3, B, L)
 
 
-def _load_tokenizer(config: BackboneConfig, tokenizer_dir: str | Path | None):
+def _load_tokenizer(config: BackboneConfig, tokenizer_dir: Path | None, *, add_blip3o_tokens: bool = True):
     if config.tokenizer == "builtin":
         if tokenizer_dir is not None:
             raise ValueError("this config uses the builtin tokenizer; do not pass tokenizer_dir")
@@ -443,12 +507,44 @@ def _load_tokenizer(config: BackboneConfig, tokenizer_dir: str | Path | None):
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     # As BLIP3-o's training script: [IMG], [/IMG], <image> appended after Qwen's 151665 tokens.
     missing = [t for t in BLIP3O_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
+    if missing and add_blip3o_tokens:
         tokenizer.add_tokens(missing, special_tokens=True)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def _image_processor(config: BackboneConfig, folder: Path | None) -> Qwen2VLImageProcessorPil:
+    """The folder's image processor as `from_pretrained` configures it (its preprocessor_config.json, the
+    class defaults where it says nothing); the config's pixel bounds and patch sizes without one."""
+    if folder is not None and (folder / PREPROCESSOR_CONFIG).is_file():
+        return Qwen2VLImageProcessorPil.from_pretrained(str(folder), local_files_only=True)
+    return Qwen2VLImageProcessorPil(
+        min_pixels=config.min_pixels, max_pixels=config.max_pixels, patch_size=config.patch_size,
+        temporal_patch_size=config.temporal_patch_size, merge_size=config.spatial_merge_size,
+    )
+
+
+def _chat_template(folder: Path | None) -> str | None:
+    """The processor's chat template a folder holds (chat_template.jinja or chat_template.json), if any."""
+    if folder is None:
+        return None
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def _check_image_processor(image_processor, config: BackboneConfig) -> None:
+    """The processor's patches must be the vision tower's."""
+    pairs = (("patch_size", config.patch_size), ("temporal_patch_size", config.temporal_patch_size),
+             ("merge_size", config.spatial_merge_size))
+    wrong = [f"{name} {getattr(image_processor, name)} (the model's {expected})" for name, expected in pairs
+             if getattr(image_processor, name) != expected]
+    if wrong:
+        raise CheckpointError(f"the image processor does not fit the vision tower: {', '.join(wrong)}")
 
 
 def _check_tokenizer(tokenizer, config: BackboneConfig) -> None:

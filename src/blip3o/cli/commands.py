@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from blip3o.cli.errors import EXIT_OK, BadInput, user_input
@@ -106,9 +106,26 @@ def run_ask(args: argparse.Namespace) -> int:
                        "or --questions-file FILE")
     image = open_image(Path(args.image), "IMAGE")
     model = load_for_command(args)
-    (answer,) = model.answer([image], [args.question], max_new_tokens=args.max_new_tokens)
-    print(answer)
+    (answer,) = model.answer([image], [args.question], max_new_tokens=args.max_new_tokens, **pixel_bounds(args))
+    print(answer.strip())  # the answer as decoded may begin or end with whitespace: not shown
     return EXIT_OK
+
+
+def pixel_bounds(args: argparse.Namespace) -> dict:
+    """--min-pixels/--max-pixels as `answer`/`chat` options (checked before the model loads); {} if not given."""
+    check_positive(args, "min_pixels", "max_pixels")
+    if None not in (args.min_pixels, args.max_pixels) and args.min_pixels > args.max_pixels:
+        raise BadInput(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
+    return {k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k) is not None}
+
+
+PIXEL_FLAGS = (
+    flag("--min-pixels", type=int, default=None,
+         help="resize each image to at least this many pixels (default: the model's processor's)"),
+    flag("--max-pixels", type=int, default=None,
+         help="resize each image to at most this many pixels (default: the model's processor's; a Qwen2.5-VL "
+              "folder's preprocessor_config.json sets it)"),
+)
 
 
 def ask_questions_file(args: argparse.Namespace) -> int:
@@ -116,13 +133,15 @@ def ask_questions_file(args: argparse.Namespace) -> int:
     records = read_jsonl(args.questions_file, {"image": str, "question": str})
     paths = [question_image(args.questions_file, number, record) for number, record in enumerate(records, 1)]
     check_positive(args, "batch_size")
+    bounds = pixel_bounds(args)
     model = load_for_command(args)
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout must stay open
     try:
         batches = list(chunks(list(zip(records, paths, strict=True)), args.batch_size))
         for batch in progress(batches, desc="ask", unit="batch"):
             images = [open_image(path, f"{args.questions_file}: {path}") for _, path in batch]
-            answers = model.answer(images, [r["question"] for r, _ in batch], max_new_tokens=args.max_new_tokens)
+            answers = model.answer(images, [r["question"] for r, _ in batch], max_new_tokens=args.max_new_tokens,
+                                   **bounds)
             for (record, _), answer in zip(batch, answers, strict=True):
                 out.write(json.dumps({**record, "answer": answer}) + "\n")
             out.flush()
@@ -158,14 +177,14 @@ def ask_command() -> Command:
         flag("--out", help="where --questions-file's answers go (JSON lines; default: standard output)"),
         flag("--batch-size", type=int, default=8, help="questions per model call (default 8)"),
         flag("--max-new-tokens", type=int, default=64),
-        *model_flags(),
+        *PIXEL_FLAGS, *model_flags(),
     ), refusals=(
         Refusal(("image", "question"), lambda a: bool(a.questions_file),
                 "cannot go with --questions-file: give IMAGE QUESTION or --questions-file, not both"),
         Refusal(("out", "batch_size"), lambda a: not a.questions_file, file_only),
     ), epilog=(
         "--questions-file: JSON lines with `image` (a path: relative to the working folder, else to the file's\n"
-        "folder) and `question`; each output line is the same object plus `answer`.\n\n"
+        "folder) and `question`; each output line is the same object plus `answer` (as decoded).\n\n"
         "examples:\n"
         '  blip3o ask photo.png "how many circles are there?"\n'
         "  blip3o ask --questions-file questions.jsonl --out answers.jsonl"))
@@ -178,6 +197,7 @@ CHAT_HELP = "type a message; /image PATH attaches an image to your next message,
 
 def run_chat(args: argparse.Namespace) -> int:
     attached = [open_image(Path(p), "--image") for p in args.image]
+    pixel_bounds(args)
     model = load_for_command(args)
     print(f"chatting with {args.model}: {CHAT_HELP}")
     history: list[dict] = []
@@ -223,28 +243,46 @@ def attach(path: str) -> list:
 
 def chat_turn(model, history: list[dict], attached: list, line: str, args: argparse.Namespace) -> None:
     """Send `line` (with the attached images) and print the reply word by word as the model writes it."""
-    from blip3o.backbone import stripped_stream
-
     content = [{"type": "image", "image": im} for im in attached] + [{"type": "text", "text": line}]
     history.append({"role": "user", "content": content if attached else line})
-    sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else {}
+    if args.temperature is None:  # the model's generation config decides
+        sampling = {}
+    else:
+        sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else {"do_sample": False}
     print("blip3o> ", end="", flush=True)
-    (reply,) = model.chat([history], max_new_tokens=args.max_new_tokens, seed=args.seed,
+    (reply,) = model.chat([history], max_new_tokens=args.max_new_tokens, seed=args.seed, **pixel_bounds(args),
                           on_text=stripped_stream(lambda piece: print(piece, end="", flush=True)), **sampling)
-    history.append({"role": "assistant", "content": reply})
+    history.append({"role": "assistant", "content": reply})  # as decoded: the model reads its own words back
     print(flush=True)
+
+
+def stripped_stream(on_text: Callable[[str], None]) -> Callable[[str], None]:
+    """Wrap a streaming callback for display: the pieces it receives concatenate to the reply without the
+    whitespace at its edges (leading whitespace dropped, other whitespace held back until text follows)."""
+    started, held = False, ""
+
+    def forward(piece: str) -> None:
+        nonlocal started, held
+        text = held + piece if started else (held + piece).lstrip()
+        body = text.rstrip()
+        held, started = text[len(body):], started or bool(body)
+        if body:
+            on_text(body)
+
+    return forward
 
 
 def chat_command() -> Command:
     return Command(("chat",), "chat about images in the terminal", run_chat, flags=(
         flag("--image", action="append", default=[], help="attach an image to the first message"),
         flag("--max-new-tokens", type=int, default=128),
-        flag("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling"),
-        flag("--seed", type=int, default=None, help="seed of the sampled replies (--temperature above 0)"),
-        *model_flags(),
+        flag("--temperature", type=float, default=None,
+             help="0: greedy; above 0: sampling; default: the model's generation config (greedy without one)"),
+        flag("--seed", type=int, default=None, help="seed of sampled replies"),
+        *PIXEL_FLAGS, *model_flags(),
     ), refusals=(
-        Refusal(("seed",), lambda a: a.temperature <= 0,
-                "applies to sampled replies only (--temperature above 0); greedy replies draw no random numbers"),
+        Refusal(("seed",), lambda a: a.temperature is not None and a.temperature <= 0,
+                "applies to sampled replies only; --temperature 0 is greedy and draws no random numbers"),
     ), epilog=(
         "in the chat: /image PATH attaches an image to your next message, /reset starts a new conversation,\n"
         "/quit (or Ctrl-D) leaves.\n\nexample:\n  blip3o chat --image photo.png"))
@@ -284,10 +322,12 @@ def run_info(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from blip3o.server import Blip3oService, ServerConfig, create_app, serve
 
+    pixel_bounds(args)  # checked here, so that a bad bound is named by its flag
     with user_input():
         config = ServerConfig(allow_dirs=args.allow_dir, max_queue=args.max_queue,
                               max_batch_images=args.max_batch_images, batch_window_ms=args.batch_window_ms,
-                              request_timeout_s=args.timeout)
+                              request_timeout_s=args.timeout, chat_min_pixels=args.min_pixels,
+                              chat_max_pixels=args.max_pixels)
     for folder in config.allow_dirs:
         if not folder.is_dir():
             raise BadInput(f"--allow-dir {folder}: no such folder")
@@ -309,7 +349,7 @@ def run_demo(args: argparse.Namespace) -> int:
     image.save(path)
     print(f"[{args.model}] generated {path} for {args.prompt!r}")
     (answer,) = model.answer([image], [args.question])
-    print(f"[{args.model}] Q: {args.question}\n[{args.model}] A: {answer}")
+    print(f"[{args.model}] Q: {args.question}\n[{args.model}] A: {answer.strip()}")
     return EXIT_OK
 
 
@@ -335,7 +375,7 @@ def serve_command() -> Command:
         flag("--batch-window-ms", type=float, default=10.0, help="time to gather a batch (default 10)"),
         flag("--timeout", type=float, default=120.0, help="seconds before a request gets 504 (default 120)"),
         flag("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
-        *model_flags(), *SPEED_FLAGS,
+        *PIXEL_FLAGS, *model_flags(), *SPEED_FLAGS,
     ), epilog=(
         "routes: POST /v1/images/generations, POST /v1/chat/completions, GET /v1/models, GET /health,\n"
         "GET /metrics (Prometheus), GET / (the web page)\n\n"

@@ -24,6 +24,9 @@ class ServerConfig:
     max_body_bytes: int = 48 * MIB  # one HTTP request body (base64 images inflate by 4/3)
     max_tokens: int = 2048  # the largest `max_tokens` a chat request may ask for
     default_max_tokens: int = 256  # reply length when a chat request names none
+    # the pixel count each chat image is resized into; None: the model's processor's (`Backbone.pixel_bounds`)
+    chat_min_pixels: int | None = None
+    chat_max_pixels: int | None = None
     # Local image files (`file://` URLs or absolute paths) are read only under these folders.
     allow_dirs: list[Path] = field(default_factory=list)
     # --- scheduling ---
@@ -37,5 +40,9 @@ class ServerConfig:
         self.allow_dirs = [Path(d).expanduser().resolve() for d in self.allow_dirs]
         if self.max_batch_images < self.max_n:
             raise ValueError(f"max_batch_images ({self.max_batch_images}) must be >= max_n ({self.max_n})")
+        bounds = [v for v in (self.chat_min_pixels, self.chat_max_pixels) if v is not None]
+        if any(v <= 0 for v in bounds) or (len(bounds) == 2 and bounds[0] > bounds[1]):
+            raise ValueError(f"chat_min_pixels ({self.chat_min_pixels}) and chat_max_pixels ({self.chat_max_pixels}) "
+                             "must be positive, chat_min_pixels at most chat_max_pixels")
         if self.max_queue < 1 or self.request_timeout_s <= 0 or self.batch_window_ms < 0:
             raise ValueError("max_queue must be >= 1, request_timeout_s > 0 and batch_window_ms >= 0")

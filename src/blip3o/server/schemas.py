@@ -43,7 +43,7 @@ class ChatCompletionRequest(_Body):
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # newer clients' name for max_tokens
-    temperature: float | None = None  # omitted or 0: greedy decoding
+    temperature: float | None = None  # 0: greedy; omitted: the model's generation config (greedy without one)
     top_p: float | None = None
     seed: int | None = None
     n: int = 1

@@ -52,7 +52,7 @@ class ChatTask:
 
     conversation: list[dict]  # Blip3o.chat's format: images as PIL
     max_new_tokens: int
-    temperature: float  # 0: greedy
+    temperature: float | None  # None: the model's generation config; 0: greedy
     top_p: float
     seed: int | None
     on_text: Callable[[str], None] | None = None  # streaming: receives the reply as it is generated
@@ -123,13 +123,11 @@ class Blip3oService:
         Validation and queueing happen before this returns, so a bad request or a full queue is a
         plain JSON error with its status; a failure after the stream began arrives as an `error` event.
         """
-        from blip3o.backbone import stripped_stream
-
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         task = await asyncio.to_thread(self._chat_task, request)
-        # pieces arrive stripped at the edges: together they are exactly the reply chat_completion returns
-        task = replace(task, on_text=stripped_stream(lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)))
+        # together the pieces are exactly the reply chat_completion returns (as decoded)
+        task = replace(task, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
         future = self._enqueue(("chat",), task, batchable=False)
         return self._chat_events(future, pieces)
 
@@ -217,8 +215,8 @@ class Blip3oService:
                        min(c.default_max_tokens, c.max_tokens))
         if not 1 <= max_new <= c.max_tokens:
             raise bad_request(f"max_tokens must be between 1 and {c.max_tokens}, got {max_new}", "max_tokens")
-        temperature = r.temperature or 0.0
-        if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        temperature = r.temperature
+        if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
             raise bad_request(f"temperature must be between 0 and 2, got {temperature}", "temperature")
         top_p = 1.0 if r.top_p is None else r.top_p
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
@@ -328,7 +326,14 @@ class Blip3oService:
         return out
 
     def _run_chat(self, task: ChatTask) -> ChatReply:
-        sampling = dict(do_sample=True, temperature=task.temperature, top_p=task.top_p) if task.temperature else {}
+        c = self.config
+        if task.temperature is None:  # the model's generation config decides
+            sampling = {}
+        elif task.temperature == 0:
+            sampling = dict(do_sample=False)
+        else:
+            sampling = dict(do_sample=True, temperature=task.temperature, top_p=task.top_p)
+        sampling.update(min_pixels=c.chat_min_pixels, max_pixels=c.chat_max_pixels)
         (text,) = self.model.chat([task.conversation], max_new_tokens=task.max_new_tokens, seed=task.seed,
                                   on_text=task.on_text, **sampling)
         # a reply as long as the budget was cut there ("length"); a shorter one ended on its own ("stop")
