@@ -37,6 +37,10 @@ GENERATION_PROMPT = (
     "<|im_start|>assistant\n"
 )
 IMG_TOKEN = "[IMG]"
+# The original trains generation on the conversation with its assistant message emptied, which the chat template
+# closes, and its collator appends [IMG] and one `<image>` slot per query (`Backbone.training_sequence`).
+CLOSED_TURN = "<|im_end|>\n"
+QUERY_SLOT = "<image>"
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # where a reply ends when no generation config says
 GENERATION_CONFIG = "generation_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -299,6 +303,40 @@ class Backbone(nn.Module):
         """
         self._require_generation()
         return self._hidden_at_queries([NEGATIVE_PROMPT], _check_queries(queries, self.hidden_size))
+
+    def training_sequence(self, prompts: list[str], num_queries: int) -> tuple[torch.Tensor, ...]:
+        """The original's training sequence for generation, right padded with the pad token:
+
+            GENERATION_PROMPT + CLOSED_TURN + [IMG] + num_queries x QUERY_SLOT + padding
+
+        Returns token ids (B, L), the attention mask (B, L) and the query slots (B, L) bool (positional, so
+        a caption's own text never makes a slot).
+        """
+        prompts = check_prompts(prompts)
+        self._require_generation()
+        slot = self.tokenizer.convert_tokens_to_ids(QUERY_SLOT)
+        rows = [self.tokenizer(GENERATION_PROMPT.format(prompt=p) + CLOSED_TURN, add_special_tokens=False).input_ids
+                + [self.img_token_id] for p in prompts]
+        ids = torch.full((len(rows), max(map(len, rows)) + num_queries), self.tokenizer.pad_token_id)  # (B, L)
+        mask, slots = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            n = len(row)
+            ids[b, :n + num_queries] = torch.tensor(row + [slot] * num_queries)
+            mask[b, :n + num_queries] = 1
+            slots[b, n:n + num_queries] = True
+        return ids, mask, slots
+
+    def training_condition(self, prompts: list[str], queries: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (B, Q, H) at the query slots of `training_sequence`, the queries (1, Q, H)
+        placed at the slots; gradients reach `queries`. One pass over the whole sequence, as the original
+        trains (the right padding comes after the slots, which the causal attention keeps from reading it)."""
+        prompts, queries = check_prompts(prompts), _check_queries(queries, self.hidden_size)
+        ids, mask, slots = (x.to(self.device) for x in self.training_sequence(prompts, queries.shape[1]))
+        embeds = self.model.get_input_embeddings()(ids)  # (B, L, H)
+        embeds = embeds.masked_scatter(slots[..., None], queries.to(embeds.dtype).expand(len(prompts), -1, -1))
+        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                              position_ids=positions_from_mask(mask), use_cache=False)
+        return out.last_hidden_state[slots].view(len(prompts), queries.shape[1], -1)
 
     def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor) -> torch.Tensor:
         """texts (B) + [IMG] + queries (1, Q, H) -> final-norm hidden states at the queries (B, Q, H)."""

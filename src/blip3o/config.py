@@ -20,6 +20,8 @@ FORMAT_VERSION = 1  # of the native folder (config.json "format_version")
 # DiT fields that older native folders hold and that no longer exist: read when they hold the value that meant
 # "off" (what the model computes then is unchanged), refused otherwise
 RETIRED_DIT_FIELDS = {"ffn_dim_multiplier": None, "token_whitening": 0.0, "absolute_position": False, "data_std": 1.0}
+TRAIN_LAYOUTS = ("generation_prompt", "closed_turn")  # Blip3oConfig.train_layout
+TRAIN_TIMESTEPS = ("uniform", "scheduler_grid")  # Blip3oConfig.train_timesteps
 
 
 @dataclass
@@ -38,6 +40,14 @@ class Blip3oConfig:
     # the decoder's CFG negative: "empty_prompt" = tokens generated for " " (Emu2-Gen / official), or
     # "zeros" = the all-zero condition the decoder saw under condition dropout in training
     decoder_negative: str = "empty_prompt"
+    # How the generation stage trains (blip3o.train.objective). train_layout: the sequence the queries are read
+    # in, "generation_prompt" (the one generation reads: [IMG] and the queries after the open assistant turn)
+    # or "closed_turn" (the original's training: the assistant turn emptied and closed, then [IMG] and the
+    # queries). train_timesteps: "uniform" (continuous t) or "scheduler_grid" (the original's 1000-step
+    # scheduler grid, blip3o.flow.grid_times). The official presets and folders name the original's; a
+    # folder whose config.json names neither trains with the generation prompt and continuous t.
+    train_layout: str = "generation_prompt"
+    train_timesteps: str = "uniform"
     extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
 
     def __post_init__(self) -> None:
@@ -54,6 +64,10 @@ class Blip3oConfig:
             problems.append(f"decoder_negative must be 'empty_prompt' or 'zeros', got {self.decoder_negative!r}")
         if self.num_queries != self.dit.num_tokens:
             problems.append(f"num_queries {self.num_queries} != DiT tokens {self.dit.num_tokens}")
+        if self.train_layout not in TRAIN_LAYOUTS:
+            problems.append(f"train_layout {self.train_layout!r} is not one of {', '.join(TRAIN_LAYOUTS)}")
+        if self.train_timesteps not in TRAIN_TIMESTEPS:
+            problems.append(f"train_timesteps {self.train_timesteps!r} is not one of {', '.join(TRAIN_TIMESTEPS)}")
         if self.sampler not in SOLVERS:
             problems.append(f"sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}")
         if not 0.0 <= self.eta <= 1.0:

@@ -47,7 +47,9 @@ class DiTConfig:
     qk_norm: bool = True  # LayerNorm over all heads of q and k (Lumina's "layer_norm_across_heads")
     cond_size: int = 3584  # H, width of the backbone hidden states that condition the DiT
     rope_theta: float = 10000.0
-    quantize_timesteps: bool = False  # official inference casts 1000*t to an integer; True reproduces that
+    # official inference casts 1000*t to an integer; True reproduces that when sampling (training reads t as
+    # drawn, as the original's training does: DiT.loss)
+    quantize_timesteps: bool = False
     # initial value of the per-head cross-attention gates (tanh(gate) scales cross-attention). Lumina-Next
     # starts at 0, made for adding text to a pretrained model; from scratch an open gate lets the DiT use
     # its condition from the first steps (a shut gate and untrained cross-attention are a slow saddle).
@@ -483,8 +485,12 @@ class DiT(nn.Module):
         return [block.norm1.modulation(c) for block in self.layers], self.norm_out.scale(c)
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The time the time embedding reads: t, or floor(1000 t) / 1000 with `quantize_timesteps`."""
+        """The time the time embedding reads when sampling: t, or floor(1000 t) / 1000 with `quantize_timesteps`."""
         return torch.floor(t * 1000) / 1000 if self.config.quantize_timesteps else t
+
+    def training_modulation(self, t: torch.Tensor, cond: Condition) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The modulations (`predict`'s `modulation`) at times t (B,) exactly as given: training's time."""
+        return self.modulations(self.time_caption_embed(t, cond.context, cond.mask))
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition,
                  x_0_previous: torch.Tensor | None = None,
@@ -540,12 +546,15 @@ class DiT(nn.Module):
         self_condition (B,) bool, for a self-conditioned DiT: the samples that read the clean estimate of a
         first, gradient-free pass (the others read zeros, as the first sampling step does). None: all zeros.
         with_estimate: also return the clean estimate x_0 (B, N, C), with its graph.
+
+        The time embedding reads path.t, the time the noisy input used, never floored: `quantize_timesteps`
+        reproduces the original's inference, while its training reads 1000 sigma unrounded.
         """
         prepared = self.prepare_condition(cond)
         previous = None
         if self.self_condition is not None and self_condition is not None and bool(self_condition.any()):
             previous = self.first_pass_estimate(path, prepared, self_condition)
-        out = self.predict(path.x_t, path.t, prepared, previous)
+        out = self.predict(path.x_t, path.t, prepared, previous, self.training_modulation(path.t, prepared))
         if self.config.prediction == "velocity":
             loss = flow_matching_loss(out, path)
         else:
@@ -557,8 +566,8 @@ class DiT(nn.Module):
         """Self-conditioning's gradient-free first pass, run only for the rows (B,) bool that read it (every row
         is independent); the other rows' estimate is zeros."""
         index = rows.nonzero()[:, 0]
-        x_t, t = path.x_t[index], path.t[index]
-        first = self.predict(x_t, t, prepared.select(index))
+        x_t, t, rows_condition = path.x_t[index], path.t[index], prepared.select(index)
+        first = self.predict(x_t, t, rows_condition, modulation=self.training_modulation(t, rows_condition))
         previous = torch.zeros_like(path.x_t)
         previous[index] = self.clean_estimate(x_t, t, first).to(previous.dtype)
         return previous

@@ -69,6 +69,22 @@ def sample_path(x_0: torch.Tensor, x_1: torch.Tensor, t: torch.Tensor) -> PathSa
     return PathSample(x_t=(1 - t_) * x_0 + t_ * x_1, v=x_1 - x_0, x_0=x_0, x_1=x_1, t=t)
 
 
+SCHEDULER_STEPS = 1000  # the original trains with FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1)
+
+
+def scheduler_sigmas(device: torch.device | str | None = None) -> torch.Tensor:
+    """The training sigmas of diffusers' FlowMatchEulerDiscreteScheduler (1000 steps, shift 1), computed as it
+    computes them: (1000,) float32, descending from 1 to 0.001. In float32 some 1000 sigma are not integers
+    (sigma 0.511: 510.99997), and the original's time embedding reads them so."""
+    return torch.arange(SCHEDULER_STEPS, 0, -1, dtype=torch.float32, device=device) / SCHEDULER_STEPS
+
+
+def grid_times(u: torch.Tensor) -> torch.Tensor:
+    """Uniform draws u (B,) in [0, 1) -> sigmas (B,) on the scheduler's grid: sigmas[floor(1000 u)], the
+    original's training draw (`indices = (u * num_train_timesteps).long()`)."""
+    return scheduler_sigmas(device=u.device)[(u.float() * SCHEDULER_STEPS).long()]
+
+
 def sample_t(
     batch: int,
     kind: str = "uniform",
@@ -78,13 +94,16 @@ def sample_t(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Training times (B,): `uniform` on [0, 1] (official BLIP3-o) or `logit_normal` (SD3)."""
+    """Training times (B,): `uniform` on [0, 1), `scheduler_grid` (the same uniform draw taken to the
+    original's 1000-step grid, `grid_times`) or `logit_normal` (SD3)."""
     if kind == "uniform":
         t = torch.rand(batch, generator=generator, device=device)
+    elif kind == "scheduler_grid":
+        t = grid_times(torch.rand(batch, generator=generator, device=device))
     elif kind == "logit_normal":
         t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
     else:
-        raise ValueError(f"unknown time sampling {kind!r}: use 'uniform' or 'logit_normal'")
+        raise ValueError(f"unknown time sampling {kind!r}: use 'uniform', 'scheduler_grid' or 'logit_normal'")
     return t
 
 

@@ -40,14 +40,21 @@ def _presets() -> dict[str, Blip3oConfig]:
             decoder=replace(DECODER_PRESETS["shapes"], token_width=NANO_ENCODER.token_width),
             # guidance 7: generation accuracy 0.27 against 0.20 at 3 for the recipe's DiT (docs/experiments.md)
             query_init_std=0.02, steps=20, guidance=7.0, decoder_negative="zeros", extra={"world": "shapes"},
+            # the generation stage trains on the sequence generation reads, at continuous times: the recipe's
+            # figures (docs/training.md) are measured so
+            train_layout="generation_prompt", train_timesteps="uniform",
         ),
+        # trained as the original trains (its training sequence, its scheduler's timesteps), so that
+        # fine-tuning a released checkpoint optimises the objective it learned
         "blip3o-4b": Blip3oConfig(
             backbone=BACKBONE_PRESETS["qwen2.5-vl-3b"], dit=DIT_PRESETS["blip3o-4b"],
             clip_encoder=CLIP_ENCODER_PRESETS["eva-clip-e"], decoder=DECODER_PRESETS["sdxl-unet"],
+            train_layout="closed_turn", train_timesteps="scheduler_grid",
         ),
         "blip3o-8b": Blip3oConfig(
             backbone=BACKBONE_PRESETS["qwen2.5-vl-7b"], dit=DIT_PRESETS["blip3o-8b"],
             clip_encoder=CLIP_ENCODER_PRESETS["eva-clip-e"], decoder=DECODER_PRESETS["sdxl-unet"],
+            train_layout="closed_turn", train_timesteps="scheduler_grid",
         ),
     }
 

@@ -20,13 +20,16 @@ Official name -> ours (`map_key`); transformers 4.51 kept the LLM at `model.*` a
     model.gen_vision_tower.vision_tower.model.* clip_encoder.*  (EVA-CLIP-E, 772 tensors, may be absent)
     *.inv_freq                                  None: RoPE tables are recomputed
 
-Time convention. Official training feeds the DiT `scheduler.timesteps[i]` of a
-FlowMatchEulerDiscreteScheduler, i.e. 1000 * sigma (blip3o_qwen.py: `timesteps[indices]`; the
-scheduler's timesteps are 1000 * sigma, the integers 1..1000 at shift 1), and inference passes
+Time convention. Official training feeds the DiT `scheduler.timesteps[i]` of a 1000-step
+FlowMatchEulerDiscreteScheduler, i.e. 1000 * sigma in float32 (blip3o_qwen.py: `timesteps[indices]`,
+i = floor(1000 u); 990 of the 1000 are integers, ten are not, e.g. 510.99997), and inference passes
 `t.to(torch.long)`, i.e. floor(1000 * sigma) (blip3o_qwen_inference.py `sample_images`). Sigma is
 our t (t = 1 is noise: x_t = (1 - sigma) x_0 + sigma noise), and our `timestep_features` multiplies
 t by 1000 inside the embedding, so the weights carry over unchanged; the converted config sets
-`quantize_timesteps=True`, which floors 1000 t the same way, so official inference is reproduced.
+`quantize_timesteps=True`, which floors 1000 t the same way when sampling, so official inference is
+reproduced. Training reads t unfloored (`DiT.loss`), and the converted config trains as the original
+does: `train_layout="closed_turn"` (its training sequence) and `train_timesteps="scheduler_grid"` (its
+scheduler's sigmas, `blip3o.flow.grid_times`).
 
 The EVA tower: official inference builds it with `delay_load=True` and never reads its weights, so
 a released folder may lack it. It is then taken from `clip_encoder_weights` (safetensors whose names
@@ -252,7 +255,7 @@ def _config(raw: dict, shapes: dict, decoder_config, eva_shapes: dict | None, wh
     clip = _eva_config(eva, _pool(raw), where) if eva else _random_eva_config(raw, dit.in_channels, where)
     return dataclasses.replace(
         base, backbone=_backbone_config(raw, base.backbone, vocab), dit=dit, clip_encoder=clip,
-        decoder=decoder_config, num_queries=num_queries,
+        decoder=decoder_config, num_queries=num_queries, train_layout="closed_turn", train_timesteps="scheduler_grid",
         extra={"converted_from": "official BLIP3-o", "official_variant": variant or "custom",
                "official_model_type": raw.get("model_type"), "gen_vision_tower": raw.get("gen_vision_tower")},
     )

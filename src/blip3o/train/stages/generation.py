@@ -3,16 +3,17 @@
     text -> backbone (frozen) with the queries -> cond (B, 64, H)
     image -> clip_encoder (frozen) -> x_0 (B, 64, C);  x_t = (1 - t) x_0 + t x_1
     loss = dit.loss(path, cond * keep, self_condition)
+
+The objective is `blip3o.train.objective.generation_loss`; the stage draws each item's randomness from its own
+streams and trains with the model's `train_layout` and `train_timesteps`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from blip3o.flow import sample_path
 from blip3o.images import pil_to_tensor
+from blip3o.train.objective import GenerationDraws, draw_generation, generation_loss
 from blip3o.train.options import StageOptions, share
 from blip3o.train.stages.base import Stage
 from blip3o.train.stages.texts import generation_text
@@ -40,28 +41,19 @@ class GenerationStage(Stage):
     options: GenerationOptions
 
     def collate(self, items, indices, seed, device):
-        c, o = self.model.config.dit, self.options
-        prompts, x_1, t, keep, self_cond = [], [], [], [], []
-        for item, i in zip(items, indices, strict=True):
-            prompts.append(generation_text(item, seed, i, o.prompt_share))
-            x_1.append(torch.randn(c.num_tokens, c.in_channels, generator=item_generator(seed, i, "noise")))
-            t.append(torch.rand((), generator=item_generator(seed, i, "time")))
-            keep.append(torch.rand((), generator=item_generator(seed, i, "condition_drop")) >= o.condition_drop)
-            self_cond.append(torch.rand((), generator=item_generator(seed, i, "self_condition"))
-                             < o.self_condition_rate)
+        o = self.options
+        draws = draw_generation(len(items), self.model.config.dit, self.model.config.train_timesteps,
+                                condition_drop=o.condition_drop, self_condition_rate=o.self_condition_rate,
+                                generator=lambda k, name: item_generator(seed, indices[k], name))
         return {
-            "prompts": prompts,
+            "prompts": [generation_text(item, seed, i, o.prompt_share) for item, i in zip(items, indices, strict=True)],
             "pixels": pil_to_tensor([it["image"] for it in items]).to(device),  # (B, 3, H, W)
-            "x_1": torch.stack(x_1).to(device),  # (B, 64, C)
-            "t": torch.stack(t).to(device),  # (B,)
-            "keep": torch.stack(keep).to(device),  # (B,) False: condition dropped
-            "self_condition": torch.stack(self_cond).to(device),  # (B,) reads a first pass's estimate
+            "x_1": draws.x_1.to(device),  # (B, 64, C)
+            "t": draws.t.to(device),  # (B,)
+            "keep": draws.keep.to(device),  # (B,) False: condition dropped
+            "self_condition": draws.self_condition.to(device),  # (B,) reads a first pass's estimate
         }
 
     def loss(self, batch):
-        model = self.model
-        x_0 = model.clip_encoder.encode(batch["pixels"])  # (B, 64, C), the targets
-        cond = model.condition(batch["prompts"])  # (B, 64, H): gradients reach the queries
-        cond = cond * batch["keep"].view(-1, 1, 1).to(cond.dtype)
-        path = sample_path(x_0, batch["x_1"].to(x_0.dtype), batch["t"])
-        return model.dit.loss(path, cond, batch["self_condition"])
+        draws = GenerationDraws(batch["x_1"], batch["t"], batch["keep"], batch["self_condition"])
+        return generation_loss(self.model, batch["prompts"], batch["pixels"], draws)
