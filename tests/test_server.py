@@ -171,9 +171,10 @@ def test_stream_arrives_while_the_model_writes(model, monkeypatch):
     monkeypatch.setattr(model, "chat", chat)
     with running(model) as server, urllib.request.urlopen(sse_request(server, "hi"), timeout=60) as response:
         assert next_event(response)["choices"][0]["delta"]["role"] == "assistant"
-        assert next_event(response)["choices"][0]["delta"]["content"] == "the first"  # edges stripped
+        assert next_event(response)["choices"][0]["delta"]["content"] == " the first "  # as decoded
         release.set()
-        assert next_event(response)["choices"][0]["delta"]["content"] == "  words"
+        assert next_event(response)["choices"][0]["delta"]["content"] == " "
+        assert next_event(response)["choices"][0]["delta"]["content"] == "words"
         assert next_event(response)["choices"][0]["finish_reason"] in ("stop", "length")
         assert next_event(response) == "[DONE]"
 
@@ -186,7 +187,7 @@ def test_stream_failure_after_the_first_piece_is_an_error_event(model, monkeypat
     monkeypatch.setattr(model, "chat", chat)
     with running(model) as server, urllib.request.urlopen(sse_request(server, "hi"), timeout=60) as response:
         events = [next_event(response) for _ in range(4)]
-    assert events[1]["choices"][0]["delta"]["content"] == "partial"
+    assert events[1]["choices"][0]["delta"]["content"] == "partial "
     assert events[2]["error"]["code"] == "model_error" and "out of memory" in events[2]["error"]["message"]
     assert events[3] == "[DONE]"
 

@@ -82,6 +82,9 @@ class BackboneConfig:
     # --- tokenizer ---
     # "builtin": our small offline tokenizer (debug/nano); "checkpoint": load from a folder.
     tokenizer: str = "checkpoint"
+    # False: a stock Qwen2.5-VL's backbone, whose tokenizer keeps its own vocabulary (no [IMG]): it answers
+    # questions about images and refuses to condition image generation
+    generates: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -209,21 +212,19 @@ class _CallbackStreamer(TextStreamer):
 class Backbone(nn.Module):
     """Qwen2.5-VL wrapped for BLIP3-o: `condition` for generation, `answer`/`chat` for understanding."""
 
-    def __init__(self, config: BackboneConfig, tokenizer_dir: str | Path | None = None, *,
-                 generates: bool = True):
-        """`tokenizer_dir`: the folder of the tokenizer, and of the `preprocessor_config.json` and
+    def __init__(self, config: BackboneConfig, tokenizer_dir: str | Path | None = None):
+        """`tokenizer_dir`: the folder of the tokenizer, and of the `preprocessor_config.json`, chat template and
         `generation_config.json` that configure understanding where the folder has them (as transformers'
-        `from_pretrained` reads them). `generates` False: a stock Qwen2.5-VL, which has no BLIP3-o tokens and
-        refuses to condition image generation."""
+        `from_pretrained` reads them)."""
         super().__init__()
         self.config = config
-        self.generates = generates
         self.model = Qwen2_5_VLForConditionalGeneration(config.to_hf())
         self.tokenizer = self.processor = self.img_token_id = None
         self.stop_ids: list[int] = []  # generation ends at any of these unless the caller names others
+        self.folder_generation_config: GenerationConfig | None = None  # a folder's generation_config.json
         if config.tokenizer == "builtin" or tokenizer_dir is not None:
             folder = None if tokenizer_dir is None else Path(tokenizer_dir)
-            self.set_tokenizer(_load_tokenizer(config, folder, add_blip3o_tokens=generates),
+            self.set_tokenizer(_load_tokenizer(config, folder, add_blip3o_tokens=config.generates),
                                _image_processor(config, folder), _chat_template(folder))
             if folder is not None and (folder / GENERATION_CONFIG).is_file():
                 self.use_generation_config(GenerationConfig.from_pretrained(str(folder), local_files_only=True))
@@ -237,13 +238,13 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.processor = BackboneProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                            chat_template=chat_template or tokenizer.chat_template)
-        self.img_token_id = tokenizer.convert_tokens_to_ids(IMG_TOKEN) if self.generates else None
+        self.img_token_id = tokenizer.convert_tokens_to_ids(IMG_TOKEN) if self.config.generates else None
         self.stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in DEFAULT_STOP_TOKENS]
 
     def use_generation_config(self, config: GenerationConfig) -> None:
         """Answer with `config`'s settings (a folder's generation_config.json) where a call names none, and
         stop at its eos tokens."""
-        self.model.generation_config = config
+        self.model.generation_config = self.folder_generation_config = config
         if config.eos_token_id is not None:
             eos = config.eos_token_id
             self.stop_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -256,7 +257,7 @@ class Backbone(nn.Module):
 
     def _require_generation(self) -> None:
         self._require_tokenizer()
-        if not self.generates:
+        if not self.config.generates:
             raise CannotGenerate(
                 "this backbone is a stock Qwen2.5-VL: it understands images but has none of BLIP3-o's generation "
                 "parts (the [IMG] token, trained queries, DiT and decoder), so it cannot generate images; load a "
@@ -499,9 +500,16 @@ class Backbone(nn.Module):
         return texts, images
 
     def save_tokenizer(self, directory: str | Path) -> None:
-        """Write the tokenizer (with chat template and BLIP3-o's added tokens) to `directory`."""
+        """Write the tokenizer (with chat template and BLIP3-o's added tokens) to `directory`; for a checkpoint
+        tokenizer also what `tokenizer_dir` is read for: preprocessor_config.json, chat_template.jinja and the
+        folder's generation config, if the model was loaded with one."""
         self._require_tokenizer()
         self.tokenizer.save_pretrained(str(directory))
+        if self.config.tokenizer == "checkpoint":
+            self.processor.image_processor.save_pretrained(str(directory))
+            (Path(directory) / "chat_template.jinja").write_text(self.processor.chat_template)
+            if self.folder_generation_config is not None:
+                self.folder_generation_config.save_pretrained(str(directory))
 
     def init_buffers(self) -> None:
         """Recompute the non-persistent RoPE buffers on the parameters' device.

@@ -2,6 +2,7 @@
 
     native     config.json with "format_version" (`Blip3o.save_pretrained`): weights as stored
     official   an official BLIP3-o folder (`BLIP3o/BLIP3o-Model-8B`, `-4B`): converted on load (official.py)
+    stock      a stock Qwen2.5-VL folder (`Qwen/Qwen2.5-VL-7B-Instruct`): understanding only (stock.py)
 
 `Blip3o.from_pretrained` builds the model from `ModelFolder.config` on meta, then calls `fill`.
 """
@@ -20,13 +21,15 @@ from blip3o.checkpoints import (
     load_into,
     official,
     read_json,
+    stock,
     unique_tensors,
 )
 from blip3o.config import FORMAT_VERSION, Blip3oConfig
 
 
 def open_folder(directory: str | Path, *, clip_encoder_weights: str | Path | None = None) -> ModelFolder:
-    """The folder's config and how to fill a model from it, for a native or an official BLIP3-o folder."""
+    """The folder's config and how to fill a model from it, for a native, an official BLIP3-o or a stock
+    Qwen2.5-VL folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a folder")
@@ -37,10 +40,15 @@ def open_folder(directory: str | Path, *, clip_encoder_weights: str | Path | Non
         return native_folder(directory, raw)
     if official.is_official_config(raw):
         return official.official_folder(directory, raw, clip_encoder_weights=clip_encoder_weights)
+    if stock.is_stock_config(raw):
+        if clip_encoder_weights is not None:
+            raise CheckpointError(f"{directory} is a stock Qwen2.5-VL folder: clip_encoder_weights applies to "
+                                  "official BLIP3-o ones")
+        return stock.stock_folder(directory, raw)
     raise CheckpointError(
-        f"{directory} is neither a blip3o checkpoint (its config.json has no format_version) nor an "
-        f"official BLIP3-o folder (model_type {raw.get('model_type')!r}, expected one of "
-        f"{official.OFFICIAL_MODEL_TYPES})"
+        f"{directory} is neither a blip3o checkpoint (its config.json has no format_version), an official "
+        f"BLIP3-o folder nor a stock Qwen2.5-VL one (model_type {raw.get('model_type')!r}, expected one of "
+        f"{official.OFFICIAL_MODEL_TYPES + stock.STOCK_MODEL_TYPES})"
     )
 
 
