@@ -278,11 +278,11 @@ def chat_command() -> Command:
         flag("--max-new-tokens", type=int, default=128),
         flag("--temperature", type=float, default=None,
              help="0: greedy; above 0: sampling; default: the model's generation config (greedy without one)"),
-        flag("--seed", type=int, default=None, help="seed of sampled replies"),
+        flag("--seed", type=int, default=None, help="seed of the sampled replies (--temperature above 0)"),
         *PIXEL_FLAGS, *model_flags(),
     ), refusals=(
-        Refusal(("seed",), lambda a: a.temperature is not None and a.temperature <= 0,
-                "applies to sampled replies only; --temperature 0 is greedy and draws no random numbers"),
+        Refusal(("seed",), lambda a: a.temperature is None or a.temperature <= 0,
+                "applies to sampled replies only (--temperature above 0)"),
     ), epilog=(
         "in the chat: /image PATH attaches an image to your next message, /reset starts a new conversation,\n"
         "/quit (or Ctrl-D) leaves.\n\nexample:\n  blip3o chat --image photo.png"))
