@@ -11,6 +11,7 @@ for its video processor, so the image placeholders are expanded here as Qwen2_5_
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 
@@ -29,6 +30,7 @@ from transformers import (
 from blip3o import Blip3o
 from blip3o.backbone import CannotGenerate
 from blip3o.cli import main as cli_main
+from blip3o.protocols import PROTOCOLS
 
 QWEN_CONTROLS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -215,3 +217,67 @@ def test_answers_are_returned_as_decoded(model, monkeypatch):
     monkeypatch.setattr(model.backbone.tokenizer, "batch_decode", decode)
     assert model.answer([None], [QUESTION], max_new_tokens=1) == [" spaced answer \n"]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation protocols
+# ---------------------------------------------------------------------------------------------
+
+
+def originals_evaluation_inputs(folder, image: Image.Image, question: str) -> dict:
+    """The original's lmms-eval model: convert("RGB"), a JPEG at PIL's default quality decoded again, the processor
+    built with min_pixels 256 * 28 * 28 and max_pixels 2048 * 28 * 28."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    decoded = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    processor = AutoImageProcessor.from_pretrained(folder, min_pixels=200_704, max_pixels=1_605_632)
+    vision = processor(images=[decoded], return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(vision["image_grid_thw"][0].prod()) // 4))
+    return {**tokenizer([text], return_tensors="pt"), **vision}
+
+
+@pytest.mark.parametrize("size", [(100, 60), (1500, 900)])
+def test_blip3o_protocol_builds_the_originals_evaluation_inputs(model, folder, image, size):
+    photo = image.resize(size, Image.BICUBIC)
+    expected = originals_evaluation_inputs(folder, photo, QUESTION)
+    ours = PROTOCOLS["blip3o"].inputs(model, photo, QUESTION)
+    for key in ("input_ids", "image_grid_thw", "pixel_values"):
+        assert torch.equal(ours[key], expected[key]), key
+    if size == (100, 60):  # 273 image tokens, where the 7B's own processor gives 8
+        assert int((ours["input_ids"] == 151655).sum()) == 273
+        assert int((PROTOCOLS["stock"].inputs(model, photo, QUESTION)["input_ids"] == 151655).sum()) == 8
+
+
+def test_blip3o_protocol_asks_one_question_a_call_and_stops_at_im_end(model, image, monkeypatch):
+    calls = []
+
+    def answer(images, questions, **options):
+        calls.append((len(images), options))
+        return ["a"] * len(images)
+
+    monkeypatch.setattr(model, "answer", answer)
+    assert PROTOCOLS["blip3o"].answer(model, [image] * 3, ["q1", "q2", "q3"], batch_size=8) == ["a"] * 3
+    assert [n for n, _ in calls] == [1, 1, 1]
+    assert calls[0][1] == {"min_pixels": 200_704, "max_pixels": 1_605_632, "stop_tokens": ("<|im_end|>",)}
+    settings = PROTOCOLS["blip3o"].settings(model)
+    assert settings["pixel_bounds"] == [200_704, 1_605_632] and settings["stop_ids"] == [151645]
+    assert settings["jpeg_round_trip"] and settings["gpu_dtype"] == "float16" and settings["batch_size"] == 1
+    assert PROTOCOLS["stock"].settings(model)["stop_ids"] == [151645, 151643]  # the folder's generation config
+
+
+def test_ask_writes_the_protocol_beside_the_answers(folder, image, tmp_path, capsys):
+    image.resize((100, 60)).save(tmp_path / "a.png")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "a.png", "question": QUESTION}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    args = ["ask", "--questions-file", str(tmp_path / "q.jsonl"), "--out", str(out), "--model", str(folder),
+            "--max-new-tokens", "2"]
+    assert cli_main([*args, "--protocol", "blip3o"]) == 0
+    settings = json.loads(out.with_suffix(".protocol.json").read_text())
+    assert settings["name"] == "blip3o" and settings["pixel_bounds"] == [200_704, 1_605_632]
+    assert settings["max_new_tokens"] == 2 and len(out.read_text().splitlines()) == 1
+    assert cli_main([*args, "--protocol", "blip3o", "--batch-size", "2"]) == 2
+    assert "--batch-size cannot go with --protocol blip3o" in capsys.readouterr().err

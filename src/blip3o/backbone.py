@@ -475,12 +475,13 @@ class Backbone(nn.Module):
         if stop_tokens is None:
             options["eos_token_id"] = self.stop_ids
         else:
-            options["eos_token_id"] = [self._token_id(t) for t in stop_tokens]
+            options["eos_token_id"] = [self.token_id(t) for t in stop_tokens]
         if config.pad_token_id is None:
             options["pad_token_id"] = self.tokenizer.pad_token_id
         return options
 
-    def _token_id(self, token: str) -> int:
+    def token_id(self, token: str) -> int:
+        """The id of one token of the tokenizer; a ValueError for a string that is not one."""
         ids = self.tokenizer.convert_tokens_to_ids([token])
         if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
             raise ValueError(f"stop token {token!r} is not a token of this tokenizer")

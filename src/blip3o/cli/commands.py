@@ -105,10 +105,22 @@ def run_ask(args: argparse.Namespace) -> int:
         raise BadInput('give an image and a question, e.g. blip3o ask image.png "what is this?", '
                        "or --questions-file FILE")
     image = open_image(Path(args.image), "IMAGE")
+    protocol = ask_protocol(args)
     model = load_for_command(args)
-    (answer,) = model.answer([image], [args.question], max_new_tokens=args.max_new_tokens, **pixel_bounds(args))
+    (answer,) = protocol.answer(model, [image], [args.question], max_new_tokens=args.max_new_tokens,
+                                **pixel_bounds(args))
     print(answer.strip())  # the answer as decoded may begin or end with whitespace: not shown
     return EXIT_OK
+
+
+def ask_protocol(args: argparse.Namespace):
+    """--protocol's UnderstandingProtocol; on a GPU its dtype unless --dtype names one."""
+    from blip3o.protocols import PROTOCOLS
+
+    protocol = PROTOCOLS[args.protocol]
+    if protocol.gpu_dtype and args.dtype is None and str(args.device or "cpu").startswith("cuda"):
+        args.dtype = protocol.gpu_dtype
+    return protocol
 
 
 def pixel_bounds(args: argparse.Namespace) -> dict:
@@ -133,23 +145,28 @@ def ask_questions_file(args: argparse.Namespace) -> int:
     records = read_jsonl(args.questions_file, {"image": str, "question": str})
     paths = [question_image(args.questions_file, number, record) for number, record in enumerate(records, 1)]
     check_positive(args, "batch_size")
-    bounds = pixel_bounds(args)
+    bounds, protocol = pixel_bounds(args), ask_protocol(args)
     model = load_for_command(args)
+    size = protocol.batch_size or args.batch_size
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout must stay open
     try:
-        batches = list(chunks(list(zip(records, paths, strict=True)), args.batch_size))
+        batches = list(chunks(list(zip(records, paths, strict=True)), size))
         for batch in progress(batches, desc="ask", unit="batch"):
             images = [open_image(path, f"{args.questions_file}: {path}") for _, path in batch]
-            answers = model.answer(images, [r["question"] for r, _ in batch], max_new_tokens=args.max_new_tokens,
-                                   **bounds)
+            answers = protocol.answer(model, images, [r["question"] for r, _ in batch], batch_size=size,
+                                      max_new_tokens=args.max_new_tokens, **bounds)
             for (record, _), answer in zip(batch, answers, strict=True):
                 out.write(json.dumps({**record, "answer": answer}) + "\n")
             out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
-    if args.out:
-        print(f"{len(records)} answers in {args.out}")
+    settings = json.dumps({**protocol.settings(model), **bounds, "max_new_tokens": args.max_new_tokens})
+    if args.out:  # the protocol beside the answers: which inputs produced them
+        Path(args.out).with_suffix(".protocol.json").write_text(settings + "\n")
+        print(f"{len(records)} answers in {args.out}, their protocol in {Path(args.out).with_suffix('.protocol.json')}")
+    else:
+        print(f"protocol: {settings}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -177,17 +194,27 @@ def ask_command() -> Command:
         flag("--out", help="where --questions-file's answers go (JSON lines; default: standard output)"),
         flag("--batch-size", type=int, default=8, help="questions per model call (default 8)"),
         flag("--max-new-tokens", type=int, default=64),
+        flag("--protocol", choices=["stock", "blip3o"], default="stock",
+             help="the inputs: stock (default) = the model's processor; blip3o = the original's evaluation "
+                  "(RGB + JPEG round trip, 200,704..1,605,632 pixels, float16 on a GPU, stop at <|im_end|>, one "
+                  "question a call; docs/evaluation.md)"),
         *PIXEL_FLAGS, *model_flags(),
     ), refusals=(
+        Refusal(("min_pixels", "max_pixels"), lambda a: a.protocol == "blip3o",
+                "cannot go with --protocol blip3o, which sets the original's pixel bounds"),
+        Refusal(("batch_size",), lambda a: a.protocol == "blip3o",
+                "cannot go with --protocol blip3o, which asks one question a call as the original's evaluation"),
         Refusal(("image", "question"), lambda a: bool(a.questions_file),
                 "cannot go with --questions-file: give IMAGE QUESTION or --questions-file, not both"),
         Refusal(("out", "batch_size"), lambda a: not a.questions_file, file_only),
     ), epilog=(
         "--questions-file: JSON lines with `image` (a path: relative to the working folder, else to the file's\n"
-        "folder) and `question`; each output line is the same object plus `answer` (as decoded).\n\n"
+        "folder) and `question`; each output line is the same object plus `answer` (as decoded), and the\n"
+        "protocol's settings go beside --out (answers.jsonl -> answers.protocol.json).\n\n"
         "examples:\n"
         '  blip3o ask photo.png "how many circles are there?"\n'
-        "  blip3o ask --questions-file questions.jsonl --out answers.jsonl"))
+        "  blip3o ask --questions-file questions.jsonl --out answers.jsonl\n"
+        "  blip3o ask --questions-file questions.jsonl --out answers.jsonl --protocol blip3o --device cuda"))
 
 
 # ------------------------------------------------------------------ chat
