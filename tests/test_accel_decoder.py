@@ -70,10 +70,13 @@ def test_unet_step_graph_is_exactly_the_eager_unet_call(model):
     tokens = torch.randn(4, 64, decoder.token_width, generator=seeded(3))
     t = torch.tensor(500)
     with torch.no_grad():
-        want = decoder.unet_output(x, t, tokens, 32)
+        want = decoder.unet_output(x, t, tokens)
         graphed = UNetStepGraph(decoder, graph=EagerCall)
-        graphed(x + 1, t, tokens, 32)  # captured on other values: the replay must read the new ones
-        assert torch.equal(graphed(x, t, tokens, 32), want)
+        graphed(x + 1, t, tokens)  # captured on other values: the replay must read the new ones
+        assert torch.equal(graphed(x, t, tokens), want)
+        wide = torch.randn(4, 4, 12, 20, generator=seeded(4))  # another shape: its own graph, its own time ids
+        assert torch.equal(graphed(wide, t, tokens), decoder.unet_output(wide, t, tokens))
+        assert len(graphed._graphs) == 2
 
 
 def test_decoder_loop_graph_logic_equals_plain_decode(model):
@@ -81,14 +84,17 @@ def test_decoder_loop_graph_logic_equals_plain_decode(model):
     assert decoder.scheduler_config["_class_name"] == "EulerDiscreteScheduler"  # the official schedule
     loop = DecoderLoopGraph(decoder, graph=EagerCall)
     negative = torch.randn(1, 64, decoder.token_width, generator=seeded(9))
-    for seed, batch, guidance in ((1, 2, 3.0), (2, 2, 3.0), (3, 1, 1.0)):
+    for seed, batch, guidance, height in ((1, 2, 3.0, 32), (2, 2, 3.0, 32), (4, 1, 3.0, 56), (3, 1, 1.0, 32)):
         tokens = torch.randn(batch, 64, decoder.token_width, generator=seeded(seed))
+        size = dict(height=height, width=32)
         with sampling_with(decoder, sampling_loop=loop):
-            got = decoder.decode(tokens, negative=negative, guidance=guidance, generator=seeded(0))
-        want = decoder.decode(tokens, negative=negative, guidance=guidance, generator=seeded(0))
+            got = decoder.decode(tokens, negative=negative, guidance=guidance, generator=seeded(0), **size)
+        want = decoder.decode(tokens, negative=negative, guidance=guidance, generator=seeded(0), **size)
         # the same kernels on the same values: the captured loop reads new inputs from its static buffers
         assert torch.equal(got, want), seed
-    assert len(loop._graphs) == 2  # the second call replayed the first capture; guidance 1 is its own
+        assert got.shape == (batch, 3, height, 32)
+    # the second call replayed the first capture; guidance 1 and the 56 x 32 image are their own
+    assert len(loop._graphs) == 3
     with sampling_with(decoder, sampling_loop=DecoderLoopGraph(decoder)):  # CPU default: the eager loop
         eager = decoder.decode(tokens, guidance=1.0, generator=seeded(0))
     assert torch.equal(eager, want)
@@ -101,7 +107,7 @@ def test_decoder_loop_graph_captures_the_decoders_own_loop(model):
     unet_steps = []
 
     def denoise(*args, **kwargs):
-        unet_steps.append(args[5] if len(args) > 5 else kwargs.get("unet_step"))
+        unet_steps.append(args[4] if len(args) > 4 else kwargs.get("unet_step"))
         return type(decoder).denoise(decoder, *args, **kwargs)
 
     decoder.denoise = denoise  # an instance attribute shadows the method: a spy on every loop run

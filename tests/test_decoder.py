@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -20,6 +21,7 @@ from blip3o.decoder import (
 from blip3o.decoder.sdxl_unet import make_scheduler
 from blip3o.decoder.shapes import from_model_space
 from blip3o.flow import time_grid
+from blip3o.images import tensor_to_pil
 
 SDXL_UNET_PARAMS = 2_567_463_684  # published SDXL base UNet: cross-attention 2048, add-embedding input 2816
 SDXL_VAE_PARAMS = 83_653_863  # SDXL VAE (same layout as SD 1.x / 2.x)
@@ -86,22 +88,35 @@ def test_decode_shape_range_and_seeds(decoder):
     assert not torch.equal(out, decoder.decode(tokens, steps=3, generator=seeded(2)))
 
 
-def sdxl_by_hand(d: SdxlUnetDecoder, tokens: torch.Tensor, steps: int, size: int, seed: int) -> torch.Tensor:
-    """Emu2-Gen's loop without guidance, calling the diffusers UNet and VAE directly."""
+def original_pipeline(d: SdxlUnetDecoder, tokens: torch.Tensor, negative: torch.Tensor | None, steps: int,
+                      guidance: float, height: int, width: int, seed: int) -> torch.Tensor:
+    """The original's `EmuVisualGenerationPipeline.__call__` and `decode_latents` for one image, written out
+    against the diffusers UNet and VAE: its CFG batch [cond; negative], its time ids and its rounding."""
+    guided = guidance > 1.0
     scheduler = make_scheduler(d.scheduler_config)
     scheduler.set_timesteps(steps)
-    side = size // 2  # the debug VAE downscales by 2
-    latents = torch.randn(tokens.shape[0], 4, side, side, generator=seeded(seed)) * scheduler.init_noise_sigma
-    added = {
-        "text_embeds": tokens.mean(1),
-        "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * tokens.shape[0], dtype=torch.float32),
-    }
+    prompt_embeds = torch.cat([tokens, negative]) if guided else tokens
+    time_ids = torch.LongTensor([1024, 1024] + [0, 0] + [height, width])
+    added = {"time_ids": torch.cat([time_ids, time_ids]) if guided else time_ids,
+             "text_embeds": torch.mean(prompt_embeds, dim=1)}
+    shape = (1, 4, height // d.vae_downscale, width // d.vae_downscale)
+    latents = torch.randn(shape, generator=seeded(seed)) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        x = scheduler.scale_model_input(latents, t)
-        eps = d.unet(x, t, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
+        x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        eps = d.unet(x, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added).sample
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
         latents = scheduler.step(eps, t, latents).prev_sample
-    image = d.vae.decode(latents / d.vae.config.scaling_factor).sample
-    return (image / 2 + 0.5).clamp(0, 1)
+    return original_decode_latents(d, latents)
+
+
+def original_decode_latents(d: SdxlUnetDecoder, latents: torch.Tensor) -> torch.Tensor:
+    """The original's `decode_latents`, as float32 pixels in [0, 1] (B, 3, H, W)."""
+    latents = 1 / d.vae.config.scaling_factor * latents
+    image = d.vae.decode(latents).sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return image.float()
 
 
 def shapes_by_hand(d: ShapesDecoder, tokens: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
@@ -114,13 +129,33 @@ def shapes_by_hand(d: ShapesDecoder, tokens: torch.Tensor, steps: int, seed: int
 
 
 @torch.no_grad()
-def test_guidance_one_is_one_conditional_pass(sdxl, shapes):
-    tokens = tokens_for(sdxl)
-    out = sdxl.decode(tokens, guidance=1.0, steps=3, size=32, generator=seeded(3))
-    torch.testing.assert_close(out, sdxl_by_hand(sdxl, tokens, steps=3, size=32, seed=3))
+@pytest.mark.parametrize(("guidance", "height", "width"), [(3.0, 32, 32), (2.0, 24, 40), (1.0, 32, 32), (0.5, 40, 24)])
+def test_sdxl_decode_is_the_original_pipeline(sdxl, guidance, height, width):
+    tokens, negative = tokens_for(sdxl, batch=1, seed=13), tokens_for(sdxl, batch=1, seed=14)
+    out = sdxl.decode(tokens, negative=negative, guidance=guidance, steps=3, height=height, width=width,
+                      generator=seeded(3))
+    assert out.shape == (1, 3, height, width)
+    want = original_pipeline(sdxl, tokens, negative, 3, guidance, height, width, seed=3)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_guidance_at_or_below_one_is_one_conditional_pass(sdxl, shapes):
     tokens = tokens_for(shapes)
-    out = shapes.decode(tokens, guidance=1.0, steps=3, generator=seeded(3))
-    torch.testing.assert_close(out, shapes_by_hand(shapes, tokens, steps=3, seed=3))
+    want = shapes_by_hand(shapes, tokens, steps=3, seed=3)
+    for guidance in (1.0, 0.5, 0):
+        torch.testing.assert_close(shapes.decode(tokens, guidance=guidance, steps=3, generator=seeded(3)), want)
+    batches = []
+    hook = sdxl.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        tokens = tokens_for(sdxl)
+        alone = sdxl.decode(tokens, guidance=1.0, steps=2, generator=seeded(3))
+        below = sdxl.decode(tokens, negative=tokens_for(sdxl, seed=1), guidance=0.5, steps=2, generator=seeded(3))
+        sdxl.decode(tokens, guidance=1.01, steps=1, generator=seeded(3))
+    finally:
+        hook.remove()
+    assert torch.equal(below, alone)
+    assert batches == [2, 2, 2, 2, 4]  # the conditional batch alone at 1 and 0.5; both branches just above 1
 
 
 def test_guidance_with_negative_equal_to_tokens_changes_nothing(decoder):
@@ -133,30 +168,72 @@ def test_guidance_with_negative_equal_to_tokens_changes_nothing(decoder):
     assert not torch.allclose(decoder.decode(tokens, guidance=4.0, steps=2, generator=seeded(4)), plain)
 
 
-def test_sdxl_unet_sees_emu2_conditioning(sdxl):
+class FirstUNetCall(Exception):
+    """Raised by `first_unet_call` to stop a decode once the UNet's inputs are seen."""
+
+
+def first_unet_call(decoder: SdxlUnetDecoder, **decode_kwargs) -> tuple[tuple, dict]:
+    """The (args, kwargs) of the UNet's first call in `decoder.decode(**decode_kwargs)`, without running it."""
     seen = []
 
     def record(module, args, kwargs):
         seen.append((args, kwargs))
+        raise FirstUNetCall
 
-    hook = sdxl.unet.register_forward_pre_hook(record, with_kwargs=True)
+    hook = decoder.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        tokens, negative = tokens_for(sdxl, seed=5), tokens_for(sdxl, batch=1, seed=6)
-        sdxl.decode(tokens, guidance=1.0, steps=2, size=48, generator=seeded(0))
-        sdxl.decode(tokens, negative=negative, guidance=3.0, steps=1, size=32, generator=seeded(0))
+        with pytest.raises(FirstUNetCall):
+            decoder.decode(**decode_kwargs)
     finally:
         hook.remove()
-    assert len(seen) == 3
-    args, kwargs = seen[0]
-    assert args[0].shape == (2, 4, 24, 24)
+    return seen[0]
+
+
+def test_sdxl_unet_sees_emu2_conditioning(sdxl):
+    tokens, negative = tokens_for(sdxl, seed=5), tokens_for(sdxl, batch=1, seed=6)
+    args, kwargs = first_unet_call(sdxl, tokens=tokens, guidance=1.0, steps=2, height=48, width=24,
+                                   generator=seeded(0))
+    assert args[0].shape == (2, 4, 24, 12)  # latents (B, 4, H / 2, W / 2): the debug VAE downscales by 2
     assert torch.equal(kwargs["encoder_hidden_states"], tokens)
     assert torch.equal(kwargs["added_cond_kwargs"]["text_embeds"], tokens.mean(1))
-    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[48, 48, 0, 0, 48, 48]] * 2
+    # The original's size conditioning: original size 1024 x 1024, crop (0, 0), then the target (H, W).
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[1024, 1024, 0, 0, 48, 24]] * 2
     # With guidance both branches share one batch: [unconditional; conditional].
-    args, kwargs = seen[2]
+    args, kwargs = first_unet_call(sdxl, tokens=tokens, negative=negative, guidance=3.0, steps=1, size=32,
+                                   generator=seeded(0))
     assert args[0].shape == (4, 4, 16, 16)
     assert torch.equal(kwargs["encoder_hidden_states"], torch.cat([negative.expand(2, -1, -1), tokens]))
-    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 4
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[1024, 1024, 0, 0, 32, 32]] * 4
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (128, 128), (1024, 1024), (1344, 768), (768, 1344)])
+def test_time_ids_are_the_originals_at_every_size(sdxl, height, width):
+    tokens = tokens_for(sdxl, batch=1)
+    args, kwargs = first_unet_call(sdxl, tokens=tokens, steps=1, height=height, width=width, generator=seeded(0))
+    assert args[0].shape[-2:] == (height // 2, width // 2)
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[1024, 1024, 0, 0, height, width]] * 2
+
+
+@torch.no_grad()
+def test_latents_to_pixels_rounds_as_the_original_in_bfloat16_and_float32(sdxl):
+    latents = torch.randn(2, 4, 16, 24, generator=seeded(15))
+    # float32: the latents are multiplied by 1 / scaling_factor, which differs from dividing in the last bit
+    scaling = sdxl.vae.config.scaling_factor
+    assert not torch.equal(latents * (1 / scaling), latents / scaling)
+    assert torch.equal(sdxl.latents_to_pixels(latents), original_decode_latents(sdxl, latents))
+    half = copy.deepcopy(sdxl).to(torch.bfloat16)
+    got = pil_bytes(half.latents_to_pixels(latents))
+    # the original's formula in the VAE's dtype, then float, then uint8
+    want = pil_bytes(original_decode_latents(half, latents.bfloat16()))
+    assert got == want
+    # converting to float before the formula moves some values by a level: the test tells the two apart
+    decoded = half.vae.decode(latents.bfloat16() * (1 / scaling)).sample
+    assert pil_bytes((decoded.float() / 2 + 0.5).clamp(0, 1)) != want
+
+
+def pil_bytes(pixels: torch.Tensor) -> list[bytes]:
+    """The uint8 images `generate` would return for pixels (B, 3, H, W) in [0, 1]."""
+    return [image.tobytes() for image in tensor_to_pil(pixels)]
 
 
 def test_loss_is_finite_and_trains_only_the_denoiser(decoder):
@@ -182,13 +259,44 @@ def test_bad_inputs_raise_clear_errors(decoder):
             decoder.decode(bad, steps=1)
     with pytest.raises(ValueError, match="negative"):
         decoder.decode(tokens, negative=torch.zeros(3, 64, width), steps=1)
-    bad_size = 30 if isinstance(decoder, SdxlUnetDecoder) else 32
-    with pytest.raises(ValueError, match="size"):
-        decoder.decode(tokens, size=bad_size, steps=1)
     with pytest.raises(ValueError, match="steps"):
         decoder.decode(tokens, steps=0)
-    with pytest.raises(ValueError, match="pixels"):
-        decoder.loss(tokens, torch.rand(2, 3, decoder.default_size, decoder.default_size + 8))
+    with pytest.raises(ValueError, match="not both"):
+        decoder.decode(tokens, size=decoder.default_size, height=decoder.default_size, steps=1)
+    with pytest.raises(ValueError, match="height must be an int"):
+        decoder.decode(tokens, height=32.0, steps=1)
+    with pytest.raises(ValueError, match=r"pixels of shape \(2, 3, 64, 66\)"):
+        decoder.loss(tokens, torch.rand(2, 3, 64, 66))
+
+
+def test_sdxl_sizes_are_multiples_within_the_pixel_cap(sdxl):
+    assert sdxl.size_multiple == 4  # debug: VAE downscale 2, two UNet levels
+    sdxl.check_size(4, 2048)
+    for (height, width), message in (((30, 32), "height 30 is not a positive multiple of 4"),
+                                     ((32, 0), "width 0 is not a positive multiple of 4"),
+                                     ((2048, 2052), "2052x2048 .* is 4,202,496 pixels, more than this decoder's "
+                                                    "max_pixels 4,194,304")):
+        with pytest.raises(ValueError, match=message):
+            sdxl.check_size(height, width)
+    with pytest.raises(ValueError, match="height 30 is not"):
+        sdxl.decode(tokens_for(sdxl), size=30, steps=1)
+    with pytest.raises(ValueError, match="width 6 is not"):
+        sdxl.decode(tokens_for(sdxl), width=6, steps=1)  # the height left out is the default side
+    small = build_decoder(dataclasses.replace(sdxl.config, max_pixels=32 * 48))
+    small.check_size(48, 32)
+    with pytest.raises(ValueError, match="max_pixels 1,536"):
+        small.check_size(48, 36)
+    with pytest.raises(ValueError, match="max_pixels must be positive"):
+        dataclasses.replace(sdxl.config, max_pixels=0)
+
+
+def test_shapes_decoder_makes_its_native_square_only(shapes):
+    assert shapes.default_size == 64
+    out = shapes.decode(tokens_for(shapes, batch=1), height=64, width=64, steps=1, generator=seeded(0))
+    assert out.shape == (1, 3, 64, 64)
+    for kwargs, got in (({"size": 32}, "32x32"), ({"height": 64, "width": 96}, "96x64"), ({"width": 48}, "48x64")):
+        with pytest.raises(ValueError, match=f"makes 64x64 images only .* got {got}"):
+            shapes.decode(tokens_for(shapes), steps=1, **kwargs)
 
 
 def attention_blocks(layers: int, transformer_layers: tuple[int, ...]) -> list[int]:
@@ -218,7 +326,9 @@ def test_official_sizes_on_meta():
     assert (decoder.token_width, decoder.default_size, decoder.default_steps, decoder.default_guidance) == (
         1792, 1024, 50, 3.0,
     )
-    decoder.check_size(1024)
+    decoder.check_size(1024, 1024)
+    decoder.check_size(1344, 768)  # SDXL's portrait bucket
+    assert decoder.size_multiple == 32
     assert decoder.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
 
 

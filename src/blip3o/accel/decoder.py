@@ -39,10 +39,10 @@ class UNetStepGraph:
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, tokens: torch.Tensor, size: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, tokens: torch.Tensor) -> torch.Tensor:
         """Latents x (N, 4, h, w), timestep t, tokens (N, 64, C) -> the UNet's output (N, 4, h, w)."""
+        cond = self.decoder.unet_conditioning(tokens, *self.decoder.output_size(x))
         x = self.decoder.unet_layout(x)
-        cond = self.decoder.unet_conditioning(tokens, size)
         added = cond["added_cond_kwargs"]
         t = torch.as_tensor(t, device=x.device)
         inputs = (x, t, cond["encoder_hidden_states"], added["text_embeds"], added["time_ids"])
@@ -53,7 +53,8 @@ class UNetStepGraph:
         if now != self._fingerprint:
             self._graphs.clear()
             self._fingerprint = now
-        key = tuple((tuple(v.shape), v.dtype, v.device, v.is_contiguous()) for v in inputs) + (size,)
+        # the latents' shape sets the output size, so the time ids too
+        key = tuple((tuple(v.shape), v.dtype, v.device, v.is_contiguous()) for v in inputs)
         if key not in self._graphs:
             static = tuple(v.clone() for v in inputs)  # clone keeps the memory format (channels-last)
             self._graphs[key] = factory(lambda: self.eager(*static), static)
@@ -72,7 +73,7 @@ LOOP_SCHEDULERS = frozenset({"EulerDiscreteScheduler"})
 
 class DecoderLoopGraph:
     """The decoder's `denoise` (every UNet call on both CFG branches, the guidance and the scheduler's steps)
-    as ONE CUDA graph per (shapes, steps, guidance, size): a 50-step decode is one launch, no host work
+    as ONE CUDA graph per (shapes, steps, guidance): a 50-step decode is one launch, no host work
     between the UNet calls.
 
     A `SamplingLoop`, for `decoder.sampling_loop`. The captured function is `decoder.denoise` itself, given
@@ -93,7 +94,7 @@ class DecoderLoopGraph:
         return scheduler_config.get("_class_name") in LOOP_SCHEDULERS
 
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
-                 size: int, **step_kwargs: Any) -> torch.Tensor:
+                 **step_kwargs: Any) -> torch.Tensor:
         """Starting latents (B, 4, h, w) scaled by the scheduler's init sigma, cond (B or 2B, 64, C), a fresh
         scheduler with its timesteps set on the latents' device -> the loop's last latents; see
         `SdxlUnetDecoder.denoise`. `step_kwargs` reach `scheduler.step` only in the eager loop: the
@@ -101,24 +102,24 @@ class DecoderLoopGraph:
         decoder = self.decoder
         factory = self.graph or default_graph(latents.device, loop=True)
         if factory is None or not self.supports(decoder.scheduler_config):
-            return decoder.denoise(latents, cond, scheduler, guidance, size, **step_kwargs)
+            return decoder.denoise(latents, cond, scheduler, guidance, **step_kwargs)
         now = fingerprint(decoder.unet)
         if now != self._fingerprint:  # weights moved or changed: every captured graph reads stale memory
             self._graphs.clear()
             self._fingerprint = now
-        conditioning = decoder.unet_conditioning(cond, size)
+        conditioning = decoder.unet_conditioning(cond, *decoder.output_size(latents))
         added = conditioning["added_cond_kwargs"]
         inputs = (latents, cond, added["text_embeds"], added["time_ids"])
         steps = len(scheduler.timesteps)
-        key = tuple((tuple(v.shape), v.dtype, v.device) for v in inputs) + (steps, float(guidance), size)
+        key = tuple((tuple(v.shape), v.dtype, v.device) for v in inputs) + (steps, float(guidance))
         if key not in self._graphs:
             static = tuple(v.clone() for v in inputs)
             # the timesteps the UNet reads, static on the device
-            self._graphs[key] = self._capture(factory, static, scheduler.timesteps.clone(), guidance, size)
+            self._graphs[key] = self._capture(factory, static, scheduler.timesteps.clone(), guidance)
         return self._graphs[key](*inputs)
 
     def _capture(self, factory: CallFactory, static: tuple[torch.Tensor, ...], timesteps: torch.Tensor,
-                 guidance: float, size: int) -> StaticCall:
+                 guidance: float) -> StaticCall:
         from blip3o.decoder.sdxl_unet import make_scheduler
 
         decoder, (latents, cond, text_embeds, time_ids) = self.decoder, static
@@ -133,7 +134,7 @@ class DecoderLoopGraph:
             scheduler = make_scheduler(decoder.scheduler_config)
             scheduler.set_timesteps(len(timesteps))  # on the CPU: the schedule's scalars, fixed in the captured kernels
             scheduler.set_begin_index(0)
-            return decoder.denoise(latents, cond, scheduler, guidance, size, unet_step)
+            return decoder.denoise(latents, cond, scheduler, guidance, unet_step)
 
         return factory(loop, static)
 

@@ -1,17 +1,25 @@
 """The Emu2-Gen style decoder of the official BLIP3-o: an SDXL UNet that reads 64 CLIP tokens.
 
 The UNet has SDXL's shape, but its cross-attention reads the tokens (B, 64, C) instead of text
-and its pooled "text" embedding is their mean. As in the Emu2-Gen pipeline that BLIP3-o's
-`diffusion-decoder/` folder runs (`pipeline_llava_gen`):
+and its pooled "text" embedding is their mean. Sampling is the original's pipeline (the Emu2-Gen
+`EmuVisualGenerationPipeline` that BLIP3-o's `diffusion-decoder/` folder runs as `pipeline_llava_gen`),
+step for step, by default:
 
     encoder_hidden_states = tokens                          (B, 64, C)
     text_embeds           = tokens.mean(1)                  (B, C)
-    time_ids              = [H, W, 0, 0, H, W]              original size, crop top-left, target size
+    time_ids              = [1024, 1024, 0, 0, H, W]        original size, crop top-left, target size
     noise schedule        = EulerDiscreteScheduler, SDXL's training betas, epsilon prediction
+    guidance              = eps_u + g (eps_c - eps_u) when g > 1; at or below 1 the conditional branch alone
+    pixels                = VAE(latents * (1 / scaling_factor)), then (x / 2 + 0.5).clamp(0, 1) in the
+                            VAE's dtype, then float32
 
-(the pipeline's `original_size` defaults to 1024 x 1024 whatever the output size; we pass the
-output size, which is the same at the default 1024). Pixels reach the UNet through SDXL's VAE;
-latents are scaled by its `scaling_factor` (0.13025).
+The original passes `original_size` 1024 x 1024 and crop (0, 0) whatever the output size, so only the
+target size follows the image (at 64 or 128 px conditioning on the output size instead changes every
+step: final latents by 1-2 %, the image by up to 5 levels of 255). Computing the last formula in the
+VAE's dtype keeps the original's bfloat16 rounding (converting to float first moves a third of the
+uint8 values by a level); multiplying by 1 / scaling_factor rather than dividing keeps its last bit.
+Any height and width that are multiples of `size_multiple` (32 for SDXL), up to `max_pixels`, are
+made. Pixels reach the UNet through SDXL's VAE; latents are scaled by its `scaling_factor` (0.13025).
 """
 
 from __future__ import annotations
@@ -46,9 +54,10 @@ EMU2_SCHEDULER: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
-# The VAE maps pixels in [-1, 1]; this module owns the [0, 1] <-> [-1, 1] conversion.
-VAE_PIXEL_SCALE = 2.0
-VAE_PIXEL_SHIFT = -1.0
+# The size conditioning the original pipeline passes whatever the output size: the UNet reads
+# [*ORIGINAL_SIZE, *CROP_TOP_LEFT, height, width] as its time_ids.
+ORIGINAL_SIZE = (1024, 1024)
+CROP_TOP_LEFT = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,9 @@ class SdxlUnetDecoderConfig:
     condition_drop: float = 0.1  # training: probability of zeroing a sample's tokens (for CFG)
     default_steps: int = 50  # sampling steps of the Emu2-Gen pipeline
     default_guidance: float = 3.0  # CFG scale BLIP3-o's inference and GenEval scripts use
-    default_size: int = 1024  # output side in pixels
+    default_size: int = 1024  # output side in pixels (height and width when a call names neither)
+    # largest height * width a call may ask for: 4x the 1024 x 1024 area the UNet was trained at
+    max_pixels: int = 2048 * 2048
 
     def __post_init__(self) -> None:
         if self.kind != "sdxl-unet":
@@ -81,6 +92,8 @@ class SdxlUnetDecoderConfig:
         for name in ("transformer_layers_per_block", "attention_head_dim"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"{name} needs one entry per UNet level ({levels}): {getattr(self, name)}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
         if "_class_name" not in self.scheduler:
             raise ValueError("scheduler must be a diffusers scheduler config with a '_class_name'")
 
@@ -133,9 +146,10 @@ DETERMINISTIC_SCHEDULERS = frozenset({"EulerDiscreteScheduler", "DDIMScheduler",
                                       "UniPCMultistepScheduler", "DEISMultistepScheduler"})
 
 
-# One UNet call of sampling: latents x (N, 4, h, w) scaled for the scheduler, timestep t, cond (N, 64, C), the
-# output side in pixels -> the UNet's output (N, 4, h, w); N = B, or 2B with both CFG branches in one batch.
-UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# One UNet call of sampling: latents x (N, 4, h, w) scaled for the scheduler, timestep t, cond (N, 64, C) -> the
+# UNet's output (N, 4, h, w); N = B, or 2B with both CFG branches in one batch. The output size, which the
+# UNet is conditioned on, is the latents' size times the VAE's downscale.
+UNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # The UNet call at step i of the loop, its conditioning bound: (x (N, 4, h, w), timestep t, i) -> (N, 4, h, w).
 UNetStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -144,7 +158,7 @@ class SamplingLoop(Protocol):
     """How `decode` runs its loop: `SdxlUnetDecoder.denoise`, or a faster runner of that same loop."""
 
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
-                 size: int, **step_kwargs: Any) -> torch.Tensor: ...
+                 **step_kwargs: Any) -> torch.Tensor: ...
 
 
 def make_scheduler(scheduler_config: dict[str, Any]) -> SchedulerMixin:
@@ -212,7 +226,7 @@ class SdxlUnetDecoder(Decoder):
         Only diffusers' own classes are used, never the folder's custom pipeline file. `variant`
         picks weight files such as `diffusion_pytorch_model.bf16.safetensors` (the official
         folder has only those: pass variant="bf16"). `defaults` sets default_steps,
-        default_guidance or default_size.
+        default_guidance, default_size or max_pixels.
         """
         kwargs: dict[str, Any] = {"variant": variant}
         if torch_dtype is not None:
@@ -230,18 +244,31 @@ class SdxlUnetDecoder(Decoder):
     def vae_downscale(self) -> int:
         return 2 ** (len(self.config.vae_block_out_channels) - 1)
 
-    def check_size(self, size: int) -> None:
-        # The latent must halve exactly at each UNet downsampling, so the side is a multiple of
-        # VAE downscale * 2**(UNet levels - 1): 8 * 4 = 32 for SDXL.
-        multiple = self.vae_downscale * 2 ** (len(self.config.block_out_channels) - 1)
-        if size < multiple or size % multiple != 0:
-            raise ValueError(f"size must be a positive multiple of {multiple} for this decoder, got {size}")
+    @property
+    def size_multiple(self) -> int:
+        """What height and width must be multiples of: the latent halves exactly at each UNet downsampling,
+        so VAE downscale * 2**(UNet levels - 1), 8 * 4 = 32 for SDXL."""
+        return self.vae_downscale * 2 ** (len(self.config.block_out_channels) - 1)
 
-    def unet_conditioning(self, tokens: torch.Tensor, size: int) -> dict[str, Any]:
-        """UNet conditioning for tokens (B, 64, C) at output side `size`, as Emu2-Gen builds it."""
+    def check_size(self, height: int, width: int) -> None:
+        multiple = self.size_multiple
+        for name, side in (("height", height), ("width", width)):
+            if side < multiple or side % multiple != 0:
+                raise ValueError(f"{name} {side} is not a positive multiple of {multiple}, which this decoder needs")
+        if height * width > self.config.max_pixels:
+            raise ValueError(f"{width}x{height} (width x height) is {height * width:,} pixels, more than this "
+                             f"decoder's max_pixels {self.config.max_pixels:,}")
+
+    def output_size(self, latents: torch.Tensor) -> tuple[int, int]:
+        """(height, width) in pixels of the image that latents (N, 4, h, w) decode to."""
+        return latents.shape[-2] * self.vae_downscale, latents.shape[-1] * self.vae_downscale
+
+    def unet_conditioning(self, tokens: torch.Tensor, height: int, width: int) -> dict[str, Any]:
+        """UNet conditioning for tokens (B, 64, C) at an output of height x width pixels, as the original
+        pipeline builds it: time_ids [1024, 1024, 0, 0, height, width] whatever the output size."""
         batch = tokens.shape[0]
-        # original size, crop top-left, target size: an uncropped image made at its own size.
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=tokens.device)
+        time_ids = torch.tensor([*ORIGINAL_SIZE, *CROP_TOP_LEFT, height, width], dtype=torch.float32,
+                                device=tokens.device)
         return {
             "encoder_hidden_states": tokens,
             "added_cond_kwargs": {
@@ -262,24 +289,25 @@ class SdxlUnetDecoder(Decoder):
         `set_channels_last`)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def unet_output(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, size: int) -> torch.Tensor:
+    def unet_output(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The eager UNet call: its output (noise for epsilon prediction) (N, 4, h, w) for latents x
-        (N, 4, h, w) at scheduler timestep(s) t, conditioned on tokens (N, 64, C) for output side `size`."""
-        return self.unet(self.unet_layout(x), t, **self.unet_conditioning(tokens, size), return_dict=False)[0]
+        (N, 4, h, w) at scheduler timestep(s) t, conditioned on tokens (N, 64, C) and the output size."""
+        conditioning = self.unet_conditioning(tokens, *self.output_size(x))
+        return self.unet(self.unet_layout(x), t, **conditioning, return_dict=False)[0]
 
     def latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, 4, h, w) -> pixels (B, 3, H, W) float32 in [0, 1]."""
+        """Scaled latents (B, 4, h, w) -> pixels (B, 3, H, W) float32 in [0, 1], rounded as the original's
+        `decode_latents`: times 1 / scaling_factor, the VAE, `from_vae_space` in the VAE's dtype, then float."""
         vae_dtype = next(self.vae.parameters()).dtype
-        latents = latents.to(vae_dtype) / self.vae.config.scaling_factor
+        latents = latents.to(vae_dtype) * (1 / self.vae.config.scaling_factor)
         if getattr(self.vae.config, "shift_factor", None) is not None:
             latents = latents + self.vae.config.shift_factor
-        x = self.vae.decode(latents, return_dict=False)[0]
-        return ((x.float() - VAE_PIXEL_SHIFT) / VAE_PIXEL_SCALE).clamp(0.0, 1.0)
+        return from_vae_space(self.vae.decode(latents, return_dict=False)[0]).float()
 
     def pixels_to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [0, 1] -> scaled latents (B, 4, H/8, W/8), a sample of the VAE posterior."""
         vae_dtype = next(self.vae.parameters()).dtype
-        x = (pixels * VAE_PIXEL_SCALE + VAE_PIXEL_SHIFT).to(vae_dtype)
+        x = to_vae_space(pixels).to(vae_dtype)
         with torch.no_grad():
             posterior = self.vae.encode(x).latent_dist
         noise = draw_noise(posterior.mean.shape, generator, x.device, x.dtype)
@@ -297,33 +325,36 @@ class SdxlUnetDecoder(Decoder):
         steps: int | None = None,
         guidance: float | None = None,
         size: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         generator: Generators = None,
     ) -> torch.Tensor:
-        """tokens (B, 64, C) -> pixels (B, 3, size, size) float32 in [0, 1]; see `Decoder.decode`."""
-        negative, steps, guidance, size = self.sampling_settings(tokens, negative, steps, guidance, size)
+        """tokens (B, 64, C) -> pixels (B, 3, height, width) float32 in [0, 1]; see `Decoder.decode`."""
+        settings = self.sampling_settings(tokens, negative, steps, guidance, size, height, width)
         unet_dtype = next(self.unet.parameters()).dtype
         device = tokens.device
         tokens = tokens.to(unet_dtype)
         # Both CFG branches in one batch: [unconditional, conditional].
+        negative = settings.negative
         cond = tokens if negative is None else torch.cat([negative.to(unet_dtype), tokens])
         scheduler = make_scheduler(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=device)
-        side = size // self.vae_downscale
-        shape = (tokens.shape[0], self.config.latent_channels, side, side)
+        scheduler.set_timesteps(settings.steps, device=device)
+        ds = self.vae_downscale
+        shape = (tokens.shape[0], self.config.latent_channels, settings.height // ds, settings.width // ds)
         latents = draw_noise(shape, generator, device, unet_dtype) * scheduler.init_noise_sigma
         step_kwargs = scheduler_step_kwargs(scheduler, generator, tokens.shape[0])
-        return self.latents_to_pixels(self.sampling_loop(latents, cond, scheduler, guidance, size, **step_kwargs))
+        return self.latents_to_pixels(self.sampling_loop(latents, cond, scheduler, settings.guidance, **step_kwargs))
 
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, scheduler: SchedulerMixin, guidance: float,
-                size: int, unet_step: UNetStep | None = None, **step_kwargs: Any) -> torch.Tensor:
+                unet_step: UNetStep | None = None, **step_kwargs: Any) -> torch.Tensor:
         """The sampling loop: latents (B, 4, h, w) at the scheduler's first timestep -> its last latents.
 
         cond is the tokens (B, 64, C), or [negative; tokens] (2B, 64, C) for CFG at `guidance` (both branches
-        in one batch). Step i calls `unet_step(x, t, i)`, by default `self.unet_call(x, t, cond, size)` (the
+        in one batch). Step i calls `unet_step(x, t, i)`, by default `self.unet_call(x, t, cond)` (the
         whole-loop graph of `blip3o.accel` passes the UNet on conditioning it holds in static buffers);
         `step_kwargs` go to `scheduler.step`.
         """
-        unet_step = unet_step or (lambda x, t, i: self.unet_call(x, t, cond, size))
+        unet_step = unet_step or (lambda x, t, i: self.unet_call(x, t, cond))
         guided = cond.shape[0] != latents.shape[0]
         for i, t in enumerate(scheduler.timesteps):
             x = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
@@ -355,7 +386,7 @@ class SdxlUnetDecoder(Decoder):
         x_t = a.sqrt() * x_0.float() + (1 - a).sqrt() * eps
         keep = drop_mask(batch, self.config.condition_drop, generator, device)  # (B, 1, 1)
         cond = tokens.to(unet_dtype) * keep.to(unet_dtype)
-        pred = self.unet_output(x_t.to(unet_dtype), t.to(device), cond, pixels.shape[-1])
+        pred = self.unet_output(x_t.to(unet_dtype), t.to(device), cond)
         kind = scheduler.config.prediction_type
         if kind == "epsilon":
             target = eps
@@ -364,6 +395,17 @@ class SdxlUnetDecoder(Decoder):
         else:
             raise ValueError(f"loss supports epsilon or v_prediction schedules, not {kind!r}")
         return F.mse_loss(pred.float(), target)
+
+
+def to_vae_space(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> the VAE's [-1, 1]."""
+    return pixels * 2 - 1
+
+
+def from_vae_space(x: torch.Tensor) -> torch.Tensor:
+    """The VAE's output in [-1, 1] -> pixels in [0, 1], clamped, in x's dtype: the original's formula, whose
+    rounding in half precision this keeps."""
+    return (x / 2 + 0.5).clamp(0, 1)
 
 
 def config_from_diffusers(

@@ -206,9 +206,11 @@ class ShapesDecoder(Decoder):
     def default_size(self) -> int:
         return IMAGE_SIZE
 
-    def check_size(self, size: int) -> None:
-        if size != IMAGE_SIZE:
-            raise ValueError(f"size must be {IMAGE_SIZE} (the shapes decoder's only image size), got {size}")
+    def check_size(self, height: int, width: int) -> None:
+        # The token map is added where the UNet is 8 x 8: only a 64 x 64 input gets there.
+        if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"the shapes decoder makes {IMAGE_SIZE}x{IMAGE_SIZE} images only (its 8 x 8 token "
+                             f"map meets the UNet at 8 px), got {width}x{height} (width x height)")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Velocity v (B, 3, 64, 64) at x_t (B, 3, 64, 64), times t (B,) in [0, 1], tokens (B, 64, C)."""
@@ -244,10 +246,14 @@ class ShapesDecoder(Decoder):
         steps: int | None = None,
         guidance: float | None = None,
         size: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         generator: Generators = None,
     ) -> torch.Tensor:
-        """tokens (B, 64, C) -> pixels (B, 3, 64, 64) float32 in [0, 1]: Euler from t = 1 to 0, with CFG."""
-        negative, steps, guidance, _ = self.sampling_settings(tokens, negative, steps, guidance, size)
+        """tokens (B, 64, C) -> pixels (B, 3, 64, 64) float32 in [0, 1]: Euler from t = 1 to 0, with CFG.
+        64 x 64 is the only size (`check_size`); see `Decoder.decode`."""
+        negative, steps, guidance, _, _ = self.sampling_settings(tokens, negative, steps, guidance, size, height,
+                                                                 width)
         dtype = next(self.parameters()).dtype
         tokens = tokens.to(dtype)
         # With CFG both branches run in one batch: [negative; tokens] (2B, 64, C).
