@@ -11,6 +11,7 @@ from PIL import Image
 from blip3o import Blip3o, get_preset
 from blip3o import checkpoints as ckpt
 from blip3o.cli import main as cli_main
+from blip3o.images import pil_to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,48 @@ def test_generate_batches_and_is_seeded(model):
     assert all(a.tobytes() == b.tobytes() for a, b in zip(images, again, strict=True))
     other = model.generate(["a red circle"], seed=2)[0]
     assert other.tobytes() != images[0].tobytes()
+
+
+def test_generate_makes_any_size_the_decoder_makes(model):
+    # 32 x 56 is 768 x 1344's 4:7 portrait at the debug decoder's scale (its sides are multiples of 4)
+    (tall,) = model.generate(["a red circle"], height=56, width=32, seed=4)
+    assert tall.size == (32, 56)  # PIL: (width, height)
+    (square,) = model.generate(["a red circle"], size=32, seed=4)
+    (same,) = model.generate(["a red circle"], height=32, width=32, seed=4)
+    assert square.size == (32, 32) and square.tobytes() == same.tobytes()
+    with pytest.raises(ValueError, match="height 30 is not a positive multiple of 4"):
+        model.generate(["a red circle"], height=30, width=32)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(["a red circle"], size=32, width=48)
+
+
+def test_reconstruct_guides_against_a_zero_image_through_the_tower(model):
+    """For an image alone the original's negative is `encode_image(zeros_like(pixels))`: the normalised pixels
+    zeroed (the encoder's mean colour, not black), then the tower and the pooling."""
+    image = Image.new("RGB", (48, 40), (200, 30, 60))
+    seen = []
+    decode = model.decoder.decode
+
+    def spy(tokens, **kwargs):
+        seen.append(kwargs)
+        return decode(tokens, **kwargs)
+
+    model.decoder.decode = spy  # an instance attribute shadows the method
+    try:
+        (rec,) = model.reconstruct([image], height=24, width=40)
+        model.reconstruct([image], guidance=1.0)
+    finally:
+        del model.decoder.decode
+    assert rec.size == (40, 24)
+    encoder = model.clip_encoder
+    pixels = encoder.prepare(pil_to_tensor([image]))  # (1, 3, S, S), normalised
+    with torch.no_grad():
+        want = encoder.tokens(torch.zeros_like(pixels))
+        black = encoder.encode(torch.zeros(1, 3, 48, 40))
+    negative = seen[0]["negative"]
+    assert negative.shape == (1, 64, encoder.width) and torch.equal(negative, want)
+    assert negative.abs().sum() > 0 and not torch.allclose(negative, black)
+    assert seen[1]["negative"] is None  # guidance 1: the conditional branch alone, no negative needed
 
 
 def pixels(image: Image.Image) -> torch.Tensor:

@@ -194,9 +194,15 @@ class Blip3o(nn.Module):
     def generate(self, prompts: Sequence[str], *, num_images: int = 1, steps: int | None = None,
                  guidance: float | None = None, seed: int | Sequence[int] | None = None,
                  decoder_steps: int | None = None, decoder_guidance: float | None = None, size: int | None = None,
+                 height: int | None = None, width: int | None = None,
                  generator: Generators = None) -> list[Image.Image]:
         """Generate `num_images` images per prompt; returns len(prompts) * num_images PIL images,
         grouped by prompt. `seed` (or an explicit CPU `generator`) makes the result reproducible.
+
+        `size` asks for square images of that side, `height` and `width` for any shape the decoder makes
+        (multiples of `decoder.size_multiple` for the SDXL decoder; a side left out is the default side);
+        neither: the decoder's default square. `decoder_guidance` at or below 1 runs the decoder's
+        conditional branch alone.
 
         `seed` may also be one seed per prompt (or `generator` one generator per prompt): each prompt's
         images are then those of `generate([prompt], num_images=n, seed=its_seed)` alone (up to
@@ -219,7 +225,7 @@ class Blip3o(nn.Module):
         negative = self.negative_tokens(steps, guidance) if self.config.decoder_negative == "empty_prompt" else None
         with self._on_device("decoder"):
             pixels = self.decoder.decode(tokens, negative=negative, steps=decoder_steps, guidance=decoder_guidance,
-                                         size=size, generator=generator)
+                                         size=size, height=height, width=width, generator=generator)
         return tensor_to_pil(pixels)
 
     # ------------------------------------------------------------------ understanding and reconstruction
@@ -243,13 +249,29 @@ class Blip3o(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: Sequence[Image.Image], *, seed: int | None = 0, steps: int | None = None,
-                    guidance: float | None = None, size: int | None = None) -> list[Image.Image]:
-        """encode -> decode: shows what the token space keeps of an image."""
+                    guidance: float | None = None, size: int | None = None, height: int | None = None,
+                    width: int | None = None) -> list[Image.Image]:
+        """encode -> decode: shows what the token space keeps of an image. Sizes and guidance as in `generate`;
+        the decoder's negative is `image_negative_tokens`, as in the original pipeline for an image alone."""
         tokens = self.encode_images(images).to(self.device, self.queries.dtype)
+        unguided = isinstance(guidance, int | float) and guidance <= 1  # the decoder would not read a negative
+        negative = None if unguided else self.image_negative_tokens()
         generator = seed_generators(seed, len(images))
         with self._on_device("decoder"):
-            pixels = self.decoder.decode(tokens, steps=steps, guidance=guidance, size=size, generator=generator)
+            pixels = self.decoder.decode(tokens, negative=negative, steps=steps, guidance=guidance, size=size,
+                                         height=height, width=width, generator=generator)
         return tensor_to_pil(pixels)
+
+    @torch.no_grad()
+    def image_negative_tokens(self) -> torch.Tensor:
+        """The decoder's negative for an image alone (1, 64, C), as the original pipeline makes it
+        (`encode_image(zeros_like(pixels))`): the CLIP encoder's tokens of an all-zero *normalised* image
+        (every pixel at the encoder's mean colour) through the tower and the pooling."""
+        with self._on_device("clip_encoder"):
+            weight = next(self.clip_encoder.parameters())
+            side = self.clip_encoder.image_size
+            zeros = torch.zeros(1, 3, side, side, device=weight.device, dtype=weight.dtype)
+            return self.clip_encoder.tokens(zeros).to(self.device, self.queries.dtype)
 
     def num_parameters(self) -> dict[str, int]:
         parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
