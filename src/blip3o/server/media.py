@@ -20,7 +20,8 @@ from blip3o.server.errors import APIError, bad_request
 
 
 def load_image(url: str, config: ServerConfig, param: str) -> Image.Image:
-    """An `image_url` (data URI, `file://` URL or absolute path under an allowed folder) -> RGB image."""
+    """An `image_url` (data URI, `file://` URL or absolute path under an allowed folder) -> a checked PIL image
+    (its own mode: the processor converts it to RGB as transformers does)."""
     if url.startswith("data:"):
         data = _from_data_uri(url, config, param)
     elif url.startswith(("http://", "https://")):
@@ -49,10 +50,10 @@ def decode_image(data: bytes, config: ServerConfig, param: str) -> Image.Image:
         raise bad_request(f"{param} could not be decoded (truncated or corrupt): {e}", param,
                           code="invalid_image") from e
     try:
-        (rgb,) = check_images([image], name=param)
+        (checked,) = check_images([image], name=param)
     except ValueError as e:
         raise bad_request(str(e), param, code="invalid_image") from e
-    return rgb
+    return checked
 
 
 def encode_png(image: Image.Image) -> str:
