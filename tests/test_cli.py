@@ -70,6 +70,19 @@ def test_generate_one_prompt_writes_pngs_and_a_grid(checkpoint, tmp_path, capsys
     assert same_pixels(out / "0001.png", tmp_path / "again" / "0001.png")
 
 
+def test_generate_size_is_a_square_side_or_width_x_height(checkpoint, tmp_path):
+    # 32x56 is 768x1344's 4:7 portrait at the debug decoder's scale; WxH is width x height, as OpenAI writes it
+    args = ["generate", "--model", str(checkpoint), "a red circle", "--seed", "3"]
+    assert main([*args, "--size", "32x56", "--outdir", str(tmp_path / "tall")]) == 0
+    assert main([*args, "--size", "56x32", "--outdir", str(tmp_path / "wide")]) == 0
+    assert main([*args, "--size", "32", "--outdir", str(tmp_path / "square")]) == 0
+    tall = Image.open(tmp_path / "tall" / "0000.png")
+    assert tall.size == (32, 56) and Image.open(tmp_path / "wide" / "0000.png").size == (56, 32)
+    assert Image.open(tmp_path / "square" / "0000.png").size == (32, 32)
+    (want,) = Blip3o.from_pretrained(checkpoint).generate(["a red circle"], height=56, width=32, seed=3)
+    assert tall.tobytes() == want.tobytes()  # the command is the library call
+
+
 def test_generate_with_the_stochastic_sampler(checkpoint, tmp_path):
     args = ["generate", "--model", str(checkpoint), "a red circle", "--seed", "3"]
     assert main([*args, "--outdir", str(tmp_path / "euler")]) == 0
@@ -169,7 +182,11 @@ def test_bad_input_exits_2_with_a_message(checkpoint, image_path, tmp_path, caps
     bad.write_text('{"tag": "single_object"}\n')
     fails(["generate", "--model", "debug", "--prompts-file", str(bad)], "bad.jsonl:1: needs 'prompt'")
     fails(["generate", "--model", "debug", "a circle", "--num-images", "0"], "--num-images must be positive")
-    fails(["generate", "--model", str(checkpoint), "a circle", "--size", "33"], "size must be")
+    fails(["generate", "--model", str(checkpoint), "a circle", "--size", "33"],
+          "--size 33: height 33 is not a positive multiple of 4")
+    fails(["generate", "--model", str(checkpoint), "a circle", "--size", "32x30"], "--size 32x30: height 30 is not")
+    fails(["generate", "--model", "debug", "a circle", "--size", "32by56"], "--size must be N (an N x N square) or WxH")
+    fails(["generate", "--model", "nano", "a circle", "--size", "64x96"], "makes 64x64 images only")
     fails(["ask", "--model", "debug", str(tmp_path / "nope.png"), "what?"], "no image file")
     fails(["ask", "--model", "debug", str(bad), "what?"], "not an image")
     fails(["ask", "--model", "debug", str(image_path)], "give an image and a question")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,12 +37,13 @@ def run_generate(args: argparse.Namespace) -> int:
         records = [{"prompt": p} for p in args.prompt]
     else:
         raise BadInput("give a prompt, e.g. blip3o generate \"a red circle\", or --prompts-file FILE")
-    check_positive(args, "num_images", "steps", "size", "batch_size")
+    check_positive(args, "num_images", "steps", "batch_size")
+    size = parse_size(args.size)
     model = load_for_command(args)
-    if args.size is not None:
-        with user_input("--size"):
-            model.decoder.check_size(args.size)
-    settings = dict(num_images=args.num_images, steps=args.steps, guidance=args.guidance, size=args.size)
+    if size:
+        with user_input(f"--size {args.size}"):
+            model.decoder.check_size(size["height"], size["width"])
+    settings = dict(num_images=args.num_images, steps=args.steps, guidance=args.guidance, **size)
     if args.prompt and len(args.prompt) == 1:
         with progress(None, total=1, desc="generate", unit="prompt") as bar:
             images = model.generate(args.prompt, seed=args.seed, **settings)
@@ -51,6 +53,18 @@ def run_generate(args: argparse.Namespace) -> int:
         generate_geneval_layout(model, records, Path(args.outdir), args.seed, args.batch_size, settings)
         print(f"{len(records)} prompts x {args.num_images} images in {args.outdir}/ (GenEval layout)")
     return EXIT_OK
+
+
+def parse_size(text: str | None) -> dict[str, int]:
+    """--size N (an N x N square) or WxH (width x height, as OpenAI writes sizes) -> generate's height and
+    width; {} when not given."""
+    if text is None:
+        return {}
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip().lower())
+    if not match:
+        raise BadInput(f"--size must be N (an N x N square) or WxH (width x height, e.g. 1344x768), got {text!r}")
+    width = int(match[1])
+    return {"height": int(match[2] or width), "width": width}
 
 
 def generate_geneval_layout(model, records: list[dict], out: Path, seed: int, batch_size: int,
@@ -80,7 +94,9 @@ def generate_command() -> Command:
         flag("--outdir", default="outputs"),
         flag("--num-images", type=int, default=1, help="images per prompt (default 1)"),
         flag("--seed", type=int, default=0, help="random seed (default 0); same seed, same images"),
-        flag("--size", type=int, default=None, help="image side in pixels, where the decoder allows it"),
+        flag("--size", default=None, metavar="N|WxH",
+             help="image size in pixels: N for an N x N square, or WxH (width x height, e.g. 1344x768); each side "
+                  "a multiple of the decoder's (32 for SDXL); default: the decoder's square"),
         flag("--batch-size", type=int, default=8, help="prompts per model call (default 8)"),
         *model_flags(), *SAMPLING_FLAGS, *SPEED_FLAGS,
     ), refusals=(
@@ -92,6 +108,7 @@ def generate_command() -> Command:
         "(each prompt is generated with the same --seed; --batch-size prompts share a model call)\n\n"
         "examples:\n"
         '  blip3o generate "two red circles" --num-images 4 --seed 0 --outdir out/\n'
+        '  blip3o generate "a lighthouse at dusk" --model my-blip3o --size 1344x768   # 1344 wide, 768 high\n'
         "  blip3o generate --prompts-file evaluation_metadata.jsonl --outdir geneval_out/ --num-images 4"))
 
 
