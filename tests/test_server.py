@@ -111,6 +111,22 @@ def test_openai_client_generates_seeded_images(client, model):
     assert Image.open(io.BytesIO(base64.b64decode(as_url.data[0].url.split(",", 1)[1]))).tobytes() == one.tobytes()
 
 
+def test_openai_client_generates_width_x_height_images(client, server, model):
+    # OpenAI's portrait form, 1024x1536 (width x height), at the debug decoder's scale: 32x48
+    result = client.images.generate(model="debug", prompt="a red circle", size="32x48", response_format="b64_json",
+                                    extra_body={"seed": 7})
+    (image,) = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in result.data]
+    assert image.format == "PNG" and image.size == (32, 48)
+    (expected,) = model.generate(["a red circle"], height=48, width=32, seed=7)
+    assert image.convert("RGB").tobytes() == expected.tobytes()
+    with pytest.raises(openai.BadRequestError, match="size 1026x1024: width 1026 is not a positive multiple of 4"):
+        client.images.generate(prompt="a red circle", size="1026x1024")
+    # every size OpenAI's API offers reads as (height, width) and passes the debug decoder's checks
+    sizes = {"auto": None, "1024x1024": (1024, 1024), "1536x1024": (1024, 1536), "1024x1536": (1536, 1024),
+             "1792x1024": (1024, 1792), "1024x1792": (1792, 1024), "256x256": (256, 256), "512x512": (512, 512)}
+    assert {size: server.service._size(size) for size in sizes} == sizes
+
+
 def test_openai_client_chats_about_an_image_over_turns(client, allowed):
     image_part = {"type": "image_url", "image_url": {"url": data_uri(png(RED))}}
     messages = [{"role": "system", "content": "You describe pictures."},
@@ -397,7 +413,8 @@ IMAGE_REQUEST_ERRORS = [
     ("prompt not text", {"prompt": ["a", "b"]}, "prompt", 400),
     ("n zero", {"prompt": "a", "n": 0}, "n", 400),
     ("n too big", {"prompt": "a", "n": 5}, "n", 400),
-    ("size not square", {"prompt": "a", "size": "32x64"}, "size", 400),
+    ("size not WxH", {"prompt": "a", "size": "32"}, "size", 400),
+    ("size upper-case X", {"prompt": "a", "size": "32X64"}, "size", 400),
     ("size the decoder cannot make", {"prompt": "a", "size": "34x34"}, "size", 400),
     ("size too big", {"prompt": "a", "size": "4096x4096"}, "size", 400),
     ("steps zero", {"prompt": "a", "steps": 0}, "steps", 400),
@@ -414,6 +431,16 @@ def test_bad_image_requests_are_refused_clearly(server, what, body, param, statu
     got, answer, _ = request(server, "/v1/images/generations", body)
     assert got == status and answer["error"]["param"] == param, answer
     assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
+    if param == "size":  # the message names the size asked for
+        assert repr(body["size"]) in answer["error"]["message"] or body["size"] in answer["error"]["message"]
+
+
+def test_image_size_limit_is_in_pixels(model):
+    with running(model, max_pixels=32 * 48) as server:
+        assert request(server, "/v1/images/generations", {"prompt": "a", "size": "48x32", "seed": 0})[0] == 200
+        status, answer, _ = request(server, "/v1/images/generations", {"prompt": "a", "size": "48x48"})
+    assert status == 400 and answer["error"]["message"] == (
+        "size 48x48 is 2,304 pixels, more than this server's limit of 1,536")
 
 
 def chat_image(n: int) -> list:

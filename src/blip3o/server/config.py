@@ -13,7 +13,7 @@ class ServerConfig:
     # --- request limits (each breach is a 4xx with an OpenAI-shaped error naming the limit) ---
     max_prompt_chars: int = 1000  # an image prompt's length in characters (OpenAI's dall-e-2 limit)
     max_n: int = 8  # images per generation request
-    max_size: int = 2048  # largest image side a request may ask for (the decoder may allow fewer)
+    max_pixels: int = 2048 * 2048  # largest width * height an image request may ask for (the decoder may allow fewer)
     max_steps: int = 200  # DiT sampling steps a request may ask for
     max_messages: int = 64  # messages in one chat request
     max_chat_chars: int = 32_000  # all text of one chat request, in characters

@@ -16,7 +16,7 @@ class ImageGenerationRequest(_Body):
     prompt: str
     model: str | None = None
     n: int = 1
-    size: str | None = None  # "WxH" with W == H, or "auto" (the decoder's default)
+    size: str | None = None  # "WxH", width x height such as "1536x1024", or "auto" (the decoder's default square)
     response_format: Literal["b64_json", "url"] | None = None  # url: a data: URL (nothing is stored)
     seed: int | None = None  # extension: reproducible images (see the service's seed semantics)
     steps: int | None = None  # extension: DiT sampling steps

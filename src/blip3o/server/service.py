@@ -189,22 +189,25 @@ class Blip3oService:
         group = None if r.seed is None else ("seeded", r.n)
         return GenerationTask(r.prompt, r.n, r.seed), ("generate", r.steps, r.guidance, size, group)
 
-    def _size(self, size: str | None) -> int | None:
+    def _size(self, size: str | None) -> tuple[int, int] | None:
+        """OpenAI's `size`: "WxH" (width x height, e.g. "1536x1024") -> (height, width); "auto" or none ->
+        None, the decoder's default square."""
         if size is None or size == "auto":
             return None
         match = re.fullmatch(r"(\d+)x(\d+)", size)
-        if not match or match[1] != match[2]:
-            raise bad_request(f"size must be 'auto' or a square 'NxN' such as "
-                              f"'{self.model.decoder.default_size}x{self.model.decoder.default_size}', got {size!r}",
+        if not match:
+            side = self.model.decoder.default_size
+            raise bad_request(f"size must be 'auto' or 'WxH' (width x height) such as '{side}x{side}', got {size!r}",
                               "size")
-        side = int(match[1])
-        if side > self.config.max_size:
-            raise bad_request(f"size {size} is larger than this server's limit of {self.config.max_size}", "size")
+        width, height = int(match[1]), int(match[2])
+        if width * height > self.config.max_pixels:
+            raise bad_request(f"size {size} is {width * height:,} pixels, more than this server's limit of "
+                              f"{self.config.max_pixels:,}", "size")
         try:
-            self.model.decoder.check_size(side)
+            self.model.decoder.check_size(height, width)
         except ValueError as e:
-            raise bad_request(str(e), "size") from e
-        return side
+            raise bad_request(f"size {size}: {e}", "size") from e
+        return height, width
 
     def _chat_task(self, r: ChatCompletionRequest) -> ChatTask:
         c = self.config
@@ -309,7 +312,8 @@ class Blip3oService:
 
     def _generate(self, key: Hashable, tasks: Sequence[GenerationTask]) -> list[list[Image.Image]]:
         _, steps, guidance, size, group = key
-        settings = dict(steps=steps, guidance=guidance, size=size)
+        height, width = size or (None, None)
+        settings = dict(steps=steps, guidance=guidance, height=height, width=width)
         if len(tasks) == 1:  # alone: exactly the library call, so a seed reproduces
             (t,) = tasks
             images = self.model.generate([t.prompt], num_images=t.n, seed=t.seed, **settings)

@@ -37,6 +37,7 @@ async function generate(event) {
   event.preventDefault();
   const body = {prompt: $("prompt").value, n: Number($("num-images").value) || 1, response_format: "b64_json"};
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("size").value.trim() !== "") body.size = $("size").value.trim();  // "WxH", width x height
   $("generate").disabled = true;
   status("generate-status", "generating…");
   const started = performance.now();
