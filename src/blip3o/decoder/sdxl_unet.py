@@ -10,6 +10,9 @@ step for step, by default:
     time_ids              = [1024, 1024, 0, 0, H, W]        original size, crop top-left, target size
     noise schedule        = EulerDiscreteScheduler, SDXL's training betas, epsilon prediction
     guidance              = eps_u + g (eps_c - eps_u) when g > 1; at or below 1 the conditional branch alone
+    negative (eps_u)      = the tokens generated for the prompt " " (`Blip3o.negative_tokens`); for an image
+                            alone the CLIP encoder's tokens of an all-zero normalised image
+                            (`Blip3o.image_negative_tokens`, used by `reconstruct`)
     pixels                = VAE(latents * (1 / scaling_factor)), then (x / 2 + 0.5).clamp(0, 1) in the
                             VAE's dtype, then float32
 
