@@ -86,7 +86,8 @@ class Blip3o(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, *, clip_encoder_weights: str | Path | None = None) -> Blip3o:
         """Load a folder written by `save_pretrained`, or an official BLIP3-o folder (BLIP3o/BLIP3o-Model-8B,
-        -4B, converted on load: `blip3o.checkpoints.official`): built on meta, then filled shard by shard.
+        -4B, converted on load: `blip3o.checkpoints.official`), or a stock Qwen2.5-VL folder (understanding only:
+        `blip3o.checkpoints.stock`): built on meta, then filled shard by shard.
 
         `dtype` None keeps a native folder's stored dtypes and gives an official folder the original's
         (float16, the decoder bfloat16); a dtype casts every part. `clip_encoder_weights`: the EVA tower's
@@ -232,7 +233,8 @@ class Blip3o(nn.Module):
 
     def answer(self, images: Sequence[Image.Image | None], questions: Sequence[str], **kwargs) -> list[str]:
         """One answer per (image, question) pair; `images[i]` may be None for a text-only question.
-        Keyword arguments (max_new_tokens, do_sample, temperature, top_p, seed) go to `Backbone.answer`."""
+        Keyword arguments (max_new_tokens, do_sample, temperature, top_p, top_k, seed, min_pixels, max_pixels,
+        stop_tokens) go to `Backbone.answer`; sampling settings left out come from the folder's generation config."""
         with self._on_device("backbone"):
             return self.backbone.answer(images, questions, **kwargs)
 

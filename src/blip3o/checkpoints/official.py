@@ -160,7 +160,7 @@ def _require(shapes: dict, name: str, where: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _backbone_config(raw: dict, base, vocab_size: int):
+def backbone_config(raw: dict, base, vocab_size: int):
     """BackboneConfig from the official (transformers 4.51, flat) or newer (nested) Qwen2.5-VL fields."""
     text = {**raw, **(raw.get("text_config") or {})}
     vision = raw.get("vision_config") or {}
@@ -254,7 +254,7 @@ def _config(raw: dict, shapes: dict, decoder_config, eva_shapes: dict | None, wh
     eva = _section(shapes, "clip_encoder.") or eva_shapes
     clip = _eva_config(eva, _pool(raw), where) if eva else _random_eva_config(raw, dit.in_channels, where)
     return dataclasses.replace(
-        base, backbone=_backbone_config(raw, base.backbone, vocab), dit=dit, clip_encoder=clip,
+        base, backbone=backbone_config(raw, base.backbone, vocab), dit=dit, clip_encoder=clip,
         decoder=decoder_config, num_queries=num_queries, train_layout="closed_turn", train_timesteps="scheduler_grid",
         extra={"converted_from": "official BLIP3-o", "official_variant": variant or "custom",
                "official_model_type": raw.get("model_type"), "gen_vision_tower": raw.get("gen_vision_tower")},

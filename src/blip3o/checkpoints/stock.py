@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from blip3o.checkpoints import CheckpointError, ModelFolder, iter_tensors, load_into
-from blip3o.checkpoints.official import _backbone_config, tensor_shapes
+from blip3o.checkpoints.official import backbone_config, tensor_shapes
 from blip3o.config import Blip3oConfig
 from blip3o.presets import get_preset
 
@@ -59,7 +59,7 @@ def stock_config(raw: dict, shapes: dict[str, tuple[int, ...]], where: str) -> B
     embed = "backbone.model.model.language_model.embed_tokens.weight"
     if embed not in shapes:
         raise CheckpointError(f"Qwen2.5-VL folder {where} has no {embed.removeprefix('backbone.model.')}")
-    backbone = _backbone_config(raw, get_preset("blip3o-8b").backbone, shapes[embed][0])
+    backbone = backbone_config(raw, get_preset("blip3o-8b").backbone, shapes[embed][0])
     placeholder = get_preset("nano")
     return dataclasses.replace(
         placeholder, backbone=dataclasses.replace(backbone, generates=False),

@@ -36,7 +36,8 @@ def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
 
 
 def open_image(path: Path, where: str) -> Image.Image:
-    """A readable image file -> RGB PIL image; anything else is bad input naming `where`."""
+    """A readable image file -> PIL image in its own mode (each reader converts it its own way); anything else is
+    bad input naming `where`."""
     from PIL import UnidentifiedImageError
 
     from blip3o.images import check_images
