@@ -195,7 +195,7 @@ def test_offload_runs_each_part_alone_and_gives_the_same_images(model):
             lambda m, a: seen.append(("decoder", tuple(model._offload.resident)))
         )
     ]
-    model._negative_cache.clear()
+    model._negative = None
     model.enable_offload("cpu")
     try:
         got = model.generate(["a red circle"], seed=0)
