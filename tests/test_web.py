@@ -1,5 +1,6 @@
 """The web page at `/` in a real headless Chromium (Debian's, driven by selenium): type a prompt and
-see images; attach an image, ask, see the answer. The debug model serves it."""
+see images; attach an image, ask, see the answer; a width x height typed in the size field reaches the server,
+and a size the decoder cannot make comes back as the server's message. The debug model serves it."""
 
 import shutil
 import tempfile
@@ -84,3 +85,28 @@ def test_attach_an_image_ask_and_see_the_answer(server, browser, tmp_path):
     assert browser.find_element(By.ID, "chat-status").get_attribute("class") != "error"
     assert not browser.find_element(By.ID, "attachment").is_displayed()  # it went with the first question
     browser.save_screenshot(str(tmp_path / "page.png"))
+
+
+def generate_at(browser, size: str) -> None:
+    """Type a prompt and `size` into the page and press Generate."""
+    for field, text in (("prompt", "a red circle"), ("size", size)):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(text)
+    count = browser.find_element(By.ID, "num-images")
+    count.clear()
+    count.send_keys("1")
+    browser.find_element(By.ID, "generate").click()
+
+
+def test_a_width_x_height_typed_on_the_page_makes_that_image(server, browser):
+    page = browser
+    page.get(server.url + "/")
+    wait = WebDriverWait(page, 60)
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "model: debug")
+    generate_at(page, "32x48")  # portrait, as OpenAI's 1024x1536, at the debug decoder's scale
+    assert wait.until(lambda d: d.execute_script(
+        "const im = document.querySelector('#images img.generated');"
+        "return im && im.complete && im.naturalWidth === 32 && im.naturalHeight === 48"))
+    generate_at(page, "30x48")
+    wait.until(lambda d: "error" in d.find_element(By.ID, "generate-status").get_attribute("class"))
+    assert "size 30x48: width 30 is not a positive multiple of 4" in page.find_element(By.ID, "generate-status").text
