@@ -22,7 +22,6 @@ from blip3o.shapes import (
     CAPTION_QUESTION,
     COLORS,
     PALETTE,
-    QUESTION_TYPES,
     RASTERISERS,
     RELATIONS,
     SHAPES,
@@ -46,7 +45,6 @@ from blip3o.shapes import (
     left_of,
     make_example,
     make_prompt,
-    more_questions,
     normalize_answer,
     parse_description,
     plan_questions,
@@ -403,28 +401,6 @@ def test_questions_respect_preconditions():
     assert {t for t, _ in seen} == {"count", "count_color", "color", "shape", "exist", "position"}
     for t in ("exist", "position"):
         assert seen[(t, "yes")] > 0.25 * (seen[(t, "yes")] + seen[(t, "no")])  # not all "no"
-
-
-def test_more_questions_are_distinct_answered_and_of_every_type():
-    """more_questions(scene, rng, k, asked): up to k questions, none in `asked`, none twice, each answered as
-    answer_question does; types taken in turn, so a scene that allows every type gets each of them."""
-    rng = random.Random(1)
-    seen_types = Counter()
-    for _ in range(300):
-        scene = sample_scene(rng)
-        asked = [q.text for q in questions_for_scene(scene, rng)]
-        extra = more_questions(scene, rng, 8, asked)
-        texts = [q.text for q in extra]
-        assert len(texts) == len(set(texts)) <= 8 and not set(texts) & set(asked)
-        for q in extra:
-            seen_types[q.type] += 1
-            assert q.answer == answer_question(q.text, scene.objects) is not None
-    assert set(seen_types) == set(QUESTION_TYPES)
-    assert more_questions(HAND_SCENE, rng, 0) == []
-    # the first six of a scene that allows every type are one of each type
-    full = next(s for s in (sample_scene(rng) for _ in range(1000))
-                if all(ask(s, t, random.Random(0)) is not None for t in QUESTION_TYPES))
-    assert sorted(q.type for q in more_questions(full, random.Random(2), 6)) == sorted(QUESTION_TYPES)
 
 
 def test_reading_questions_are_answered_by_their_description_alone():

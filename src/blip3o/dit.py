@@ -538,14 +538,12 @@ class DiT(nn.Module):
             raise ValueError(f"t {tuple(t.shape)} and cond batch {cond.shape[0]} must match x_t batch {b}")
         return self.velocity(x_t, t, self.prepare_condition(cond, cond_mask))
 
-    def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None, *,
-             with_estimate: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss at a path sample, in fp32: the network's own output against its target (the
         velocity; x_0 with `prediction="sample"`).
 
         self_condition (B,) bool, for a self-conditioned DiT: the samples that read the clean estimate of a
         first, gradient-free pass (the others read zeros, as the first sampling step does). None: all zeros.
-        with_estimate: also return the clean estimate x_0 (B, N, C), with its graph.
 
         The time embedding reads path.t, the time the noisy input used, never floored: `quantize_timesteps`
         reproduces the original's inference, while its training reads 1000 sigma unrounded.
@@ -559,7 +557,7 @@ class DiT(nn.Module):
             loss = flow_matching_loss(out, path)
         else:
             loss = torch.mean((out.float() - path.x_0.float()) ** 2)
-        return (loss, self.clean_estimate(path.x_t, path.t, out)) if with_estimate else loss
+        return loss
 
     @torch.no_grad()
     def first_pass_estimate(self, path: PathSample, prepared: Condition, rows: torch.Tensor) -> torch.Tensor:

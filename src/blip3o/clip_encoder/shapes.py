@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .eva import GRID_SIDE, Attention, ClipEncoderBase, LayerNorm, Mlp, PatchEmbed
@@ -139,10 +138,3 @@ class ShapesEncoder(ClipEncoderBase):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, 64, C) -> pooled embedding (B, D): the mean token through the head."""
         return self.head(tokens.mean(dim=1))
-
-    def patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels (B, 3, H, W) -> the normalised pixels of each token's patch (B, 64, 3 * p * p),
-        in the tokens' row-major order: what `ClipStage`'s patch-reconstruction loss reads back."""
-        p = self.config.patch_size
-        x = self.prepare(pixels)  # (B, 3, H, W)
-        return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)  # (B, 64, 3 p p)

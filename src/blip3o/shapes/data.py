@@ -198,11 +198,6 @@ class ReadStats:
     bad_shards: int = 0  # shards that failed to open or broke off (their earlier examples still count)
     errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_KEPT messages
 
-    @property
-    def bad_samples(self) -> int:
-        """The former name of `bad_examples`, until blip3o.train.data reads that."""
-        return self.bad_examples
-
     def _note(self, message: str) -> None:
         if len(self.errors) < MAX_ERRORS_KEPT:
             self.errors.append(message)
@@ -272,8 +267,3 @@ def decode_example(raw: dict) -> tuple[Image.Image, dict]:
     meta["__key__"], meta["__url__"] = raw.get("__key__"), raw.get("__url__")
     return image, meta
 
-
-# The former names, until their callers (blip3o.train.data, tests/test_recipe.py, tests/test_trainer.py,
-# tests/test_shapes_training.py) use the new ones.
-make_sample = make_example
-iter_samples = iter_examples

@@ -172,24 +172,6 @@ def questions_for_scene(scene: Scene, rng: random.Random, types: Sequence[str] =
     return [q for t in types if (q := ask(scene, t, rng)) is not None]
 
 
-def more_questions(scene: Scene, rng: random.Random, k: int, asked: Sequence[str] = ()) -> list[Question]:
-    """Up to `k` further questions about `scene`, the six types taken in turn (each round in a fresh
-    random order), none of them one in `asked` and none asked twice: a conversation that repeated a
-    question could answer it by copying, not by looking. Fewer than `k` when the scene allows fewer
-    distinct questions (types whose precondition fails are skipped; at most 8k draws)."""
-    seen, out, types = set(asked), [], list(QUESTION_TYPES)
-    for draw in range(8 * k):
-        if len(out) == k:
-            break
-        if draw % len(types) == 0:
-            rng.shuffle(types)
-        q = ask(scene, types[draw % len(types)], rng)
-        if q is not None and q.text not in seen:
-            seen.add(q.text)
-            out.append(q)
-    return out
-
-
 CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 READING_TYPES: tuple[str, ...] = ("count", "count_color", "color", "shape", "exist")
 
