@@ -319,7 +319,7 @@ def test_8b_and_4b_configs_are_the_presets():
         assert official._eva_config(official._section(renamed, "clip_encoder."), 4, "x") == base.clip_encoder
         raw = official_config_json(OFFICIAL_LLM[size], dict(OFFICIAL_VISION, out_hidden_size=base.backbone.hidden_size),
                                    [16, 24, 24], VOCAB, size == "4b", 1792)
-        assert official._backbone_config(raw, base.backbone, VOCAB) == base.backbone
+        assert official.backbone_config(raw, base.backbone, VOCAB) == base.backbone
 
 
 def test_4b_lm_head_and_embedding_both_map_and_are_tied():
