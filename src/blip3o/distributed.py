@@ -20,7 +20,7 @@ class World:
 
     rank: int = 0  # this process's index among all of them
     size: int = 1  # how many processes train together
-    local_rank: int = 0  # its index on this machine (its GPU)
+    local_rank: int = 0  # its index on its node (which GPU it uses)
 
     @property
     def is_main(self) -> bool:

@@ -410,7 +410,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def serve_command() -> Command:
     return Command(("serve",), "serve the model: an OpenAI-compatible API and a web page", run_serve, flags=(
-        flag("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"),
+        flag("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: loopback only)"),
         flag("--port", type=int, default=8000),
         flag("--allow-dir", action="append", default=[], metavar="DIR",
              help="a folder whose images chat requests may name by path (repeatable; default: none)"),
