@@ -9,7 +9,12 @@ encoder drops alpha as the original's `convert("RGB")` does (`blip3o.clip_encode
 
 from __future__ import annotations
 
+import io
+import os
+import stat
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +24,75 @@ from PIL import Image
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "LA", "L", "1", "P", "PA", "CMYK", "YCbCr", "RGBX", "La"}
 MIN_SIDE = 8
 MAX_PIXELS = 8192 * 8192
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # PIL format names `admit_image` reads by default
+
+
+class ImageRejected(ValueError):
+    """An image refused by `admit_image`. `reason` sorts it for whoever answers: "too_large" (bytes or
+    pixels past a limit), "unsupported" (not an image, or a format not accepted) or "invalid" (undecodable,
+    truncated, a mode or size the library cannot use)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def admit_image(source: bytes | str | Path, *, name: str = "image", max_bytes: int | None = None,
+                max_pixels: int = MAX_PIXELS, formats: Sequence[str] = IMAGE_FORMATS) -> Image.Image:
+    """Untrusted image bytes, or a path to them, -> a decoded, checked PIL image in its own mode.
+
+    The one door every image from outside comes through (server, command line, training data). In
+    order, each before the next costs anything: a path must name a regular file (a FIFO or device
+    would block or never end); the encoded size against `max_bytes`; the format read from the header
+    against `formats`; the pixel count declared by the header against `max_pixels`, before a pixel
+    is decoded, so a decompression bomb never expands; then the decode itself under PIL's own limits
+    (text and ICC chunks past 1 MiB decompressed are refused by PIL); then `check_images`. Any
+    failure raises ImageRejected naming `name`.
+    """
+    if isinstance(source, (str, Path)):
+        source = _read_image_file(Path(source), name, max_bytes)
+    elif max_bytes is not None and len(source) > max_bytes:
+        raise ImageRejected(f"{name} is {len(source):,} bytes; the limit is {max_bytes:,}", "too_large")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap below is the check
+        try:
+            image = Image.open(io.BytesIO(source))
+        except Image.DecompressionBombError as e:
+            raise ImageRejected(f"{name} declares too many pixels to decode ({e})", "too_large") from e
+        except Image.UnidentifiedImageError as e:
+            raise ImageRejected(f"{name} is not an image in a format this build reads", "unsupported") from e
+        except Exception as e:  # noqa: BLE001  (untrusted bytes: whatever the parser raises, the file is bad)
+            raise ImageRejected(f"{name} could not be read: {type(e).__name__}: {e}", "invalid") from e
+        if image.format not in formats:
+            raise ImageRejected(f"{name} is a {image.format} image; accepted: {', '.join(formats)}", "unsupported")
+        w, h = image.size
+        if w * h > max_pixels:
+            raise ImageRejected(f"{name} is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", "too_large")
+        try:
+            image.load()
+        except Exception as e:  # noqa: BLE001
+            raise ImageRejected(f"{name} could not be decoded (truncated or corrupt): {type(e).__name__}: {e}",
+                                "invalid") from e
+    try:
+        return check_images([image], name=name)[0]
+    except (ValueError, TypeError) as e:
+        raise ImageRejected(str(e), "invalid") from e
+
+
+def _read_image_file(path: Path, name: str, max_bytes: int | None) -> bytes:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ImageRejected(f"{name}: no readable file ({type(e).__name__})", "invalid") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageRejected(f"{name} is not a regular file", "invalid")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise ImageRejected(f"{name} is {info.st_size:,} bytes; the limit is {max_bytes:,}", "too_large")
+    try:
+        with open(path, "rb") as f:
+            return f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageRejected(f"{name} could not be read: {e.strerror or e}", "invalid") from e
 
 
 def check_images(images: Sequence[Image.Image], *, name: str = "images") -> list[Image.Image]:
