@@ -1,0 +1,1 @@
+"""Benchmark evaluation: runners that make what each benchmark scores, and the scorers."""
