@@ -7,8 +7,10 @@ import io
 import json
 import random
 import re
+import struct
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -565,6 +567,24 @@ def test_broken_shards_and_examples_are_skipped_and_counted(tmp_path):
     assert 200 + 40 < len(keys) < 300 - 2 and stats.errors
     stats = ReadStats()
     assert list(iter_examples([str(tmp_path / "missing.tar")], stats=stats)) == [] and stats.bad_shards == 1
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (a decompression bomb's signature)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_in_a_shard_is_skipped_and_counted(tmp_path):
+    (path,) = write_shards(tmp_path, 5, seed=1, shard_size=5)
+    _rewrite(path, lambda name, data: _png_declaring(12_000, 12_000) if name == "000000002.png" else data)
+    stats = ReadStats()
+    keys = [meta["__key__"] for _, meta in iter_examples([str(path)], stats=stats)]
+    assert keys == ["000000000", "000000001", "000000003", "000000004"]
+    assert stats.bad_examples == 1 and "144,000,000 pixels; the limit is" in " ".join(stats.errors)  # refused unread
 
 
 def test_reads_generic_image_text_shards(tmp_path):

@@ -29,6 +29,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from blip3o.images import admit_image
+
 from .prompts import (
     SLOT_JITTER,
     TAGS,
@@ -256,8 +258,7 @@ def decode_example(raw: dict) -> tuple[Image.Image, dict]:
         raise ValueError(f"no image member (one of {IMAGE_KEYS}) among {sorted(raw)}")
     if "json" not in raw and "txt" not in raw:
         raise ValueError(f"no text member (json or txt) among {sorted(raw)}")
-    with Image.open(io.BytesIO(raw[image_key])) as image:
-        image = image.convert("RGB")  # forces a full decode: truncated files fail here
+    image = admit_image(raw[image_key], name=f"member {image_key}").convert("RGB")  # bombs, truncation: refused
     meta = {}
     if "json" in raw:
         value = json.loads(raw["json"])
