@@ -1,7 +1,13 @@
-"""The HTTP face of `Blip3oService`: routes parse the request and delegate; nothing here runs a model."""
+"""The HTTP face of `Blip3oService`: routes parse the request and delegate; nothing here runs a model.
+
+Around the routes, from the outside in: `RecordMetrics` counts every answer; `CancelOnDisconnect` stops
+the work of a client that left; `ReadBody` reads each request body whole, within a size limit and a
+deadline, before anything parses it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,10 +23,13 @@ from blip3o.server.schemas import ChatCompletionRequest, ImageGenerationRequest
 from blip3o.server.service import Blip3oService
 
 STATIC = Path(__file__).parent / "static"
+CLIENT_GONE = "blip3o.client_gone"  # set in a request's scope when its client left before the answer ended
+CLIENT_CLOSED_REQUEST = 499  # the status metrics count such a request under (nginx's name and number)
 
 
 def create_app(service: Blip3oService) -> FastAPI:
-    """An ASGI app serving `service`: the OpenAI-compatible API, /health, /metrics and the web page."""
+    """An ASGI app serving `service`: the OpenAI-compatible API, /health, /metrics and the web page (and
+    FastAPI's /docs, /redoc and /openapi.json when `service.config.docs`). Every GET route answers HEAD."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -28,31 +37,38 @@ def create_app(service: Blip3oService) -> FastAPI:
         yield
         service.stop()
 
-    app = FastAPI(title="blip3o", summary="BLIP3-o: generate and understand images", lifespan=lifespan)
+    c = service.config
+    app = FastAPI(title="blip3o", summary="BLIP3-o: generate and understand images", lifespan=lifespan,
+                  docs_url="/docs" if c.docs else None, redoc_url="/redoc" if c.docs else None,
+                  openapi_url="/openapi.json" if c.docs else None)
     app.state.service = service
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes)
+    app.add_middleware(ReadBody, max_bytes=c.max_body_bytes, timeout_s=c.body_timeout_s)
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(RecordMetrics, service=service)  # outermost: it sees every answer, 413s included
 
-    @app.get("/", include_in_schema=False)
+    def get(path: str, **options):
+        return app.api_route(path, methods=["GET", "HEAD"], **options)
+
+    @get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # answers HEAD itself
 
-    @app.get("/health")
+    @get("/health")
     async def health() -> dict:
         return service.health()
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models() -> dict:
         return service.models()
 
-    @app.get("/v1/models/{model_id}")
+    @get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
         return service.model_card(model_id)
 
@@ -63,11 +79,24 @@ def create_app(service: Blip3oService) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         if body.stream:
-            return StreamingResponse(await service.chat_stream(body), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return EventStream(await service.chat_stream(body))
         return await service.chat_completion(body)
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events from an async iterator that has `aclose`; it is closed however the response ends
+    (a client that left included, even before the first event), so the work behind it stops."""
+
+    def __init__(self, events) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -99,48 +128,114 @@ def _install_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
 
-class BodyLimit:
-    """413 for request bodies over `max_bytes`, before anything parses them (chunked bodies too)."""
+class ReadBody:
+    """Reads a POST, PUT or PATCH body whole before the app sees it (as one message): 413 for a body over
+    `max_bytes` (declared or sent, chunked bodies too), 408 for one not whole within `timeout_s` (a client
+    that trickles its bytes holds a connection and nothing else)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(scope, receive, send)
-        if length is None:  # no declared length: read up to the limit, then replay what was read
-            body, more = b"", True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > self.max_bytes:
-                    return await self._reject(scope, receive, send)
-            replayed = False
+            return await self._refuse(self._too_large(), scope, receive, send)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except asyncio.TimeoutError:
+            error = APIError(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                             code="body_timeout", headers={"Connection": "close"})
+            return await self._refuse(error, scope, receive, send)
+        except _BodyTooLarge:
+            return await self._refuse(self._too_large(), scope, receive, send)
+        if body is None:  # the client left while sending
+            return
+        replayed = False
 
-            async def receive_replay():
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def receive_replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-            return await self.app(scope, receive_replay, send)
-        return await self.app(scope, receive, send)
+        await self.app(scope, receive_replay, send)
 
-    async def _reject(self, scope, receive, send) -> None:
-        error = too_large(f"the request body is larger than this server's limit of {self.max_bytes:,} bytes",
-                          code="body_too_large")
+    async def _read(self, receive) -> bytes | None:
+        """The body's pieces joined once (adding each to a growing bytes would copy it all every time)."""
+        pieces, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            piece = message.get("body", b"")
+            size += len(piece)
+            if size > self.max_bytes:
+                raise _BodyTooLarge
+            pieces.append(piece)
+            if not message.get("more_body", False):
+                return b"".join(pieces)
+
+    def _too_large(self) -> APIError:
+        return too_large(f"the request body is larger than this server's limit of {self.max_bytes:,} bytes",
+                         code="body_too_large")
+
+    @staticmethod
+    async def _refuse(error: APIError, scope, receive, send) -> None:
         await error.response()(scope, receive, send)
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class CancelOnDisconnect:
+    """Cancels the app's work for a request whose client disconnects before the answer is complete: awaits
+    in the service are cancelled, so a queued job leaves the queue and a running chat stops (the service
+    sees to both), and the request is marked `CLIENT_GONE` for the metrics."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        inbox: asyncio.Queue = asyncio.Queue()  # what the client sent, in order, for the app to receive
+        complete = False
+
+        async def send_tracked(message) -> None:
+            nonlocal complete
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+            await send(message)
+
+        async def listen() -> None:
+            while True:
+                message = await receive()
+                inbox.put_nowait(message)
+                if message["type"] == "http.disconnect":
+                    scope[CLIENT_GONE] = not complete
+                    return
+
+        app = asyncio.ensure_future(self.app(scope, inbox.get, send_tracked))
+        listener = asyncio.ensure_future(listen())
+        try:
+            await asyncio.wait({app, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if scope.get(CLIENT_GONE):
+                app.cancel()
+            await asyncio.wait({app})
+            if not app.cancelled():
+                app.result()  # the app's own exception, if any, goes on to the error middleware
+        finally:
+            listener.cancel()
+            app.cancel()
+
+
 class RecordMetrics:
-    """Counts answers by route and status and times them (to the response's start)."""
+    """Counts answers by route and status and times them (to the response's start); a request whose client
+    left before its answer ended counts as 499."""
 
     def __init__(self, app, service: Blip3oService) -> None:
         self.app, self.service = app, service
@@ -160,4 +255,5 @@ class RecordMetrics:
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "other")
-            self.service.metrics.observe_request(scope["method"], label, status[0], time.perf_counter() - start)
+            answered = CLIENT_CLOSED_REQUEST if scope.get(CLIENT_GONE) else status[0]
+            self.service.metrics.observe_request(scope["method"], label, answered, time.perf_counter() - start)

@@ -22,6 +22,9 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # one image's width * height: decompression bombs stop here
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # PIL format names accepted
     max_body_bytes: int = 48 * MIB  # one HTTP request body (base64 images inflate by 4/3)
+    # bytes that queued and running requests may hold together: each image's encoded bytes plus its decoded
+    # size (width * height * 4, PIL's RGB), in and out; past it 429, and a request larger than all of it 413
+    memory_budget_bytes: int = 1024 * MIB
     max_tokens: int = 2048  # the largest `max_tokens` a chat request may ask for
     default_max_tokens: int = 256  # reply length when a chat request names none
     # the pixel count each chat image is resized into; None: the model's processor's (`Backbone.pixel_bounds`)
@@ -35,6 +38,12 @@ class ServerConfig:
     max_queue: int = 64  # requests waiting for the model; past this, 429 with Retry-After
     retry_after_s: int = 1  # the Retry-After a 429 suggests
     request_timeout_s: float = 120.0  # a request not answered by then gets 504
+    # --- connections (uvicorn's own options, and the body deadline) ---
+    body_timeout_s: float = 30.0  # a request body not whole by then gets 408 (a client trickling bytes)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 512  # open connections and running requests; past it uvicorn answers 503
+    max_header_bytes: int = 16 * 1024  # a request line and headers, together
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (FastAPI's API pages)
 
     def __post_init__(self) -> None:
         self.allow_dirs = [Path(d).expanduser().resolve() for d in self.allow_dirs]
@@ -46,3 +55,7 @@ class ServerConfig:
                              "must be positive, chat_min_pixels at most chat_max_pixels")
         if self.max_queue < 1 or self.request_timeout_s <= 0 or self.batch_window_ms < 0:
             raise ValueError("max_queue must be >= 1, request_timeout_s > 0 and batch_window_ms >= 0")
+        positive = ("memory_budget_bytes", "body_timeout_s", "keep_alive_s", "max_connections", "max_header_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -1,8 +1,11 @@
 """Images in and out of the server: data URIs and allowed local files in, base64 PNGs out.
 
-Every check runs before the image reaches the model queue: size in bytes, type, pixel count
-(read from the header, before decoding, so a decompression bomb never expands), then the
-library's own checks (mode, smallest side).
+A request's images arrive as bytes (`image_bytes`: its size in bytes checked, nothing decoded) and are
+sized from their headers (`decoded_bytes`) for the memory budget before anything expands. `open_image`
+decodes them through `blip3o.images.admit_image`, the one door for untrusted images: format, pixel count
+read from the header before decoding (so a decompression bomb never expands), PIL's own limits on text
+and ICC chunks, then the library's checks (mode, smallest side). Its refusals map to OpenAI-shaped errors:
+too large -> 400 `image_too_large`, an unsupported type -> 415, anything undecodable -> 400 `invalid_image`.
 """
 
 from __future__ import annotations
@@ -10,50 +13,55 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from blip3o.images import check_images
+from blip3o.images import ImageRejected, admit_image
 from blip3o.server.config import ServerConfig
 from blip3o.server.errors import APIError, bad_request
 
+BYTES_PER_PIXEL = 4  # PIL holds RGB and RGBA images in 4 bytes a pixel, and the model reads every image as RGB
 
-def load_image(url: str, config: ServerConfig, param: str) -> Image.Image:
-    """An `image_url` (data URI, `file://` URL or absolute path under an allowed folder) -> a checked PIL image
-    (its own mode: the processor converts it to RGB as transformers does)."""
+
+def image_bytes(url: str, config: ServerConfig, param: str) -> bytes:
+    """An `image_url` (data URI, `file://` URL or absolute path under an allowed folder) -> its encoded bytes."""
     if url.startswith("data:"):
-        data = _from_data_uri(url, config, param)
-    elif url.startswith(("http://", "https://")):
+        return _from_data_uri(url, config, param)
+    if url.startswith(("http://", "https://")):
         raise bad_request("this server fetches nothing from the network; send the image inline as a data URI "
                           "(data:image/png;base64,...)", param, code="unsupported_url")
-    else:
-        data = _from_file(url.removeprefix("file://"), config, param)
-    return decode_image(data, config, param)
+    return _from_file(url.removeprefix("file://"), config, param)
 
 
-def decode_image(data: bytes, config: ServerConfig, param: str) -> Image.Image:
-    _check_bytes(len(data), config, param)
+def decoded_bytes(data: bytes, config: ServerConfig) -> int:
+    """The memory the image in `data` takes decoded, from its header alone: width * height * 4. 0 when the
+    header cannot be read or declares more pixels than `config` allows: `open_image` refuses those before
+    decoding."""
     try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError) as e:
-        raise _unsupported(f"{param} is not an image this server reads", config, param) from e
-    if image.format not in config.image_formats:
-        raise _unsupported(f"{param} is a {image.format} image", config, param)
-    w, h = image.size
-    if w * h > config.max_image_pixels:
-        raise bad_request(f"{param} is {w}x{h} = {w * h:,} pixels; the limit is {config.max_image_pixels:,}",
-                          param, code="image_too_large")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.width * image.height
+    except Exception:  # noqa: BLE001  (untrusted bytes: open_image says what is wrong with them)
+        return 0
+    return pixels * BYTES_PER_PIXEL if pixels <= config.max_image_pixels else 0
+
+
+def open_image(data: bytes, config: ServerConfig, param: str) -> Image.Image:
+    """Encoded bytes -> a decoded, checked PIL image in its own mode (the processor converts it to RGB as
+    transformers does); an APIError naming `param` if it is refused."""
     try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise bad_request(f"{param} could not be decoded (truncated or corrupt): {e}", param,
-                          code="invalid_image") from e
-    try:
-        (checked,) = check_images([image], name=param)
-    except ValueError as e:
+        return admit_image(data, name=param, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+                           formats=config.image_formats)
+    except ImageRejected as e:
+        if e.reason == "too_large":
+            raise bad_request(str(e), param, code="image_too_large") from e
+        if e.reason == "unsupported":
+            raise APIError(415, str(e), param=param, code="unsupported_image_type") from e
         raise bad_request(str(e), param, code="invalid_image") from e
-    return checked
 
 
 def encode_png(image: Image.Image) -> str:
@@ -79,21 +87,35 @@ def _from_data_uri(url: str, config: ServerConfig, param: str) -> bytes:
 
 
 def _from_file(name: str, config: ServerConfig, param: str) -> bytes:
+    """The bytes of a local file under an allowed folder. Messages never repeat a path: the server's
+    folders are its own business, and `param` already says which image is meant."""
     if not config.allow_dirs:
         raise APIError(403, f"{param} names a local file, and this server reads none; send a data URI, or start "
                             "the server with --allow-dir DIR", param=param, code="local_files_disabled")
     path = Path(name)
     if not path.is_absolute():
-        raise bad_request(f"{param}: a local image path must be absolute, got {name!r}", param,
-                          code="invalid_image_url")
-    path = path.resolve()  # symlinks and '..' resolved before the check, so neither escapes
-    if not any(path.is_relative_to(folder) for folder in config.allow_dirs):
-        raise APIError(403, f"{param}: {name} is outside the folders this server may read "
-                            f"({', '.join(map(str, config.allow_dirs))})", param=param, code="path_not_allowed")
-    if not path.is_file():
-        raise bad_request(f"{param}: no file {name}", param, code="file_not_found")
-    _check_bytes(path.stat().st_size, config, param)
-    return path.read_bytes()
+        raise bad_request(f"{param}: a local image path must be absolute", param, code="invalid_image_url")
+    try:
+        path = path.resolve()  # symlinks and '..' resolved before the check, so neither escapes
+        allowed = any(path.is_relative_to(folder) for folder in config.allow_dirs)
+        found = allowed and path.is_file()  # a regular file: a FIFO or a device would block the reader
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a NUL byte or lone surrogate, a symlink loop
+        raise bad_request(f"{param} is not a path this server can open ({type(e).__name__})", param,
+                          code="invalid_image_url") from e
+    if not allowed:
+        raise APIError(403, f"{param} names a file outside the folders this server may read (--allow-dir)",
+                       param=param, code="path_not_allowed")
+    if not found:
+        raise bad_request(f"{param}: no such file", param, code="file_not_found")
+    try:
+        with path.open("rb") as f:
+            _check_bytes(os.fstat(f.fileno()).st_size, config, param)
+            data = f.read(config.max_image_bytes + 1)  # a file that grew since it was looked at reads no further
+    except OSError as e:
+        raise bad_request(f"{param} could not be read ({e.strerror or type(e).__name__})", param,
+                          code="invalid_image") from e
+    _check_bytes(len(data), config, param)
+    return data
 
 
 def _check_bytes(size: int, config: ServerConfig, param: str) -> None:

@@ -39,12 +39,13 @@ class Histogram:
 
 
 class Metrics:
-    """Request counts and latencies by route, the queue depth, and the micro-batch sizes, rendered as
-    Prometheus text by `render` (GET /metrics)."""
+    """Request counts and latencies by route, the queue depth, the memory held, and the micro-batch sizes,
+    rendered as Prometheus text by `render` (GET /metrics)."""
 
-    def __init__(self, queue_depth: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, memory_held: Callable[[], int] = lambda: 0) -> None:
         self._lock = threading.Lock()
         self.queue_depth = queue_depth
+        self.memory_held = memory_held
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (method, route, status) -> count
         self.latency: dict[str, Histogram] = {}  # route -> seconds
         self.images_generated = 0
@@ -76,6 +77,8 @@ class Metrics:
                 lines += hist.lines("blip3o_request_duration_seconds", f'route="{route}"')
             lines += ["# HELP blip3o_queue_depth Requests waiting for the model.", "# TYPE blip3o_queue_depth gauge",
                       f"blip3o_queue_depth {self.queue_depth()}",
+                      "# HELP blip3o_memory_held_bytes Bytes of the memory budget held by queued and running requests.",
+                      "# TYPE blip3o_memory_held_bytes gauge", f"blip3o_memory_held_bytes {self.memory_held()}",
                       "# HELP blip3o_images_generated_total Images generated.",
                       "# TYPE blip3o_images_generated_total counter",
                       f"blip3o_images_generated_total {self.images_generated}",

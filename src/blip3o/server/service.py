@@ -10,6 +10,16 @@ rounding, which differs slightly between batch sizes, can move a pixel by a leve
 decoder whose sampler draws fresh noise at every step and n > 1: there a seeded request runs alone.)
 Requests without a seed ask for fresh randomness and share calls with each other when (steps,
 guidance, size) are equal. Calls hold up to `max_batch_images` images.
+
+Memory. Each request reserves in the memory budget (`memory.py`) what it will hold at its largest
+before anything is decoded: a chat request its images, encoded and decoded (sized from their headers),
+an image request the images it asks for. A chat request's images are decoded once before queueing, to
+refuse what the model could not read while the client can still be told plainly, and dropped; while
+queued the request holds them encoded, and the worker decodes them again just before the model reads
+them and drops them right after.
+
+Clients that leave. When the route's await is cancelled (the client disconnected, see app.py) or times
+out, a queued job leaves the queue unrun and a running chat stops at its next word.
 """
 
 from __future__ import annotations
@@ -19,17 +29,21 @@ import json
 import logging
 import math
 import re
+import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
 from blip3o.server.batcher import MicroBatcher, QueueFull, ShuttingDown
 from blip3o.server.config import ServerConfig
 from blip3o.server.errors import APIError, bad_request
-from blip3o.server.media import encode_png, load_image
+from blip3o.server.media import decoded_bytes, encode_png, image_bytes, open_image
+from blip3o.server.memory import BudgetFull, LargerThanBudget, MemoryBudget, Reservation, return_freed_memory
 from blip3o.server.metrics import Metrics
 from blip3o.server.schemas import ChatCompletionRequest, ChatMessage, ImageGenerationRequest
 
@@ -47,15 +61,34 @@ class GenerationTask:
 
 
 @dataclass(frozen=True)
+class EncodedImage:
+    """A chat image as a request holds it until the worker decodes it."""
+
+    data: bytes
+    param: str  # where the request carried it, for error messages: messages[0].content[1].image_url
+
+
+@dataclass(frozen=True)
 class ChatTask:
     """One chat request as the worker runs it."""
 
-    conversation: list[dict]  # Blip3o.chat's format: images as PIL
+    conversation: list[dict]  # Blip3o.chat's format, with each image an EncodedImage
     max_new_tokens: int
     temperature: float | None  # None: the model's generation config; 0: greedy
     top_p: float
     seed: int | None
+    nbytes: int  # the memory it holds at its largest: each image encoded and decoded
     on_text: Callable[[str], None] | None = None  # streaming: receives the reply as it is generated
+    stop: threading.Event = field(default_factory=threading.Event)  # set when no one waits for the reply
+
+    @property
+    def images(self) -> list[EncodedImage]:
+        return [part["image"] for m in self.conversation if isinstance(m["content"], list)
+                for part in m["content"] if part["type"] == "image"]
+
+
+class Abandoned(Exception):
+    """A running chat stopped because no one waits for its reply any more."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +107,8 @@ class Blip3oService:
         c = self.config
         self.batcher = MicroBatcher(self._run, max_batch=c.max_batch_images, window_s=c.batch_window_ms / 1000,
                                     max_queue=c.max_queue)
-        self.metrics = Metrics(queue_depth=lambda: self.batcher.depth)
+        self.budget = MemoryBudget(c.memory_budget_bytes)
+        self.metrics = Metrics(queue_depth=lambda: self.batcher.depth, memory_held=lambda: self.budget.held)
 
     def start(self) -> None:
         self.batcher.start()
@@ -86,7 +120,7 @@ class Blip3oService:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_id, "device": str(self.model.device),
-                "queue_depth": self.batcher.depth}
+                "queue_depth": self.batcher.depth, "memory_held_bytes": self.budget.held}
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -97,9 +131,16 @@ class Blip3oService:
 
     async def generate_images(self, request: ImageGenerationRequest) -> dict:
         task, key = self._generation_task(request)
-        batchable = task.seed is None or task.n == 1 or not self.model.decoder.step_noise
-        images = await self._submit(key, task, weight=task.n, batchable=batchable)
-        encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
+        height, width = key[3] or (self.model.decoder.default_size,) * 2
+        reservation = self._reserve(task.n * height * width * 4)  # the images, as PIL holds RGB
+        future = None
+        try:
+            batchable = task.seed is None or task.n == 1 or not self.model.decoder.step_noise
+            future = self._enqueue(key, task, weight=task.n, batchable=batchable)
+            images = await self._result(future)
+            encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
+        finally:  # the worker may still be drawing them for a client that left: held until it is done
+            _release_when_done(reservation, future)
         if request.response_format == "url":
             data = [{"url": f"data:image/png;base64,{b64}"} for b64 in encoded]
         else:
@@ -107,8 +148,8 @@ class Blip3oService:
         return {"created": int(time.time()), "data": data}
 
     async def chat_completion(self, request: ChatCompletionRequest) -> dict:
-        task = await asyncio.to_thread(self._chat_task, request)  # decoding images is slow: off the event loop
-        reply: ChatReply = await self._submit(("chat",), task, batchable=False)
+        task, future = await self._queue_chat(request)
+        reply: ChatReply = await self._result(future, task.stop)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model_id,
@@ -125,13 +166,37 @@ class Blip3oService:
         """
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        task = await asyncio.to_thread(self._chat_task, request)
         # together the pieces are exactly the reply chat_completion returns (as decoded)
-        task = replace(task, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
-        future = self._enqueue(("chat",), task, batchable=False)
-        return self._chat_events(future, pieces)
+        task, future = await self._queue_chat(
+            request, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        return ChatStream(self._chat_events(future, task.stop, pieces), lambda: _give_up(future, task.stop))
 
-    async def _chat_events(self, future, pieces: asyncio.Queue) -> AsyncIterator[str]:
+    async def _queue_chat(self, request: ChatCompletionRequest, on_text: Callable[[str], None] | None = None
+                          ) -> tuple[ChatTask, Future]:
+        """Validate a chat request, reserve its memory, check its images decode, and queue it. The
+        reservation ends when the job does (the worker has dropped its images by then)."""
+        task = await asyncio.to_thread(self._chat_task, request)  # base64 and headers: off the event loop
+        task = replace(task, on_text=on_text)
+        reservation = self._reserve(task.nbytes)
+        try:
+            await asyncio.to_thread(self._check_images, task)
+            future = self._enqueue(("chat",), task, batchable=False)
+        except BaseException:
+            reservation.release()
+            raise
+        _release_when_done(reservation, future)
+        return task, future
+
+    def _check_images(self, task: ChatTask) -> None:
+        """Decode each image once and drop it: what the worker could not read is refused before queueing."""
+        freed = 0
+        for image in task.images:
+            decoded = open_image(image.data, self.config, image.param)
+            freed += decoded.width * decoded.height * 4
+            del decoded
+        return_freed_memory(freed)
+
+    async def _chat_events(self, future, stop: threading.Event, pieces: asyncio.Queue) -> AsyncIterator[str]:
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model_id}
 
@@ -140,7 +205,7 @@ class Blip3oService:
             return f"data: {json.dumps(chunk)}\n\n"
 
         yield event({"role": "assistant", "content": ""})
-        done = asyncio.ensure_future(self._result(future))
+        done = asyncio.ensure_future(self._result(future, stop))
         try:
             while not done.done() or not pieces.empty():
                 if pieces.empty():
@@ -174,6 +239,7 @@ class Blip3oService:
         self._check_model(r.model)
         if not r.prompt.strip():
             raise bad_request("prompt is empty; give it some text", "prompt")
+        _check_text(r.prompt, "prompt")
         if len(r.prompt) > c.max_prompt_chars:
             raise bad_request(f"prompt is {len(r.prompt)} characters; the limit is {c.max_prompt_chars}", "prompt",
                               code="prompt_too_long")
@@ -197,12 +263,16 @@ class Blip3oService:
         match = re.fullmatch(r"(\d+)x(\d+)", size)
         if not match:
             side = self.model.decoder.default_size
-            raise bad_request(f"size must be 'auto' or 'WxH' (width x height) such as '{side}x{side}', got {size!r}",
-                              "size")
+            raise bad_request(f"size must be 'auto' or 'WxH' (width x height) such as '{side}x{side}', got "
+                              f"{_shown(size)}", "size")
+        limit = self.config.max_pixels
+        if any(len(side.lstrip("0")) > len(str(limit)) for side in match.groups()):  # int() refuses 4,300 digits
+            raise bad_request(f"size {_shown(size)} has a side of more than {len(str(limit))} digits, beyond this "
+                              f"server's limit of {limit:,} pixels", "size")
         width, height = int(match[1]), int(match[2])
-        if width * height > self.config.max_pixels:
+        if width * height > limit:
             raise bad_request(f"size {size} is {width * height:,} pixels, more than this server's limit of "
-                              f"{self.config.max_pixels:,}", "size")
+                              f"{limit:,}", "size")
         try:
             self.model.decoder.check_size(height, width)
         except ValueError as e:
@@ -237,11 +307,14 @@ class Blip3oService:
             raise bad_request(f"{len(images)} images; the limit is {c.max_images_per_request} per request",
                               "messages", code="too_many_images")
         conversation = [self._message(m, f"messages[{i}]") for i, m in enumerate(r.messages)]
-        return ChatTask(conversation, max_new, temperature, top_p, r.seed)
+        task = ChatTask(conversation, max_new, temperature, top_p, r.seed, nbytes=0)
+        nbytes = sum(len(image.data) + decoded_bytes(image.data, c) for image in task.images)
+        return replace(task, nbytes=nbytes)
 
     def _message(self, m: ChatMessage, at: str) -> dict:
         role = "system" if m.role == "developer" else m.role
         if m.content is None or isinstance(m.content, str):
+            _check_text(m.content or "", f"{at}.content")
             return {"role": role, "content": m.content or ""}
         if not m.content:
             raise bad_request(f"{at}.content is an empty list", f"{at}.content")
@@ -251,6 +324,7 @@ class Blip3oService:
             if part.type == "text":
                 if part.text is None:
                     raise bad_request(f"{where} is a text part without `text`", where)
+                _check_text(part.text, f"{where}.text")
                 parts.append({"type": "text", "text": part.text})
             else:
                 if part.image_url is None:
@@ -258,13 +332,24 @@ class Blip3oService:
                 if role != "user":
                     raise bad_request(f"{where}: only user messages may carry images", where)
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                parts.append({"type": "image", "image": load_image(url, self.config, f"{where}.image_url")})
+                param = f"{where}.image_url"
+                parts.append({"type": "image", "image": EncodedImage(image_bytes(url, self.config, param), param)})
         return {"role": role, "content": parts}
 
     # ------------------------------------------------------------------ queueing
 
-    async def _submit(self, key: Hashable, payload, *, weight: int = 1, batchable: bool = True):
-        return await self._result(self._enqueue(key, payload, weight=weight, batchable=batchable))
+    def _reserve(self, nbytes: int) -> Reservation:
+        """Hold `nbytes` of the memory budget: 413 for a request larger than the whole budget, 429 for one
+        that does not fit beside the requests in flight."""
+        try:
+            return self.budget.reserve(nbytes)
+        except LargerThanBudget as e:
+            raise APIError(413, f"this request is too large for the server's memory: {e}",
+                           code="request_too_large") from e
+        except BudgetFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry after {self.config.retry_after_s} s",
+                           type="rate_limit_error", code="memory_full",
+                           headers={"Retry-After": str(self.config.retry_after_s)}) from e
 
     def _enqueue(self, key: Hashable, payload, *, weight: int = 1, batchable: bool = True):
         """Queue a job (its concurrent Future); a full queue is 429, a stopping server 503."""
@@ -277,8 +362,9 @@ class Blip3oService:
         except ShuttingDown as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from e
 
-    async def _result(self, future):
-        """A queued job's result, every failure turned into the APIError a client should see."""
+    async def _result(self, future: Future, stop: threading.Event | None = None):
+        """A queued job's result, every failure turned into the APIError a client should see. Left without
+        one (a timeout, or the await cancelled because the client left), the job is given up (`_give_up`)."""
         timeout = self.config.request_timeout_s
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
@@ -293,6 +379,8 @@ class Blip3oService:
             log.exception("request failed in the model")
             raise APIError(500, f"the model failed on this request: {type(e).__name__}: {e}",
                            type="server_error", code="model_error") from e
+        finally:
+            _give_up(future, stop)
 
     # ------------------------------------------------------------------ the worker thread
 
@@ -338,11 +426,83 @@ class Blip3oService:
         else:
             sampling = dict(do_sample=True, temperature=task.temperature, top_p=task.top_p)
         sampling.update(min_pixels=c.chat_min_pixels, max_pixels=c.chat_max_pixels)
-        (text,) = self.model.chat([task.conversation], max_new_tokens=task.max_new_tokens, seed=task.seed,
-                                  on_text=task.on_text, **sampling)
+
+        def on_text(piece: str) -> None:  # the model's streamer calls it at each word: the place to stop
+            if task.stop.is_set():
+                raise Abandoned("the client left; the reply was stopped")
+            if task.on_text is not None:
+                task.on_text(piece)
+
+        conversation = self._decoded(task.conversation)
+        try:
+            (text,) = self.model.chat([conversation], max_new_tokens=task.max_new_tokens, seed=task.seed,
+                                      on_text=on_text, **sampling)
+        except Exception as e:
+            traceback.clear_frames(e.__traceback__)  # the frames of a failed call would keep the images alive
+            raise
+        finally:
+            del conversation  # the decoded images: freed now, not when the request ends
+            return_freed_memory(task.nbytes)
         # a reply as long as the budget was cut there ("length"); a shorter one ended on its own ("stop")
         used = len(self.model.backbone.tokenizer.encode(text, add_special_tokens=False))
         return ChatReply(text, "length" if used >= task.max_new_tokens else "stop")
+
+
+    def _decoded(self, conversation: list[dict]) -> list[dict]:
+        """The conversation with each EncodedImage decoded (a new list: the task keeps its bytes)."""
+
+        def decoded(part: dict) -> dict:
+            if part["type"] != "image":
+                return part
+            return {**part, "image": open_image(part["image"].data, self.config, part["image"].param)}
+
+        return [{**m, "content": [decoded(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+                for m in conversation]
+
+
+class ChatStream:
+    """A streamed reply's server-sent events (`events`), and `aclose`, which gives the job up when the
+    stream ends before the reply does, even if it never began (the client left at once)."""
+
+    def __init__(self, events: AsyncIterator[str], give_up: Callable[[], None]) -> None:
+        self.events, self._give_up = events, give_up
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.events
+
+    async def aclose(self) -> None:
+        self._give_up()
+        await self.events.aclose()
+
+
+def _give_up(future: Future, stop: threading.Event | None) -> None:
+    """No one waits for this job any more: if queued it leaves the queue unrun; a running chat stops."""
+    if not future.done():
+        future.cancel()
+        if stop is not None:
+            stop.set()
+
+
+def _release_when_done(reservation: Reservation, future: Future | None) -> None:
+    """Release `reservation` now if the job has ended (or was never queued), else when it ends."""
+    if future is None or future.done():
+        reservation.release()
+    else:
+        future.add_done_callback(lambda _: reservation.release())
+
+
+def _check_text(text: str, param: str) -> None:
+    """Text that JSON allows but no tokenizer reads: a lone surrogate (\\ud800), refused by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} is not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
+                          f"{e.start}", param, code="invalid_text") from e
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for a message, cut short if long (the client sent it; it need not come back whole)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 def _check_seed(seed: int | None) -> None:
