@@ -364,23 +364,31 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from blip3o.server import Blip3oService, ServerConfig, create_app, serve
+    from blip3o.server import Blip3oService, ServerConfig, create_app, listen_socket, serve
 
     pixel_bounds(args)  # checked here, so that a bad bound is named by its flag
+    if not 0 <= args.port <= 65535:
+        raise BadInput(f"--port must be between 0 and 65535, got {args.port}")
     with user_input():
         config = ServerConfig(allow_dirs=args.allow_dir, max_queue=args.max_queue,
                               max_batch_images=args.max_batch_images, batch_window_ms=args.batch_window_ms,
                               request_timeout_s=args.timeout, chat_min_pixels=args.min_pixels,
-                              chat_max_pixels=args.max_pixels)
+                              chat_max_pixels=args.max_pixels, docs=args.docs)
     for folder in config.allow_dirs:
         if not folder.is_dir():
             raise BadInput(f"--allow-dir {folder}: no such folder")
-    model = load_for_command(args)
-    model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
-    print(f"serving {model_id} at http://{args.host}:{args.port}/ (web page) and http://{args.host}:{args.port}/v1 "
-          f"(OpenAI API); Ctrl-C stops", flush=True)
-    serve(create_app(Blip3oService(model, model_id, config)), host=args.host, port=args.port,
-          log_level=args.log_level)
+    try:  # before the model loads and anything is printed: a port in use is the user's to change
+        sock = listen_socket(args.host, args.port)
+    except OSError as e:
+        raise BadInput(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
+                       "or --host") from e
+    with sock:
+        model = load_for_command(args)
+        model_id = Path(args.model).name if Path(args.model).is_dir() else args.model
+        url = f"http://{args.host}:{sock.getsockname()[1]}"
+        docs = f", {url}/docs (API reference)" if args.docs else ""
+        print(f"serving {model_id} at {url}/ (web page) and {url}/v1 (OpenAI API){docs}; Ctrl-C stops", flush=True)
+        serve(create_app(Blip3oService(model, model_id, config)), sock, log_level=args.log_level)
     return EXIT_OK
 
 
@@ -419,10 +427,11 @@ def serve_command() -> Command:
         flag("--batch-window-ms", type=float, default=10.0, help="time to gather a batch (default 10)"),
         flag("--timeout", type=float, default=120.0, help="seconds before a request gets 504 (default 120)"),
         flag("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
+        flag("--docs", action="store_true", help="also serve the API reference pages: /docs, /redoc, /openapi.json"),
         *PIXEL_FLAGS, *model_flags(), *SPEED_FLAGS,
     ), epilog=(
         "routes: POST /v1/images/generations, POST /v1/chat/completions, GET /v1/models, GET /health,\n"
-        "GET /metrics (Prometheus), GET / (the web page)\n\n"
+        "GET /metrics (Prometheus), GET / (the web page); with --docs, GET /docs, /redoc, /openapi.json\n\n"
         "example:\n  blip3o serve --model nano --port 8000 --allow-dir ~/pictures"))
 
 
