@@ -4,6 +4,8 @@
     table.add(Command(("generate",), "generate images from text prompts", run_generate, flags=(...)))
     table.add_group("eval", "evaluate a model")                    # a word that takes a target ...
     table.add(Command(("eval", "shapes"), "...", run_eval_shapes))  # ... which another module adds
+    table.add_group(("eval", "score"), "score a benchmark")          # a group inside a group ...
+    table.add(Command(("eval", "score", "mme"), "...", run_mme))     # ... is three words on the command line
     args = table.parse(argv)  # argparse's namespace; args.command is the Command to run
 
 Options reach argparse with the default SUPPRESS, so that `parse` sees which ones the user typed;
@@ -71,7 +73,7 @@ class Refusal:
 class Command:
     """One `blip3o` command."""
 
-    words: tuple[str, ...]  # ("generate",), or a group and its target: ("eval", "shapes")
+    words: tuple[str, ...]  # ("generate",), or its groups and its target: ("eval", "shapes")
     help: str  # one line: in `blip3o --help` and atop `blip3o COMMAND --help`
     run: Callable[[argparse.Namespace], int]  # does the work; returns the exit code
     flags: tuple[Flag, ...] = ()
@@ -91,45 +93,57 @@ class CommandTable:
 
     description: str
     epilog: str
-    groups: dict[str, str] = field(default_factory=dict)  # word -> help, for words that take a target
+    groups: dict[tuple[str, ...], str] = field(default_factory=dict)  # words -> help, for words that take a target
     commands: dict[tuple[str, ...], Command] = field(default_factory=dict)
-    first_words: list[str] = field(default_factory=list)  # in the order they were added
+    entries: list[tuple[str, ...]] = field(default_factory=list)  # groups and commands, in the order they were added
 
-    def add_group(self, word: str, help_: str) -> None:
-        """`word` takes a target (`blip3o eval shapes`); the targets are commands added later."""
-        self._claim(word)
-        self.groups[word] = help_
+    def add_group(self, words: str | tuple[str, ...], help_: str) -> None:
+        """`words` take a target (`blip3o eval shapes`): a command or a group added later. A group inside a
+        group is a tuple of words (`("eval", "score")` for `blip3o eval score mme`)."""
+        words = (words,) if isinstance(words, str) else tuple(words)
+        self._claim(words)
+        self.groups[words] = help_
 
     def add(self, command: Command) -> None:
         if command.words in self.commands:
             raise ValueError(f"command `{command.name}` is added twice")
-        if len(command.words) == 1:
-            self._claim(command.words[0])
-        elif len(command.words) != 2 or command.words[0] not in self.groups:
-            raise ValueError(f"command `{command.name}`: a target needs a group added first (add_group)")
+        self._claim(command.words)
         self.commands[command.words] = command
 
-    def _claim(self, word: str) -> None:
-        if word in self.first_words:
-            raise ValueError(f"`blip3o {word}` is added twice")
-        self.first_words.append(word)
+    def _claim(self, words: tuple[str, ...]) -> None:
+        name = " ".join(words)
+        if words in self.entries:
+            raise ValueError(f"`blip3o {name}` is added twice")
+        if len(words) > 1 and words[:-1] not in self.groups:
+            raise ValueError(f"`blip3o {name}`: a target needs a group added first (add_group)")
+        self.entries.append(words)
 
     def build_parser(self) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
         """The top parser, and each command's own parser (for its usage errors)."""
         parser = argparse.ArgumentParser(prog="blip3o", description=self.description, epilog=self.epilog,
                                          formatter_class=Formatter)
-        top = parser.add_subparsers(required=True, metavar="COMMAND")
-        leaves = {}
-        for word in self.first_words:
-            if word not in self.groups:
-                leaves[(word,)] = _add_command(top, self.commands[(word,)])
-                continue
-            targets = [c for words, c in self.commands.items() if words[0] == word]
-            if targets:  # a group nothing was added to is left out
-                group = top.add_parser(word, help=self.groups[word], description=self.groups[word])
-                sub = group.add_subparsers(required=True)
-                leaves.update({c.words: _add_command(sub, c) for c in targets})
+        leaves: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+        self._add_targets(parser, (), leaves)
         return parser, leaves
+
+    def _add_targets(self, parser: argparse.ArgumentParser, group: tuple[str, ...],
+                     leaves: dict[tuple[str, ...], argparse.ArgumentParser]) -> None:
+        """The commands and groups right under `group` (() for the top) as `parser`'s subcommands; each
+        command's parser goes into `leaves`."""
+        sub = parser.add_subparsers(required=True, **({} if group else {"metavar": "COMMAND"}))
+        for words in self._targets(group):
+            if words in self.commands:
+                leaves[words] = _add_command(sub, self.commands[words])
+            else:
+                inner = sub.add_parser(words[-1], help=self.groups[words], description=self.groups[words])
+                self._add_targets(inner, words, leaves)
+
+    def _targets(self, group: tuple[str, ...]) -> list[tuple[str, ...]]:
+        """What sits right under `group`, in the order added; a group with no command inside is left out."""
+        def holds_a_command(words: tuple[str, ...]) -> bool:
+            return any(command[:len(words)] == words for command in self.commands)
+
+        return [words for words in self.entries if words[:-1] == group and holds_a_command(words)]
 
     def parse(self, argv: Sequence[str] | None) -> argparse.Namespace:
         """Parsed arguments with every flag's value; usage errors (refusals included) exit 2 via SystemExit."""
