@@ -497,7 +497,7 @@ def register(table: CommandTable) -> None:
 
     for command in (generate_command(), ask_command(), chat_command(), serve_command(), *small_commands()):
         table.add(command)
-    table.add_group("data", "write training data as webdataset shards")
+    table.add_group("data", "training data: write Shapes shards, check a data set")
     table.add_group("train", "train a model: a recipe, or one stage from its --config file")
     for stage in STAGES:
         table.add(train_stage_command(stage))

@@ -9,7 +9,7 @@ from blip3o.cli.table import CommandTable
 
 # Modules whose `register(table)` adds commands: the generic ones, then the Shapes world's data, recipe and
 # evaluation (targets of the `data`, `train` and `eval` groups).
-COMMAND_MODULES = ("blip3o.cli.commands", "blip3o.shapes.commands")
+COMMAND_MODULES = ("blip3o.cli.commands", "blip3o.shapes.commands", "blip3o.data.commands")
 
 DESCRIPTION = "BLIP3-o: understand and generate images."
 EPILOG = """\

@@ -269,6 +269,7 @@ class _ArrayItems:
         return char
 
     def _item(self):
+        self._next_char()  # raw_decode reads from a value's first character
         while True:
             try:
                 item, end = self.decoder.raw_decode(self.text, self.pos)
