@@ -8,8 +8,9 @@ from blip3o.cli.errors import EXIT_BAD_INPUT, report
 from blip3o.cli.table import CommandTable
 
 # Modules whose `register(table)` adds commands: the generic ones, then the Shapes world's data, recipe and
-# evaluation (targets of the `data`, `train` and `eval` groups).
-COMMAND_MODULES = ("blip3o.cli.commands", "blip3o.shapes.commands", "blip3o.data.commands")
+# evaluation (targets of the `data`, `train` and `eval` groups), and the benchmark scorers (`eval score`).
+COMMAND_MODULES = ("blip3o.cli.commands", "blip3o.shapes.commands", "blip3o.evals.score.commands",
+                   "blip3o.data.commands")
 
 DESCRIPTION = "BLIP3-o: understand and generate images."
 EPILOG = """\
