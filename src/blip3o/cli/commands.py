@@ -1,115 +1,29 @@
 """The generic commands: any model, any world. Each checks its input, calls the library and prints the result.
 
-The Shapes world's commands (`data shapes`, `train nano`, `eval shapes`) live in blip3o/shapes/commands.py.
+`generate` lives in generate.py (its batching and writing); the Shapes world's commands (`data shapes`,
+`train nano`, `eval shapes`) in blip3o/shapes/commands.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from blip3o.cli.errors import EXIT_OK, BadInput, user_input
-from blip3o.cli.files import open_image, read_jsonl, save_samples
-from blip3o.cli.models import SAMPLING_FLAGS, SPEED_FLAGS, load_for_command, load_model, model_flags
+from blip3o.cli.errors import EXIT_OK, BadInput, interrupted_after, user_input
+from blip3o.cli.files import check_output_file, check_output_folder, open_image, read_jsonl, readable_file
+from blip3o.cli.generate import generate_command
+from blip3o.cli.models import SPEED_FLAGS, load_for_command, load_model, model_flags
+from blip3o.cli.numbers import count, number, seed
 from blip3o.cli.table import Command, CommandTable, Refusal, flag
 from blip3o.cli.terminal import progress
+from blip3o.files import atomic_file, save_image, write_text
+from blip3o.images import MAX_PIXELS
 
-
-def check_positive(args: argparse.Namespace, *dests: str) -> None:
-    """BadInput unless each of these flags is unset (None) or above 0."""
-    for dest in dests:
-        value = getattr(args, dest)
-        if value is not None and value <= 0:
-            raise BadInput(f"--{dest.replace('_', '-')} must be positive, got {value}")
-
-
-# ------------------------------------------------------------------ generate
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    if args.prompts_file:
-        records = read_jsonl(args.prompts_file, {"prompt": str})
-    elif args.prompt:
-        records = [{"prompt": p} for p in args.prompt]
-    else:
-        raise BadInput("give a prompt, e.g. blip3o generate \"a red circle\", or --prompts-file FILE")
-    check_positive(args, "num_images", "steps", "batch_size")
-    size = parse_size(args.size)
-    model = load_for_command(args)
-    if size:
-        with user_input(f"--size {args.size}"):
-            model.decoder.check_size(size["height"], size["width"])
-    settings = dict(num_images=args.num_images, steps=args.steps, guidance=args.guidance, **size)
-    if args.prompt and len(args.prompt) == 1:
-        with progress(None, total=1, desc="generate", unit="prompt") as bar:
-            images = model.generate(args.prompt, seed=args.seed, **settings)
-            bar.update()
-        print(save_samples(images, Path(args.outdir)))
-    else:
-        generate_geneval_layout(model, records, Path(args.outdir), args.seed, args.batch_size, settings)
-        print(f"{len(records)} prompts x {args.num_images} images in {args.outdir}/ (GenEval layout)")
-    return EXIT_OK
-
-
-def parse_size(text: str | None) -> dict[str, int]:
-    """--size N (an N x N square) or WxH (width x height, as OpenAI writes sizes) -> generate's height and
-    width; {} when not given."""
-    if text is None:
-        return {}
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip().lower())
-    if not match:
-        raise BadInput(f"--size must be N (an N x N square) or WxH (width x height, e.g. 1344x768), got {text!r}")
-    width = int(match[1])
-    return {"height": int(match[2] or width), "width": width}
-
-
-def generate_geneval_layout(model, records: list[dict], out: Path, seed: int, batch_size: int,
-                            settings: dict) -> None:
-    """GenEval's layout: OUT/00000/{metadata.jsonl, samples/0000.png, ..., grid.png}, a folder per record.
-
-    Every prompt gets the same seed, so each folder holds what `blip3o generate PROMPT --seed S` makes;
-    `batch_size` prompts share a model call (one seed per prompt keeps that true).
-    """
-    n = settings["num_images"]
-    with progress(None, total=len(records), desc="generate", unit="prompt") as bar:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            images = model.generate([r["prompt"] for r in chunk], seed=[seed] * len(chunk), **settings)
-            for offset, record in enumerate(chunk):
-                folder = out / f"{start + offset:05d}"
-                save_samples(images[offset * n:(offset + 1) * n], folder / "samples", grid=folder / "grid.png")
-                (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
-            bar.update(len(chunk))
-
-
-def generate_command() -> Command:
-    return Command(("generate",), "generate images from text prompts", run_generate, flags=(
-        flag("prompt", nargs="*", help="one or more prompts"),
-        flag("--prompts-file", help="JSON lines, one object with a `prompt` per line (GenEval's "
-                                    "evaluation_metadata.jsonl); every field is kept in metadata.jsonl"),
-        flag("--outdir", default="outputs"),
-        flag("--num-images", type=int, default=1, help="images per prompt (default 1)"),
-        flag("--seed", type=int, default=0, help="random seed (default 0); same seed, same images"),
-        flag("--size", default=None, metavar="N|WxH",
-             help="image size in pixels: N for an N x N square, or WxH (width x height, e.g. 1344x768); each side "
-                  "a multiple of the decoder's (32 for SDXL); default: the decoder's square"),
-        flag("--batch-size", type=int, default=8, help="prompts per model call (default 8)"),
-        *model_flags(), *SAMPLING_FLAGS, *SPEED_FLAGS,
-    ), refusals=(
-        Refusal(("prompt",), lambda a: bool(a.prompts_file),
-                "cannot go with --prompts-file: give prompts on the command line or in the file, not both"),
-    ), epilog=(
-        "one prompt writes DIR/0000.png, 0001.png, ... and DIR/grid.png; several prompts or --prompts-file\n"
-        "write GenEval's layout: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png, ..., DIR/00000/grid.png\n"
-        "(each prompt is generated with the same --seed; --batch-size prompts share a model call)\n\n"
-        "examples:\n"
-        '  blip3o generate "two red circles" --num-images 4 --seed 0 --outdir out/\n'
-        '  blip3o generate "a lighthouse at dusk" --model my-blip3o --size 1344x768   # 1344 wide, 768 high\n'
-        "  blip3o generate --prompts-file evaluation_metadata.jsonl --outdir geneval_out/ --num-images 4"))
+MAX_NEW_TOKENS = 32_768  # a reply's tokens: past every model's context
+MAX_BATCH = 1_024  # questions per model call
 
 
 # ------------------------------------------------------------------ ask
@@ -121,11 +35,13 @@ def run_ask(args: argparse.Namespace) -> int:
     if not (args.image and args.question):
         raise BadInput('give an image and a question, e.g. blip3o ask image.png "what is this?", '
                        "or --questions-file FILE")
+    if not args.question.strip():
+        raise BadInput("QUESTION is empty; ask something")
     image = open_image(Path(args.image), "IMAGE")
-    protocol = ask_protocol(args)
+    protocol, bounds = ask_protocol(args), pixel_bounds(args)
     model = load_for_command(args)
-    (answer,) = protocol.answer(model, [image], [args.question], max_new_tokens=args.max_new_tokens,
-                                **pixel_bounds(args))
+    with user_input(f"IMAGE {args.image}"):  # the processor's own checks (an aspect ratio past 200, ...)
+        (answer,) = protocol.answer(model, [image], [args.question], max_new_tokens=args.max_new_tokens, **bounds)
     print(answer.strip())  # the answer as decoded may begin or end with whitespace: not shown
     return EXIT_OK
 
@@ -142,49 +58,66 @@ def ask_protocol(args: argparse.Namespace):
 
 def pixel_bounds(args: argparse.Namespace) -> dict:
     """--min-pixels/--max-pixels as `answer`/`chat` options (checked before the model loads); {} if not given."""
-    check_positive(args, "min_pixels", "max_pixels")
     if None not in (args.min_pixels, args.max_pixels) and args.min_pixels > args.max_pixels:
         raise BadInput(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
     return {k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k) is not None}
 
 
 PIXEL_FLAGS = (
-    flag("--min-pixels", type=int, default=None,
-         help="resize each image to at least this many pixels (default: the model's processor's)"),
-    flag("--max-pixels", type=int, default=None,
+    count("--min-pixels", high=MAX_PIXELS, default=None,
+          help="resize each image to at least this many pixels (default: the model's processor's)"),
+    count("--max-pixels", high=MAX_PIXELS, default=None,
          help="resize each image to at most this many pixels (default: the model's processor's; a Qwen2.5-VL "
               "folder's preprocessor_config.json sets it)"),
 )
 
 
 def ask_questions_file(args: argparse.Namespace) -> int:
-    """--questions-file: each record's answer, as the record plus `answer`, to --out or stdout."""
+    """--questions-file: each record's answer, as the record plus `answer`, to --out (written whole at the end,
+    with the protocol beside it) or stdout (line by line)."""
     records = read_jsonl(args.questions_file, {"image": str, "question": str})
     paths = [question_image(args.questions_file, number, record) for number, record in enumerate(records, 1)]
-    check_positive(args, "batch_size")
     bounds, protocol = pixel_bounds(args), ask_protocol(args)
+    if args.out:
+        check_output_file(Path(args.out), "--out")
     model = load_for_command(args)
-    size = protocol.batch_size or args.batch_size
-    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout must stay open
-    try:
-        batches = list(chunks(list(zip(records, paths, strict=True)), size))
-        for batch in progress(batches, desc="ask", unit="batch"):
-            images = [open_image(path, f"{args.questions_file}: {path}") for _, path in batch]
-            answers = protocol.answer(model, images, [r["question"] for r, _ in batch], batch_size=size,
-                                      max_new_tokens=args.max_new_tokens, **bounds)
-            for (record, _), answer in zip(batch, answers, strict=True):
-                out.write(json.dumps({**record, "answer": answer}) + "\n")
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    answer = dict(protocol=protocol, batch_size=protocol.batch_size or args.batch_size,
+                  max_new_tokens=args.max_new_tokens, **bounds)
+    lines = answer_lines(model, args.questions_file, records, paths, **answer)
     settings = json.dumps({**protocol.settings(model), **bounds, "max_new_tokens": args.max_new_tokens})
-    if args.out:  # the protocol beside the answers: which inputs produced them
-        Path(args.out).with_suffix(".protocol.json").write_text(settings + "\n")
-        print(f"{len(records)} answers in {args.out}, their protocol in {Path(args.out).with_suffix('.protocol.json')}")
-    else:
+    if not args.out:
+        written = 0
+        with interrupted_after(lambda: f"{written} of {len(records)} answers printed"):
+            for line in lines:
+                print(line, flush=True)
+                written += 1
         print(f"protocol: {settings}", file=sys.stderr)
+        return EXIT_OK
+    out, beside = Path(args.out), Path(args.out).with_suffix(".protocol.json")
+    written = 0
+    with interrupted_after(lambda: f"{written} of {len(records)} questions answered; {out} is not written (it is "
+                                   f"written whole at the end)"), atomic_file(out) as tmp, open(tmp, "w") as file:
+        for line in lines:
+            file.write(line + "\n")
+            written += 1
+    write_text(beside, settings + "\n")  # the protocol beside the answers: which inputs produced them
+    print(f"{len(records)} answers in {out}, their protocol in {beside}")
     return EXIT_OK
+
+
+def answer_lines(model, questions_file: str, records: list[dict], paths: list[Path], *, protocol, batch_size: int,
+                 **options) -> Iterator[str]:
+    """Each record plus its `answer`, as a JSON line, `batch_size` questions a model call; a record whose
+    image the reader or the processor refuses is bad input naming it."""
+    numbered = list(enumerate(zip(records, paths, strict=True), start=1))
+    for batch in progress(list(chunks(numbered, batch_size)), desc="ask", unit="batch"):
+        images = [open_image(path, f"{questions_file}: record {number}:") for number, (_, path) in batch]
+        where = f"{questions_file}: records {batch[0][0]}..{batch[-1][0]}"
+        with user_input(where):
+            answers = protocol.answer(model, images, [r["question"] for _, (r, _) in batch], batch_size=batch_size,
+                                      **options)
+        for (_, (record, _)), answer in zip(batch, answers, strict=True):
+            yield json.dumps({**record, "answer": answer})
 
 
 def question_image(questions_file: str, number: int, record: dict) -> Path:
@@ -209,8 +142,8 @@ def ask_command() -> Command:
         flag("question", nargs="?", help="a question about it"),
         flag("--questions-file", help="JSON lines, each with `image` and `question`"),
         flag("--out", help="where --questions-file's answers go (JSON lines; default: standard output)"),
-        flag("--batch-size", type=int, default=8, help="questions per model call (default 8)"),
-        flag("--max-new-tokens", type=int, default=64),
+        count("--batch-size", high=MAX_BATCH, default=8, help="questions per model call (default 8)"),
+        count("--max-new-tokens", high=MAX_NEW_TOKENS, default=64),
         flag("--protocol", choices=["stock", "blip3o"], default="stock",
              help="the inputs: stock (default) = the model's processor; blip3o = the original's evaluation "
                   "(RGB + JPEG round trip, 200,704..1,605,632 pixels, float16 on a GPU, stop at <|im_end|>, one "
@@ -286,7 +219,9 @@ def attach(path: str) -> list:
 
 
 def chat_turn(model, history: list[dict], attached: list, line: str, args: argparse.Namespace) -> None:
-    """Send `line` (with the attached images) and print the reply word by word as the model writes it."""
+    """Send `line` (with the attached images) and print the reply word by word as the model writes it. A
+    message the model's processor refuses (an image's shape, say) is taken back with a word of why: the chat
+    goes on."""
     content = [{"type": "image", "image": im} for im in attached] + [{"type": "text", "text": line}]
     history.append({"role": "user", "content": content if attached else line})
     if args.temperature is None:  # the model's generation config decides
@@ -294,8 +229,15 @@ def chat_turn(model, history: list[dict], attached: list, line: str, args: argpa
     else:
         sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else {"do_sample": False}
     print("blip3o> ", end="", flush=True)
-    (reply,) = model.chat([history], max_new_tokens=args.max_new_tokens, seed=args.seed, **pixel_bounds(args),
-                          on_text=stripped_stream(lambda piece: print(piece, end="", flush=True)), **sampling)
+    try:
+        with user_input("this message"):  # the processor's own checks of its images (an aspect ratio past 200, ...)
+            (reply,) = model.chat([history], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  **pixel_bounds(args), **sampling,
+                                  on_text=stripped_stream(lambda piece: print(piece, end="", flush=True)))
+    except BadInput as e:
+        history.pop()
+        print(f"\nerror: {e}; it is not sent (type it again, with another image if one was attached)")
+        return
     history.append({"role": "assistant", "content": reply})  # as decoded: the model reads its own words back
     print(flush=True)
 
@@ -319,10 +261,11 @@ def stripped_stream(on_text: Callable[[str], None]) -> Callable[[str], None]:
 def chat_command() -> Command:
     return Command(("chat",), "chat about images in the terminal", run_chat, flags=(
         flag("--image", action="append", default=[], help="attach an image to the first message"),
-        flag("--max-new-tokens", type=int, default=128),
-        flag("--temperature", type=float, default=None,
-             help="0: greedy; above 0: sampling; default: the model's generation config (greedy without one)"),
-        flag("--seed", type=int, default=None, help="seed of the sampled replies (--temperature above 0)"),
+        count("--max-new-tokens", high=MAX_NEW_TOKENS, default=128),
+        number("--temperature", low=0, high=100, default=None,
+               help="0: greedy; above 0 (to 100): sampling; default: the model's generation config (greedy without "
+                    "one)"),
+        seed("--seed", default=None, help="seed of the sampled replies (--temperature above 0)"),
         *PIXEL_FLAGS, *model_flags(),
     ), refusals=(
         Refusal(("seed",), lambda a: a.temperature is None or a.temperature <= 0,
@@ -337,15 +280,33 @@ def chat_command() -> Command:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     images = [open_image(Path(p), "IMAGES") for p in args.images]
-    model = load_for_command(args)
     out = Path(args.outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(args.images, progress(images, desc="reconstruct", unit="image"), strict=True):
-        (result,) = model.reconstruct([image], seed=args.seed)
-        target = out / f"{Path(path).stem}_reconstructed.png"
-        result.save(target)
-        print(target)
+    check_output_folder(out, "--outdir")
+    model = load_for_command(args)
+    targets = [out / name for name in reconstruction_names(args.images)]
+    done = 0
+    with interrupted_after(lambda: f"{done} of {len(images)} images reconstructed in {out}/; the rest is not "
+                                   f"written"):
+        for path, image, target in zip(args.images, progress(images, desc="reconstruct", unit="image"), targets,
+                                       strict=True):
+            (result,) = model.reconstruct([image], seed=args.seed)
+            save_image(result, target)
+            print(f"{path} -> {target}")
+            done += 1
     return EXIT_OK
+
+
+def reconstruction_names(paths: list[str]) -> list[str]:
+    """An output file name per input: STEM_reconstructed.png, and STEM_2_reconstructed.png, ... for a name met
+    again (a/x.png and b/x.png), so that no output overwrites another."""
+    names: list[str] = []
+    for path in paths:
+        stem, again = Path(path).stem, 2
+        name = f"{stem}_reconstructed.png"
+        while name in names:
+            name, again = f"{stem}_{again}_reconstructed.png", again + 1
+        names.append(name)
+    return names
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -393,14 +354,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    for name, text in (("--prompt", args.prompt), ("--question", args.question)):
+        if not text.strip():
+            raise BadInput(f"{name} is empty")
+    path = Path(args.outdir) / "generated.png"
+    check_output_folder(path.parent, "--outdir")
     model = load_model(args.model, args.device, args.dtype)
-    out = Path(args.outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    (image,) = model.generate([args.prompt], seed=args.seed)
-    path = out / "generated.png"
-    image.save(path)
+    with interrupted_after(lambda: f"{path} is not written"):
+        (image,) = model.generate([args.prompt], seed=args.seed)
+        save_image(image, path)
     print(f"[{args.model}] generated {path} for {args.prompt!r}")
-    (answer,) = model.answer([image], [args.question])
+    with interrupted_after(lambda: f"{path} is written; the answer is not"):
+        (answer,) = model.answer([image], [args.question])
     print(f"[{args.model}] Q: {args.question}\n[{args.model}] A: {answer.strip()}")
     return EXIT_OK
 
@@ -411,6 +376,7 @@ def run_convert(args: argparse.Namespace) -> int:
     weights = args.clip_encoder_weights
     if weights is not None and not Path(weights).is_dir():
         raise BadInput(f"--clip-encoder-weights {weights}: no such folder")
+    check_output_folder(Path(args.out), "OUT")
     model = Blip3o.from_pretrained(args.directory, clip_encoder_weights=weights)  # converted on load
     print(model.save_pretrained(args.out))
     return EXIT_OK
@@ -439,8 +405,9 @@ def small_commands() -> list[Command]:
     """reconstruct, info, demo, convert: a few flags each."""
     return [
         Command(("reconstruct",), "encode images to CLIP tokens and decode them back", run_reconstruct, flags=(
-            flag("images", nargs="+"), flag("--outdir", default="outputs"), flag("--seed", type=int, default=0),
-            *model_flags())),
+            flag("images", nargs="+"), flag("--outdir", default="outputs"), seed("--seed", default=0),
+            *model_flags()), epilog="each IMAGE becomes OUTDIR/STEM_reconstructed.png (STEM_2_reconstructed.png, ... "
+                                    "for a name met again);\nthe command prints which input went where"),
         Command(("info",), "show a model's parts, parameter counts and device", run_info, flags=(
             flag("--meta", action="store_true", help="build on the meta device (no memory; any size)"),
             *model_flags(),
@@ -450,7 +417,7 @@ def small_commands() -> list[Command]:
             flag("--prompt", default="a photo of a red circle and a blue square"),
             flag("--question", default="how many circles are there?"),
             flag("--outdir", default="demo_out"),
-            flag("--seed", type=int, default=0),
+            seed("--seed", default=0),
             *model_flags())),
         Command(("convert",), "convert an official BLIP3-o folder (BLIP3o/BLIP3o-Model-8B, -4B) to this "
                               "library's format", run_convert, flags=(
@@ -469,8 +436,7 @@ def run_train_stage(args: argparse.Namespace) -> int:
     from blip3o.train.recipe import train_stage
 
     stage = args.command.words[-1]
-    if not Path(args.config).is_file():
-        raise BadInput(f"--config {args.config}: no such file")
+    readable_file(args.config, f"--config {args.config}")
     with user_input(args.config):
         config = TrainConfig.from_json(args.config)
     if config.stage != stage:

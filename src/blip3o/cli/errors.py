@@ -3,7 +3,7 @@
     0    success
     1    failure: any exception the rule below does not call bad input (a bug, CUDA out of memory, a full disk)
     2    bad usage or bad input: argparse's own errors, `BadInput`, `CheckpointError`
-    130  interrupted (Ctrl-C)
+    130  interrupted (Ctrl-C); a command that writes files says what it finished (`Interrupted`)
 
 Bad input is what a check of the user's values raised, before the work it guards. The command line's
 own checks raise `BadInput`; a library check that a command runs on the user's values runs inside
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -26,6 +26,23 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 class BadInput(ValueError):
     """The user's input (arguments, files) is wrong; the message says which and what to do. Exit code 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command finished before it ("12 of 40 prompts written to out/; ..."). Exit code
+    130."""
+
+
+@contextmanager
+def interrupted_after(finished: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C inside the block becomes `Interrupted(finished())`: `finished` says, when it comes, what the
+    command wrote so far and what it did not."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as e:
+        raise Interrupted(finished()) from e
 
 
 @contextmanager
@@ -62,7 +79,7 @@ def report(command: str, error: BaseException) -> int:
     if debugging() and code != EXIT_INTERRUPTED:
         traceback.print_exception(error, file=sys.stderr)
     if code == EXIT_INTERRUPTED:
-        line = "interrupted"
+        line = f"interrupted: {error}" if str(error) else "interrupted"
     elif code == EXIT_BAD_INPUT:
         line = f"error: {error}"  # written for the user: said whole
     else:

@@ -1,23 +1,48 @@
-"""The files commands read (JSON lines, images) and write (images, grids); bad input names file and line."""
+"""The files commands read (JSON lines, images) and write (images, grids); bad input names file and line.
+
+Every file a command writes is written atomically (`blip3o.files`): an interrupted command leaves each
+output whole or absent, never a part of one.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from PIL import Image
 
-from blip3o.cli.errors import BadInput, user_input
+from blip3o.cli.errors import BadInput
+from blip3o.files import save_image
 from blip3o.images import image_grid
+
+GRID_IMAGES = 16  # a grid shows the first 16 images (4 rows of 4): a glance, whatever the count
+
+
+def readable_file(path: str | Path, where: str) -> Path:
+    """`path` if it is a regular file this process can open; else BadInput naming `where` (a FIFO or a device
+    is refused unopened: reading one would block or never end)."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise BadInput(f"{where}: no such file")
+    if not file.is_file():
+        raise BadInput(f"{where}: not a regular file")
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as e:
+        raise BadInput(f"{where}: cannot be read ({e.strerror or e})") from e
+    return file
 
 
 def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
     """Objects of a JSON-lines file, each checked for the `required` keys and their types."""
-    file = Path(path)
-    if not file.is_file():
-        raise BadInput(f"{path}: no such file")
+    try:
+        text = readable_file(path, path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text (byte {e.start})") from e
     records = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -36,28 +61,54 @@ def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
 
 
 def open_image(path: Path, where: str) -> Image.Image:
-    """A readable image file -> PIL image in its own mode (each reader converts it its own way); anything else is
-    bad input naming `where`."""
-    from PIL import UnidentifiedImageError
+    """An image file -> PIL image in its own mode (each reader converts it its own way), through
+    `blip3o.images.admit_image` (regular files only, decompression bombs refused before they expand); anything
+    else is bad input naming `where`."""
+    from blip3o.images import ImageRejected, admit_image
 
-    from blip3o.images import check_images
-
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"{where}: no image file {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadInput(f"{where}: {path} is not an image this build can read ({e})") from e
-    with user_input(where):  # too small, too big, a mode with no RGB reading
-        return check_images([image], name=str(path))[0]
+        return admit_image(path, name=f"{where} {path}")
+    except ImageRejected as e:
+        raise BadInput(str(e)) from e
 
 
-def save_samples(images: list[Image.Image], folder: Path, grid: Path | None = None) -> Path:
-    """FOLDER/0000.png, 0001.png, ... and their grid (4 a row; default FOLDER/grid.png); returns the grid."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(folder / f"{i:04d}.png")
-    grid = grid or folder / "grid.png"
-    image_grid(images, columns=min(4, len(images))).save(grid)
-    return grid
+def check_output_folder(path: Path, where: str) -> None:
+    """BadInput unless `path` is a folder this process can write into, or one it can create: checked before
+    the work, so that a bad output path never costs a model load or a run."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(f"{where} {path} is not a folder" if existing == path
+                       else f"{where} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"{where} {path}: {existing} is not writable")
+
+
+def check_output_file(path: Path, where: str) -> None:
+    """BadInput unless a file can be written at `path` (not a folder; its folder writable or creatable)."""
+    if path.is_dir():
+        raise BadInput(f"{where} {path} is a folder; give a file name")
+    check_output_folder(path.parent, where)
+
+
+class SampleWriter:
+    """FOLDER/0000.png, 0001.png, ... written as batches of images arrive (each file atomically), then a grid of
+    the first GRID_IMAGES, 4 a row: memory holds one batch and the grid's images, whatever the count."""
+
+    def __init__(self, folder: Path, grid: Path | None = None) -> None:
+        self.folder, self.grid = folder, grid or folder / "grid.png"
+        self.written = 0  # images written so far
+        self._shown: list[Image.Image] = []
+
+    def add(self, images: list[Image.Image]) -> None:
+        for image in images:
+            save_image(image, self.folder / f"{self.written:04d}.png")
+            self.written += 1
+        self._shown += images[:GRID_IMAGES - len(self._shown)]
+
+    def finish(self) -> Path:
+        """Write the grid; returns its path."""
+        return save_image(image_grid(self._shown, columns=min(4, len(self._shown))), self.grid)

@@ -8,10 +8,12 @@ import re
 from pathlib import Path
 
 from blip3o.cli.errors import BadInput
+from blip3o.cli.numbers import count, number
 from blip3o.cli.table import Flag, flag
 from blip3o.cli.terminal import note
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # where a model runs
 
 
 def model_name(name: str) -> str:
@@ -32,6 +34,26 @@ def model_name(name: str) -> str:
                                      f"{hint}")
 
 
+def device_name(name: str) -> str:
+    """argparse type of --device: cpu, or an accelerator this machine has (cuda, cuda:1, mps)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device: give cpu, cuda, cuda:N or mps") from e
+    if device.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"{name!r}: a model runs on {', '.join(DEVICE_TYPES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device is available here (use cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: there are {torch.cuda.device_count()} CUDA devices, "
+                                         f"numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no MPS device is available here (use cpu)")
+    return name
+
+
 def model_flags() -> tuple[Flag, ...]:
     """--model, --device, --dtype: every command that runs a model takes them."""
     from blip3o import DEFAULT_MODEL
@@ -39,7 +61,7 @@ def model_flags() -> tuple[Flag, ...]:
     return (
         flag("--model", type=model_name, default=DEFAULT_MODEL,
              help=f"preset name or local checkpoint folder (default: {DEFAULT_MODEL})"),
-        flag("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)"),
+        flag("--device", type=device_name, default=None, help="cpu, cuda, cuda:1, ... (default: cpu)"),
         flag("--dtype", default=None, choices=DTYPES),
     )
 
@@ -51,11 +73,11 @@ SPEED_FLAGS = (
                                                 "torch.compile, static KV cache (slow first call)"),
 )
 SAMPLING_FLAGS = (
-    flag("--steps", type=int, default=None, help="DiT sampling steps (default: the model's)"),
-    flag("--guidance", type=float, default=None, help="DiT CFG scale (default: the model's)"),
+    count("--steps", high=1000, default=None, help="DiT sampling steps, 1 to 1000 (default: the model's)"),
+    number("--guidance", low=0, high=100, default=None, help="DiT CFG scale, 0 to 100 (default: the model's)"),
     flag("--sampler", choices=["euler", "heun", "stochastic"], default=None,
          help="DiT sampler (default: the model's); stochastic = DDIM with --eta"),
-    flag("--eta", type=float, default=None, help="the stochastic sampler's noise, 0 (Euler) to 1 (DDPM)"),
+    number("--eta", low=0, high=1, default=None, help="the stochastic sampler's noise, 0 (Euler) to 1 (DDPM)"),
 )
 
 
@@ -72,11 +94,21 @@ def load_model(name: str, device: str | None, dtype: str | None):
     return Blip3o.from_preset(name, device=device, dtype=torch_dtype)
 
 
+def check_offload_device(args: argparse.Namespace) -> None:
+    """--offload without --device moves the parts to cuda: BadInput where there is none."""
+    import torch
+
+    if getattr(args, "offload", False) and args.device is None and not torch.cuda.is_available():
+        raise BadInput("--offload moves each part to --device, cuda by default, and no CUDA device is available "
+                       "here: name a --device")
+
+
 def load_for_command(args: argparse.Namespace):
     """The model of a command's --model/--device/--dtype, set up as its other flags ask: offload, this
     run's sampling settings (SAMPLING_FLAGS), compile."""
-    note(f"loading model {args.model}...")
+    check_offload_device(args)
     offload = getattr(args, "offload", False)
+    note(f"loading model {args.model}...")
     model = load_model(args.model, None if offload else args.device, args.dtype)
     if offload:  # weights stay in CPU memory; each part visits the device only while it runs
         model.enable_offload(args.device or "cuda")

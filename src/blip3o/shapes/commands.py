@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from blip3o.cli.commands import check_positive
-from blip3o.cli.errors import EXIT_OK, BadInput, user_input
-from blip3o.cli.models import SAMPLING_FLAGS, load_for_command, model_flags
+from blip3o.cli.errors import EXIT_OK, BadInput, interrupted_after, user_input
+from blip3o.cli.files import check_output_folder
+from blip3o.cli.models import SAMPLING_FLAGS, device_name, load_for_command, model_flags
+from blip3o.cli.numbers import count, number, seed, whole
 from blip3o.cli.table import Command, CommandTable, Refusal, flag
+
+MAX_SAMPLES = 100_000_000  # Shapes examples a run draws
+MAX_STEPS = 10_000_000  # optimizer steps of a stage
 
 # ------------------------------------------------------------------ data shapes
 
@@ -29,6 +33,8 @@ def tag_weights_arg(text: str) -> dict[str, float]:
             sep = ""
         if not sep:
             raise argparse.ArgumentTypeError(f"expected FAMILY=WEIGHT pairs separated by commas, got {part!r}")
+        if not 0 <= weights[tag.strip()] <= 1e6:  # NaN and the infinities fail too
+            raise argparse.ArgumentTypeError(f"{part!r}: a weight is a number from 0 to 1e6")
     return weights
 
 
@@ -41,9 +47,9 @@ def example_options(args: argparse.Namespace) -> dict:
 def run_data_shapes(args: argparse.Namespace) -> int:
     from .data import check_example_options, write_shards
 
-    check_positive(args, "num", "shard_size")
     with user_input():
         check_example_options(**example_options(args))
+    check_output_folder(Path(args.out), "--out")
     paths = write_shards(args.out, args.num, args.seed, shard_size=args.shard_size, **example_options(args))
     print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
     return EXIT_OK
@@ -54,9 +60,9 @@ def data_command() -> Command:
     return Command(("data", "shapes"), "write Shapes-world training data as webdataset shards", run_data_shapes,
                    flags=(
         flag("--out", required=True),
-        flag("--num", type=int, default=40_000),
-        flag("--seed", type=int, default=0),
-        flag("--shard-size", type=int, default=1000),
+        count("--num", high=MAX_SAMPLES, default=40_000),
+        seed("--seed", default=0),
+        count("--shard-size", high=MAX_SAMPLES, default=1000),
         flag("--prompt-first", type=float, default=0.5,
              help="share of scenes drawn for a random GenEval prompt (the rest: random scenes of 1-4 objects)"),
         flag("--ordered", type=float, default=0.0,
@@ -65,7 +71,7 @@ def data_command() -> Command:
         flag("--canonical", type=float, default=0.0,
              help="share of those prompt scenes with each named object centred in its canonical cell (a few px "
                   "of jitter): the text decides the layout (at most 1 - --ordered)"),
-        flag("--canonical-jitter", type=int, default=3, metavar="J",
+        whole("--canonical-jitter", low=0, high=3, default=3, metavar="J",
              help="canonical layouts move each centre by up to J px (0..3) and draw sizes in 16-2J..16+J"),
         flag("--tag-weights", type=tag_weights_arg, default=None, metavar="FAMILY=W,...",
              help="how often each prompt family is drawn, e.g. position=3,color_attr=3 (unnamed families 1)"),
@@ -94,15 +100,16 @@ def stage_steps_arg(text: str) -> tuple[str, int]:
         steps = int(value)
     except ValueError:
         sep = ""
-    if not sep or steps < 1:
-        raise argparse.ArgumentTypeError(f"expected STAGE=STEPS with a positive whole number, got {text!r}")
+    if not sep or not 1 <= steps <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected STAGE=STEPS with a whole number from 1 to {MAX_STEPS:,}, got "
+                                         f"{text!r}")
     return stage.strip(), steps
 
 
 def check_recipe_flags(args: argparse.Namespace) -> None:
-    """BadInput for a stage the recipe lacks (--stages, --steps), a --steps stage that --stages leaves out,
-    and counts below 1."""
-    check_positive(args, "num_samples", "scale")
+    """BadInput for a stage the recipe lacks (--stages, --steps), a --steps stage that --stages leaves out, and
+    an --out that cannot be written."""
+    check_output_folder(Path(args.out), "--out")
     known = recipe_stages()
     for flag_name, stages in (("--stages", args.stages or []), ("--steps", [stage for stage, _ in args.steps])):
         for stage in stages:
@@ -111,6 +118,11 @@ def check_recipe_flags(args: argparse.Namespace) -> None:
     for stage, _ in args.steps:
         if args.stages is not None and stage not in args.stages:
             raise BadInput(f"--steps {stage}: --stages does not run {stage}")
+
+
+def auto_or_device(name: str) -> str:
+    """argparse type of `train nano --device`: auto, or a device `device_name` accepts."""
+    return name if name == "auto" else device_name(name)
 
 
 def run_train_nano(args: argparse.Namespace) -> int:
@@ -133,10 +145,11 @@ def train_command() -> Command:
                    run_train_nano, flags=(
         flag("--out", default="runs/nano"),
         flag("--data", default=None, help="Shapes shards folder (default: OUT/data, written if missing)"),
-        flag("--num-samples", type=int, default=40_000),
-        flag("--seed", type=int, default=0),
-        flag("--device", default="auto"),
-        flag("--scale", type=float, default=1.0, help="multiply every stage's steps (quick runs)"),
+        count("--num-samples", high=MAX_SAMPLES, default=40_000),
+        seed("--seed", default=0),
+        flag("--device", type=auto_or_device, default="auto", help="auto (a GPU if there is one), cpu, cuda, ..."),
+        number("--scale", low=0, high=100, low_open=True, default=1.0,
+               help="multiply every stage's steps, in (0, 100] (quick runs)"),
         flag("--stages", nargs="+", default=None, metavar="STAGE",
              help="only these stages, each from the model of the stage before it (the others are reused)"),
         flag("--steps", nargs="+", type=stage_steps_arg, default=[], metavar="STAGE=N",
@@ -153,10 +166,12 @@ def train_command() -> Command:
 def run_eval_shapes(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_shapes, format_results
 
-    check_positive(args, "steps", "per_tag", "num_images", "num_scenes")
+    check_output_folder(Path(args.out), "--out")
     model = load_for_command(args)
-    results = evaluate_shapes(model, args.out, per_tag=args.per_tag, num_images=args.num_images,
-                              num_scenes=args.num_scenes)
+    with interrupted_after(lambda: f"{args.out}/ has no new results.json or samples.png (both are written at the "
+                                   f"end)"):
+        results = evaluate_shapes(model, args.out, per_tag=args.per_tag, num_images=args.num_images,
+                                  num_scenes=args.num_scenes)
     print(format_results(results))
     print(f"results: {Path(args.out) / 'results.json'}  samples: {Path(args.out) / 'samples.png'}")
     return EXIT_OK
@@ -166,9 +181,10 @@ def eval_command() -> Command:
     return Command(("eval", "shapes"), "evaluate in the Shapes world: GenEval-style generation accuracy and VQA",
                    run_eval_shapes, flags=(
         flag("--out", default="eval_out"),
-        flag("--per-tag", type=int, default=25, help="prompts of each GenEval family (default 25)"),
-        flag("--num-images", type=int, default=4, help="images per prompt (default 4)"),
-        flag("--num-scenes", type=int, default=200, help="random scenes whose questions are asked (default 200)"),
+        count("--per-tag", high=10_000, default=25, help="prompts of each GenEval family (default 25)"),
+        count("--num-images", high=64, default=4, help="images per prompt, 1 to 64 (default 4)"),
+        count("--num-scenes", high=100_000, default=200,
+              help="random scenes whose questions are asked (default 200)"),
         *model_flags(), *SAMPLING_FLAGS,
     ))
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from blip3o.files import save_image, write_text
 from blip3o.images import image_grid
 
 from .data import make_example
@@ -83,15 +84,15 @@ def evaluate_understanding(model: Blip3o, *, num_scenes: int, seed: int, batch: 
 
 def evaluate_shapes(model: Blip3o, out_dir: str | Path, *, per_tag: int = 25, num_images: int = 4,
                     num_scenes: int = 200, seed: int = EVAL_SEED) -> dict:
-    """Both evaluations; writes OUT/results.json (what this returns) and OUT/samples.png (a row per tag)."""
+    """Both evaluations; writes OUT/results.json (what this returns) and OUT/samples.png (a row per tag), each
+    atomically and only once both evaluations are done."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     gen = evaluate_generation(model, per_tag=per_tag, num_images=num_images, seed=seed)
     und = evaluate_understanding(model, num_scenes=num_scenes, seed=seed)
-    image_grid([image for _, image in gen.pop("samples")], columns=GRID_PER_TAG).save(out / "samples.png")
+    save_image(image_grid([image for _, image in gen.pop("samples")], columns=GRID_PER_TAG), out / "samples.png")
     results = {"generation": gen, "understanding": und, "settings": {
         "per_tag": per_tag, "num_images": num_images, "num_scenes": num_scenes, "seed": seed}}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
 
