@@ -1,15 +1,19 @@
 """`blip3o serve` on loopback: the official openai client, micro-batching under load, overload,
 timeouts, and every request limit answered with an OpenAI-shaped 4xx (the debug model)."""
 
+import asyncio
 import base64
 import io
 import json
 import random
 import re
+import socket
+import struct
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -20,7 +24,9 @@ import torch
 from PIL import Image
 
 from blip3o import Blip3o
+from blip3o.cli.entry import main
 from blip3o.server import BackgroundServer, Blip3oService, ServerConfig, create_app
+from blip3o.server.app import ReadBody
 
 LIMITS = dict(max_image_bytes=100_000, max_image_pixels=512 * 512, max_body_bytes=400_000, max_prompt_chars=200,
               max_n=4, max_images_per_request=2, max_chat_chars=2000, max_messages=8, max_tokens=64)
@@ -40,8 +46,9 @@ def allowed(tmp_path_factory):
 @contextmanager
 def running(model, **config):
     service = Blip3oService(model, "debug", ServerConfig(**config))
-    with BackgroundServer(create_app(service)) as server:
-        server.service = service
+    app = create_app(service)
+    with BackgroundServer(app) as server:
+        server.service, server.app = service, app
         yield server
 
 
@@ -486,3 +493,379 @@ def test_malformed_requests_get_openai_shaped_errors(server):
     # none of it hurt the server
     assert request(server, "/health")[0] == 200
     assert request(server, "/v1/images/generations", {"prompt": "still here"})[0] == 200
+
+
+# ------------------------------------------------------------------ hostile input: each a 4xx, never a 500
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with(*chunks: bytes) -> bytes:
+    """A valid 32x32 black PNG with `chunks` before its pixels."""
+    pixels = zlib.compress(b"".join(b"\x00" + bytes(32 * 3) for _ in range(32)))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
+            + b"".join(chunks) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b""))
+
+
+def declared(format: str, side: int = 20_000) -> bytes:
+    """A small file whose header declares a side x side image: 400 M pixels, past PIL's bomb limit."""
+    if format == "PNG":
+        return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
+    if format == "JPEG":
+        jpeg = bytearray(png(Image.new("RGB", (16, 16)), "JPEG"))
+        frame = jpeg.find(b"\xff\xc0")
+        jpeg[frame + 5:frame + 9] = struct.pack(">HH", side, side)
+        return bytes(jpeg)
+    if format == "BMP":
+        return b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, side, side, 1, 24,
+                                                                         0, 0, 0, 0, 0, 0)
+    if format == "GIF":
+        return (b"GIF89a" + struct.pack("<HH", side, side) + b"\x00\x00\x00," + struct.pack("<HHHH", 0, 0, side, side)
+                + b"\x00\x02\x02\x44\x01\x00;")
+    canvas = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (16383).to_bytes(3, "little") * 2  # WebP's largest
+    return b"RIFF" + struct.pack("<I", 4 + len(canvas)) + b"WEBP" + canvas
+
+
+SIXTY_FOUR_MB_OF_ZEROS = zlib.compress(bytes(64 << 20), 9)  # 64 KB compressed
+
+
+def chat_about(url: str) -> dict:
+    return chat_body([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}])
+
+
+HOSTILE = [  # (what, body given the allowed folder, status, code, param)
+    *[(f"a {f} header declaring 400 M pixels", lambda _, f=f: chat_about(data_uri(declared(f))), 400,
+       "image_too_large", "messages[0].content[0].image_url") for f in ("PNG", "JPEG", "BMP", "GIF")],
+    ("a WebP header declaring 268 M pixels", lambda _: chat_about(data_uri(declared("WEBP"), "image/webp")), 400,
+     "image_too_large", "messages[0].content[0].image_url"),
+    ("a 64 MB zTXt chunk", lambda _: chat_about(data_uri(png_with(
+        png_chunk(b"zTXt", b"k\x00\x00" + SIXTY_FOUR_MB_OF_ZEROS)))), 400, "invalid_image",
+     "messages[0].content[0].image_url"),
+    ("a 64 MB iCCP chunk", lambda _: chat_about(data_uri(png_with(
+        png_chunk(b"iCCP", b"p\x00\x00" + SIXTY_FOUR_MB_OF_ZEROS)))), 400, "invalid_image",
+     "messages[0].content[0].image_url"),
+    ("a 64 MB iTXt chunk", lambda _: chat_about(data_uri(png_with(
+        png_chunk(b"iTXt", b"k\x00\x01\x00\x00\x00" + SIXTY_FOUR_MB_OF_ZEROS)))), 400, "invalid_image",
+     "messages[0].content[0].image_url"),
+    ("68 text chunks of 1 MB", lambda _: chat_about(data_uri(png_with(
+        *[png_chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"a" * 1_000_000, 9))] * 68))), 400, "invalid_image",
+     "messages[0].content[0].image_url"),
+    ("a NUL byte in a path", lambda allowed: chat_about(f"{allowed}/a\x00b.png"), 400, "invalid_image_url",
+     "messages[0].content[0].image_url"),
+    ("a 100,000-character path", lambda allowed: chat_about(f"{allowed}/{'a' * 100_000}"), 400,
+     "invalid_image_url", "messages[0].content[0].image_url"),
+    ("a lone surrogate in a path", lambda allowed: chat_about(f"{allowed}/\ud800.png"), 400, "invalid_image_url",
+     "messages[0].content[0].image_url"),
+    ("a symlink loop", lambda allowed: chat_about(f"{allowed}/loop"), 400, "invalid_image_url",
+     "messages[0].content[0].image_url"),
+    ("a size of 5,000-digit sides", lambda _: {"prompt": "a", "size": "9" * 5000 + "x" + "9" * 5000}, 400,
+     "invalid_value", "size"),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "status", "code", "param"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input_is_refused_clearly(server, allowed, what, body, status, code, param):
+    if not (allowed / "loop").is_symlink():
+        (allowed / "loop").symlink_to(allowed / "loop")
+    body = body(allowed)
+    route = "/v1/images/generations" if "prompt" in body else "/v1/chat/completions"
+    got, answer, _ = request(server, route, raw=json.dumps(body, ensure_ascii=True).encode())
+    assert (got, answer["error"]["code"], answer["error"]["param"]) == (status, code, param), answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert len(answer["error"]["message"]) < 500 and str(allowed) not in answer["error"]["message"]
+
+
+def test_text_no_tokenizer_reads_is_refused_before_queueing(server):
+    for route, body, param in (
+            ("/v1/images/generations", {"prompt": "a \ud800 b"}, "prompt"),
+            ("/v1/chat/completions", chat_body("a \ud800 b", stream=True), "messages[0].content"),
+            ("/v1/chat/completions", chat_body([{"type": "text", "text": "\udfff"}]), "messages[0].content[0].text")):
+        status, answer, headers = request(server, route, raw=json.dumps(body).encode())
+        assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, param, "invalid_text"), answer
+        assert headers["Content-Type"] == "application/json"  # a plain error, even for a stream
+
+
+# ------------------------------------------------------------------ the memory budget
+
+
+class ChatGate:
+    """Holds the model's chat until opened; `stopped` is set when the chat ends by an exception."""
+
+    def __init__(self, model, monkeypatch, words: int = 1):
+        self.entered, self.opened, self.stopped = threading.Event(), threading.Event(), threading.Event()
+
+        def chat(conversations, *, on_text=None, **kwargs):
+            self.entered.set()
+            try:
+                assert self.opened.wait(30)
+                for _ in range(words):
+                    on_text("word ")  # where the service stops a reply no one waits for
+                    time.sleep(0.005)
+            except BaseException:
+                self.stopped.set()
+                raise
+            return ["word " * words]
+
+        monkeypatch.setattr(model, "chat", chat)
+
+
+def chat_images(n: int) -> dict:
+    return chat_body(chat_image(n))
+
+
+RED_HELD = len(png(RED)) + 32 * 32 * 4  # what a chat request holds for RED: encoded and decoded (RGB in 4 bytes)
+
+
+def test_memory_budget_refuses_past_it_and_a_finished_request_gives_its_bytes_back(model, monkeypatch):
+    gate = ChatGate(model, monkeypatch)
+    with running(model, memory_budget_bytes=2 * RED_HELD + RED_HELD // 2, retry_after_s=3) as server, \
+            ThreadPoolExecutor(2) as pool:
+        status, answer, _ = request(server, "/v1/chat/completions", chat_images(3))
+        assert (status, answer["error"]["code"]) == (413, "request_too_large"), answer  # never fits: 413
+        assert server.service.budget.held == 0
+        first = pool.submit(request, server, "/v1/chat/completions", chat_images(2))
+        assert gate.entered.wait(20)
+        assert server.service.budget.held == 2 * RED_HELD  # the running request's images
+        assert metric(server, "blip3o_memory_held_bytes") == 2 * RED_HELD
+        status, answer, headers = request(server, "/v1/chat/completions", chat_images(1))
+        assert (status, answer["error"]["code"], headers["Retry-After"]) == (429, "memory_full", "3"), answer
+        assert answer["error"]["type"] == "rate_limit_error"
+        gate.opened.set()
+        assert first.result(timeout=60)[0] == 200
+        wait_for(lambda: server.service.budget.held == 0)  # released when it ended
+        assert request(server, "/v1/chat/completions", chat_images(2))[0] == 200
+        assert server.service.budget.held == 0
+
+
+def test_image_requests_hold_the_images_they_ask_for(model, monkeypatch):
+    gate = Gate(model, monkeypatch)
+    with running(model, memory_budget_bytes=4 * 32 * 32 * 4) as server, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(request, server, "/v1/images/generations", {"prompt": "a", "n": 3})
+        assert gate.entered.wait(20)
+        assert server.service.budget.held == 3 * 32 * 32 * 4
+        status, answer, _ = request(server, "/v1/images/generations", {"prompt": "a", "n": 2})
+        assert (status, answer["error"]["code"]) == (429, "memory_full")
+        status, answer, _ = request(server, "/v1/images/generations", {"prompt": "a", "n": 4, "size": "32x64"})
+        assert (status, answer["error"]["code"]) == (413, "request_too_large")
+        gate.opened.set()
+        assert first.result(timeout=60)[0] == 200
+        wait_for(lambda: server.service.budget.held == 0)
+
+
+def test_a_queued_chat_request_holds_its_images_encoded(model, monkeypatch):
+    gate, tasks = ChatGate(model, monkeypatch), []
+    with running(model) as server, ThreadPoolExecutor(2) as pool:
+        monkeypatch.setattr(server.service.batcher, "submit", record(server.service.batcher.submit, tasks))
+        running_one = pool.submit(request, server, "/v1/chat/completions", chat_images(1))
+        assert gate.entered.wait(20)
+        queued = pool.submit(request, server, "/v1/chat/completions", chat_images(2))
+        wait_for(lambda: server.service.batcher.depth == 1)
+        images = [part["image"] for m in tasks[-1].conversation for part in m["content"] if part["type"] == "image"]
+        assert [image.data for image in images] == [png(RED)] * 2  # bytes, not decoded pixels
+        gate.opened.set()
+        assert running_one.result(timeout=60)[0] == queued.result(timeout=60)[0] == 200
+
+
+def record(submit, payloads: list):
+    def recorded(key, payload, **kwargs):
+        payloads.append(payload)
+        return submit(key, payload, **kwargs)
+    return recorded
+
+
+# ------------------------------------------------------------------ clients that leave
+
+
+def send_raw(server, path: str, body: dict) -> socket.socket:
+    """A connection that has sent one POST and reads nothing; closing it is the client leaving."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((server.host, server.port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_queued_work_of_clients_that_left_never_runs_and_counts_as_499(model, monkeypatch):
+    gate, calls = Gate(model, monkeypatch), []
+    gated = model.generate
+    monkeypatch.setattr(model, "generate", lambda prompts, **kw: calls.append(list(prompts)) or gated(prompts, **kw))
+    with running(model, batch_window_ms=0) as server, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(request, server, "/v1/images/generations", {"prompt": "first"})
+        assert gate.entered.wait(20)
+        made = metric(server, "blip3o_images_generated_total")
+        left = [send_raw(server, "/v1/images/generations", {"prompt": f"left {i}", "n": 2}) for i in range(3)]
+        left.append(send_raw(server, "/v1/chat/completions", chat_body("left too", stream=True)))
+        wait_for(lambda: server.service.batcher.depth == 4)
+        for sock in left:
+            sock.close()
+        wait_for(lambda: server.service.batcher.depth == 0)  # they left the queue at once
+        gate.opened.set()
+        assert first.result(timeout=60)[0] == 200
+        assert request(server, "/v1/images/generations", {"prompt": "after"})[0] == 200
+        text = request(server, "/metrics")[1]
+    assert calls == [["first"], ["after"]]
+    assert metric_value(text, "blip3o_images_generated_total") == made + 2  # "first" and "after"
+    assert 'route="/v1/images/generations",status="499"} 3' in text
+    assert 'route="/v1/chat/completions",status="499"} 1' in text
+    assert 'route="/v1/images/generations",status="200"} 2' in text
+
+
+def metric_value(text: str, name: str) -> float:
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)[1])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_running_chat_stops_when_its_client_leaves(model, monkeypatch, stream):
+    gate = ChatGate(model, monkeypatch, words=2000)  # 2,000 words of 5 ms: 10 s unless stopped
+    with running(model) as server:
+        sock = send_raw(server, "/v1/chat/completions", chat_body("hi", stream=stream))
+        assert gate.entered.wait(20)
+        gate.opened.set()
+        time.sleep(0.1)
+        sock.close()
+        assert gate.stopped.wait(5)
+        wait_for(lambda: 'route="/v1/chat/completions",status="499"} 1' in request(server, "/metrics")[1])
+        assert server.service.budget.held == 0
+
+
+# ------------------------------------------------------------------ slow clients, connections
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, f"the connection closed after {data!r}"
+        data += piece
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_a_body_trickled_past_the_deadline_gets_408(model):
+    with running(model, body_timeout_s=0.5) as server, socket.create_connection((server.host, server.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        start = time.monotonic()
+        status, headers, body = read_response(sock)
+        assert time.monotonic() - start < 5
+        assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout"
+        assert sock.recv(1) == b""  # and the connection is closed
+        assert 'status="408"} 1' in request(server, "/metrics")[1]
+
+
+def test_a_body_in_small_pieces_is_read_in_linear_time():
+    """16 MB in 1 KB pieces: joined once, not copied at every piece (which takes seconds)."""
+    pieces = iter([{"type": "http.request", "body": b"%05d" % i + b"x" * 1019, "more_body": i < 16_383}
+                   for i in range(16_384)])
+    received = []
+
+    async def app(scope, receive, send):
+        received.append(await receive())
+
+    async def receive():
+        return next(pieces)
+
+    start = time.monotonic()
+    asyncio.run(ReadBody(app, max_bytes=48 << 20, timeout_s=30)({"type": "http", "method": "POST", "headers": []},
+                                                               receive, None))
+    assert time.monotonic() - start < 2
+    body = received[0]["body"]
+    assert len(body) == 16 << 20 and received[0]["more_body"] is False
+    assert [body[i * 1024:i * 1024 + 5] for i in (0, 1, 16_383)] == [b"00000", b"00001", b"16383"]
+
+
+def test_idle_connections_close_after_the_keep_alive_time(model):
+    with running(model, keep_alive_s=0.3) as server, socket.create_connection((server.host, server.port)) as sock:
+        sock.settimeout(3)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        assert sock.recv(1) == b""  # closed by the server, well before the socket's 3 s
+
+
+def test_connections_past_the_limit_get_503_and_unending_headers_400(model):
+    with running(model, max_connections=3, max_header_bytes=1024) as server:
+        idle = [socket.create_connection((server.host, server.port)) for _ in range(3)]
+        wait_for(lambda: len(server._server.server_state.connections) == 3)
+        assert request(server, "/health")[0] == 503
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: not server._server.server_state.connections)
+        assert request(server, "/health")[0] == 200
+        with socket.create_connection((server.host, server.port)) as sock:  # headers that never end
+            sock.settimeout(10)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * 2000)
+            assert read_response(sock)[0] == 400
+
+
+# ------------------------------------------------------------------ what the server shows
+
+
+def test_messages_never_show_the_servers_folders(server, allowed):
+    for url, status, code in (("/etc/hostname", 403, "path_not_allowed"),
+                              (f"{allowed}/../outside.png", 403, "path_not_allowed"),
+                              (f"{allowed}/missing.png", 400, "file_not_found")):
+        got, answer, _ = request(server, "/v1/chat/completions", chat_about(url))
+        assert (got, answer["error"]["code"]) == (status, code)
+        assert str(allowed) not in answer["error"]["message"] and "/etc" not in answer["error"]["message"]
+        assert answer["error"]["param"] in answer["error"]["message"]  # it says which image
+
+
+def test_api_pages_are_served_only_when_asked(server, model):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        status, answer, _ = request(server, path)
+        assert (status, answer["error"]["code"]) == (404, "not_found")
+    with running(model, docs=True) as documented:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert request(documented, path)[0] == request(documented, path, method="HEAD")[0] == 200
+
+
+def test_head_is_answered_wherever_get_is(server):
+    paths = [route.path.replace("{model_id}", "debug") for route in server.app.routes
+             if "GET" in getattr(route, "methods", ())]
+    assert {"/", "/health", "/metrics", "/v1/models", "/v1/models/debug"} <= set(paths)
+    for path in [*paths, "/static/app.js"]:
+        get, head = (urllib.request.urlopen(urllib.request.Request(server.url + path, method=m), timeout=30)
+                     for m in ("GET", "HEAD"))
+        with get, head:
+            assert head.status == get.status == 200, path
+            assert head.headers["Content-Type"] == get.headers["Content-Type"]
+            assert head.read() == b"" and get.read()
+
+
+# ------------------------------------------------------------------ blip3o serve
+
+
+def test_serve_exits_2_before_printing_anything_when_its_port_is_taken(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "debug", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"blip3o serve: error: cannot listen on 127.0.0.1:{port} (Address already in use)" in err
+
+
+def test_serve_refuses_a_port_outside_0_to_65535(capsys):
+    assert main(["serve", "--model", "debug", "--port", "70000"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "blip3o serve: error: --port must be between 0 and 65535, got 70000\n"
+
+
+def test_serve_docs_serves_the_api_pages(monkeypatch, capsys):
+    served = []
+    monkeypatch.setattr("blip3o.server.serve", lambda app, sock, log_level: served.append(app))
+    assert main(["serve", "--model", "debug", "--port", "0"]) == 0
+    assert "/docs" not in capsys.readouterr().out
+    assert main(["serve", "--model", "debug", "--port", "0", "--docs"]) == 0
+    assert "/docs (API reference)" in capsys.readouterr().out
+    assert [app.docs_url for app in served] == [None, "/docs"]

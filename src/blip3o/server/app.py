@@ -48,7 +48,11 @@ def create_app(service: Blip3oService) -> FastAPI:
     app.add_middleware(RecordMetrics, service=service)  # outermost: it sees every answer, 413s included
 
     def get(path: str, **options):
-        return app.api_route(path, methods=["GET", "HEAD"], **options)
+        """app.get, and the same endpoint for HEAD (uvicorn sends its headers without the body)."""
+        def register(endpoint):
+            app.head(path, **{**options, "include_in_schema": False})(endpoint)
+            return app.get(path, **options)(endpoint)
+        return register
 
     @get("/", include_in_schema=False)
     async def index() -> FileResponse:

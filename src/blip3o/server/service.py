@@ -210,9 +210,11 @@ class Blip3oService:
             while not done.done() or not pieces.empty():
                 if pieces.empty():
                     piece = asyncio.ensure_future(pieces.get())
-                    await asyncio.wait({piece, done}, return_when=asyncio.FIRST_COMPLETED)
-                    if not piece.done():
+                    try:
+                        await asyncio.wait({piece, done}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:  # a piece not yet taken stays in the queue (the stream may also end here)
                         piece.cancel()
+                    if not piece.done() or piece.cancelled():
                         continue
                     yield event({"content": piece.result()})
                 else:  # pieces queued before the reply was handed over
