@@ -20,6 +20,7 @@ from blip3o.cli import commands as generic_commands
 from blip3o.cli import main
 from blip3o.cli.entry import command_table
 from blip3o.cli.table import Command, CommandTable, Refusal, flag
+from blip3o.data import commands as data_commands
 from blip3o.evals.score import commands as score_commands
 from blip3o.shapes import commands as shapes_commands
 
@@ -297,6 +298,7 @@ def test_the_shapes_commands_register_from_the_shapes_package():
     shapes_commands.register(table)
     assert {("data", "shapes"), ("train", "nano"), ("eval", "shapes")} <= set(table.commands)
     score_commands.register(table)
+    data_commands.register(table)
     assert list(table.commands) == list(command_table().commands)  # what `blip3o` runs
     with pytest.raises(ValueError, match="added twice"):
         shapes_commands.register(table)
