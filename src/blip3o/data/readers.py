@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,23 +59,23 @@ class Record:
         return f"{self.file}, {self.at}" if self.at else self.file
 
 
-class Reader:
+class Reader(ABC):
     """How one source is read: its pieces, a piece's records, a record's sample."""
 
     def __init__(self, source: Source) -> None:
         self.source = source
 
+    @abstractmethod
     def pieces(self) -> list:
         """The source's pieces, in a fixed order: what a unit of the stream reads whole."""
-        raise NotImplementedError
 
+    @abstractmethod
     def records(self, piece, skip: int, report: Report) -> Iterator[Record]:
         """The piece's records from its record `skip` on; a piece that breaks off is reported, not raised."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, record: Record) -> dict:
         """The record's sample; raises Skip when it cannot be one."""
-        raise NotImplementedError
 
 
 def reader_for(source: Source) -> Reader:

@@ -60,16 +60,19 @@ def parse_spec(spec: str | os.PathLike | Sequence[str | os.PathLike], *,
         raise SpecError("the data spec names no source")
     root = _image_root(image_root, "--image-root") if image_root is not None else None
     if len(texts) == 1 and _is_spec_file(Path(texts[0])):
-        return _read_spec_file(Path(texts[0]), root)
-    sources = []
-    for text in texts:
-        path, weight = _path_and_weight(text)
-        if _is_spec_file(Path(path)):
-            raise SpecError(f"{path} is a spec file: name it alone, not as one entry of a mixture")
-        sources.append(make_source(path, weight=weight, default_root=root, name=text))
+        sources = _read_spec_file(Path(texts[0]), root)
+    else:
+        sources = [_entry_source(text, root) for text in texts]
     if root is not None and not any(s.kind in ("captions", "llava") for s in sources):
         raise SpecError("--image-root applies to JSONL and LLaVA sources, and the spec names none")
     return sources
+
+
+def _entry_source(text: str, root: str | None) -> Source:
+    path, weight = _path_and_weight(text)
+    if _is_spec_file(Path(path)):
+        raise SpecError(f"{path} is a spec file: name it alone, not as one entry of a mixture")
+    return make_source(path, weight=weight, default_root=root, name=text)
 
 
 def split_entries(text: str) -> list[str]:
