@@ -50,6 +50,15 @@ def run_bad(capsys, *argv):
     return captured.err
 
 
+def test_eval_score_is_a_group_of_a_command_per_benchmark(capsys):
+    assert main(["eval", "score", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(bench in out for bench in ("geneval", "dpg", "wise", "mme", "vqa", "mmmu"))
+    assert main(["eval", "--help"]) == 0
+    assert "score" in capsys.readouterr().out
+    assert main(["eval", "score"]) == 2  # a group needs its target
+
+
 # ------------------------------------------------------------------ MME
 
 

@@ -269,6 +269,4 @@ def score_mmmu(responses: str | Path, answer_key: str | Path) -> MMMUScore:
         subject, _ = subject_of(question_id, str(responses))
         right, total = subjects.get(subject, (0, 0))
         subjects[subject] = (right + is_right(key[question_id], answered[question_id], rng), total + 1)
-    if not subjects:
-        raise BadScoreInput(f"{responses}: holds no responses")
     return MMMUScore(subjects, len(key))

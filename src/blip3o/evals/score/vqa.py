@@ -220,8 +220,11 @@ def check_question_file(path: str | Path, questions: dict[int, Question]) -> Non
     value = read_json(path)
     if not isinstance(value, dict) or not isinstance(value.get("questions"), list):
         raise BadScoreInput(f"{path}: not a VQA questions file (a list `questions`)")
-    ids = {need(item, "question_id", int, f"{path}, question {number}") if isinstance(item, dict) else None
-           for number, item in enumerate(value["questions"], start=1)}
+    ids = set()
+    for number, item in enumerate(value["questions"], start=1):
+        if not isinstance(item, dict):
+            raise BadScoreInput(f"{path}, question {number}: must be a JSON object")
+        ids.add(need(item, "question_id", int, f"{path}, question {number}"))
     if ids != set(questions):
         raise BadScoreInput(f"{path}: its question ids differ from the annotations' ({len(ids)} against "
                             f"{len(questions)}): the two files must be of one split")
