@@ -90,7 +90,8 @@ def need(record: dict, name: str, kinds: type | tuple[type, ...], where: str) ->
     value = record[name]
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join(_JSON_NAMES.get(kind, kind.__name__) for kind in kinds)
+        shown = [kind for kind in kinds if not (kind is int and float in kinds)]  # a number covers whole ones
+        names = " or ".join(_JSON_NAMES.get(kind, kind.__name__) for kind in shown)
         raise BadScoreInput(f"{where}: field {name!r} must be {names}, got {json.dumps(value)[:80]}")
     return value
 
