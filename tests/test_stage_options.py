@@ -31,13 +31,14 @@ class Every(StageOptions):
 
 
 RANGE = r"\[lo, hi\] with 0 < lo <= hi <= 1"
+COUNT = "an integer >= 1 and at most 10000"
 
 
 @pytest.mark.parametrize("name, bad, must", [
     ("w", -1, "a weight >= 0"), ("w", True, "a weight >= 0"), ("w", float("nan"), "a weight >= 0"),
     ("w", "1", "a weight >= 0"), ("n", -0.5, "a number >= 0"), ("p", 1.5, r"a share in \[0, 1\]"),
-    ("q", None, r"a share in \[0, 1\]"), ("k", 0, "an integer >= 1"), ("k", 2.0, "an integer >= 1"),
-    ("k", False, "an integer >= 1"), ("on", 1, "true or false"), ("at", "center", "'box' or 'centre'"),
+    ("q", None, r"a share in \[0, 1\]"), ("k", 0, COUNT), ("k", 2.0, COUNT), ("k", False, COUNT), ("k", 10**9, COUNT),
+    ("on", 1, "true or false"), ("at", "center", "'box' or 'centre'"),
     ("span", [0.0, 0.5], RANGE), ("span", [0.6, 0.5], RANGE), ("span", 0.5, RANGE)])
 def test_each_kind_refuses_bad_values_by_name(name, bad, must):
     with pytest.raises(ValueError, match=f"stage option {name} must be {must}, got"):
@@ -159,5 +160,5 @@ def test_an_auxiliary_adds_options_turns_entries_parameters_and_loss(echo_regist
         hook.remove()
     with torch.no_grad():
         torch.testing.assert_close(stage.loss(batch), answers + 0.5 * 2.0 * features[0].float().pow(2).mean())
-    with pytest.raises(ValueError, match="stage option echo must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="stage option echo must be an integer >= 0 and at most 10000, got -1"):
         UnderstandingStage(model, {"echo": -1})

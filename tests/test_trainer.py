@@ -225,7 +225,17 @@ def test_config_files_are_checked_naming_the_file(tmp_path):
     for raw, match in [({"stage": "generation", "stage_options": {"draws": 4}},
                         "gen.json: stage option draws is not an option of the generation stage"),
                        ({"stage": "decoder", "stage_options": {"dit_steps": 0}},
-                        "gen.json: stage option dit_steps must be an integer >= 1, got 0"),
+                        "gen.json: stage option dit_steps must be an integer >= 1 and at most 10000, got 0"),
+                       ({"stage": "decoder", "stage_options": {"dit_steps": 10**9}},
+                        "gen.json: stage option dit_steps must be an integer >= 1 and at most 10000, got 1000000000"),
+                       ({"stage": "clip", "steps": 1e9}, r"gen.json: steps is 1000000000.0; it must be an integer"),
+                       ({"stage": "clip", "steps": 10**9}, "gen.json: steps is 1000000000; at most 100000000"),
+                       ({"stage": "clip", "batch_size": "32"}, "gen.json: batch_size is '32'; it must be an integer"),
+                       ({"stage": "clip", "batch_size": -4}, "gen.json: batch_size is -4; at least 1"),
+                       ({"stage": "clip", "lr": float("nan")}, "gen.json: lr is nan; it must be a finite number"),
+                       ({"stage": "clip", "betas": [0.9, 1.0]}, r"gen.json: betas\[1\] is 1.0; below 1"),
+                       ({"stage": "clip", "precision": "fp16"}, "gen.json: precision 'fp16' is not one of auto"),
+                       ({"stage": "clip", "device": "gpu:0"}, "gen.json: device 'gpu:0' is not auto or a torch"),
                        ({"stage": "vision"}, "gen.json: unknown stage 'vision'"),
                        ({"stage": "clip", "lr_max": 1}, r"gen.json: unknown train config fields \['lr_max'\]")]:
         path.write_text(json.dumps(raw))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,8 @@ from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, TextStreamer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from blip3o.checkpoints import CheckpointError
+from blip3o.checkpoints import CheckpointError, read_json, regular_file
+from blip3o.checkpoints.limits import MAX_POSITIONS, MAX_VOCAB, MODEL_BOUNDS, Bound, check_value
 from blip3o.images import check_images
 from blip3o.tokenizer import BLIP3O_SPECIAL_TOKENS, CHAT_TEMPLATE, SPECIAL_IDS, load_builtin_tokenizer
 
@@ -45,6 +46,21 @@ DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # where a reply ends when
 GENERATION_CONFIG = "generation_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 ROLES = ("system", "user", "assistant")
+# The size fields of a folder's preprocessor_config.json (pixel budgets, patch sizes), checked before transformers
+# reads it: name there -> (type, bound)
+PREPROCESSOR_BOUNDS = {
+    "min_pixels": (int, MODEL_BOUNDS["min_pixels"]), "max_pixels": (int, MODEL_BOUNDS["max_pixels"]),
+    "size.shortest_edge": (int, MODEL_BOUNDS["min_pixels"]), "size.longest_edge": (int, MODEL_BOUNDS["max_pixels"]),
+    "patch_size": (int, MODEL_BOUNDS["patch_size"]), "temporal_patch_size": (int, MODEL_BOUNDS["temporal_patch_size"]),
+    "merge_size": (int, MODEL_BOUNDS["spatial_merge_size"]),
+}
+# The fields of a folder's generation_config.json that size what generation allocates or that must be numbers
+GENERATION_BOUNDS = {
+    "max_new_tokens": (int, Bound(1, MAX_POSITIONS)), "max_length": (int, Bound(1, MAX_POSITIONS)),
+    "num_beams": (int, Bound(1, 1024)), "num_return_sequences": (int, Bound(1, 1024)),
+    "top_k": (int, Bound(0, MAX_VOCAB)), "top_p": (float, Bound(0, 1)), "temperature": (float, Bound(0, 1e6)),
+    "repetition_penalty": (float, Bound(1e-6, 1e6)),
+}
 # Ids of the control tokens the model config names, in Qwen2.5's own tokenizer ("checkpoint").
 QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_end|>": 151645, "<|vision_start|>": 151652,
                     "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
@@ -226,7 +242,8 @@ class Backbone(nn.Module):
             folder = None if tokenizer_dir is None else Path(tokenizer_dir)
             self.set_tokenizer(_load_tokenizer(config, folder, add_blip3o_tokens=config.generates),
                                _image_processor(config, folder), _chat_template(folder))
-            if folder is not None and (folder / GENERATION_CONFIG).is_file():
+            if folder is not None and os.path.lexists(folder / GENERATION_CONFIG):
+                check_folder_config(folder / GENERATION_CONFIG, GENERATION_BOUNDS)
                 self.use_generation_config(GenerationConfig.from_pretrained(str(folder), local_files_only=True))
 
     def set_tokenizer(self, tokenizer, image_processor=None, chat_template: str | None = None) -> None:
@@ -565,7 +582,8 @@ def _load_tokenizer(config: BackboneConfig, tokenizer_dir: Path | None, *, add_b
 def _image_processor(config: BackboneConfig, folder: Path | None) -> Qwen2VLImageProcessorPil:
     """The folder's image processor as `from_pretrained` configures it (its preprocessor_config.json, the
     class defaults where it says nothing); the config's pixel bounds and patch sizes without one."""
-    if folder is not None and (folder / PREPROCESSOR_CONFIG).is_file():
+    if folder is not None and os.path.lexists(folder / PREPROCESSOR_CONFIG):
+        check_folder_config(folder / PREPROCESSOR_CONFIG, PREPROCESSOR_BOUNDS)
         return Qwen2VLImageProcessorPil.from_pretrained(str(folder), local_files_only=True)
     return Qwen2VLImageProcessorPil(
         min_pixels=config.min_pixels, max_pixels=config.max_pixels, patch_size=config.patch_size,
@@ -573,14 +591,26 @@ def _image_processor(config: BackboneConfig, folder: Path | None) -> Qwen2VLImag
     )
 
 
+def check_folder_config(path: Path, bounds: dict[str, tuple[type, Bound]]) -> None:
+    """Refuse a folder's processor or generation config that transformers must not read: not a regular file,
+    not a JSON object, or a field of `bounds` ("size.longest_edge": a field of an object) of the wrong type or
+    out of bounds (a CheckpointError naming the file and the field)."""
+    raw = read_json(path)
+    for name, (kind, bound) in bounds.items():
+        holder, _, key = name.rpartition(".")
+        fields = raw.get(holder) if holder else raw
+        if isinstance(fields, dict) and fields.get(key) is not None:
+            check_value(name, fields[key], kind, bound, where=f"{path}: ")
+
+
 def _chat_template(folder: Path | None) -> str | None:
     """The processor's chat template a folder holds (chat_template.jinja or chat_template.json), if any."""
     if folder is None:
         return None
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    if (folder / "chat_template.json").is_file():
-        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    if os.path.lexists(folder / "chat_template.jinja"):
+        return regular_file(folder / "chat_template.jinja").read_text()
+    if os.path.lexists(folder / "chat_template.json"):
+        return read_json(folder / "chat_template.json").get("chat_template")
     return None
 
 

@@ -7,12 +7,15 @@ loading and the model all read it without a cycle.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 from blip3o.backbone import BackboneConfig
 from blip3o.checkpoints import CheckpointError
-from blip3o.clip_encoder import clip_encoder_config_from_dict
-from blip3o.decoder import decoder_config_from_dict
+from blip3o.checkpoints.limits import check_fields
+from blip3o.clip_encoder import ClipEncoderConfig, clip_encoder_config_from_dict
+from blip3o.decoder import DecoderConfig, decoder_config_from_dict
 from blip3o.dit import DiTConfig
 from blip3o.flow import SOLVERS
 
@@ -22,6 +25,9 @@ FORMAT_VERSION = 1  # of the native folder (config.json "format_version")
 RETIRED_DIT_FIELDS = {"ffn_dim_multiplier": None, "token_whitening": 0.0, "absolute_position": False, "data_std": 1.0}
 TRAIN_LAYOUTS = ("generation_prompt", "closed_turn")  # Blip3oConfig.train_layout
 TRAIN_TIMESTEPS = ("uniform", "scheduler_grid")  # Blip3oConfig.train_timesteps
+# Blip3oConfig's parts: field -> its config class, or the union of the kinds its "kind" picks from
+PARTS: dict[str, Any] = {"backbone": BackboneConfig, "dit": DiTConfig, "clip_encoder": ClipEncoderConfig,
+                         "decoder": DecoderConfig}
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Blip3oConfig:
     extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
 
     def __post_init__(self) -> None:
+        self._check_limits()
         width = getattr(self.clip_encoder, "token_width", getattr(self.clip_encoder, "width", None))
         problems = []
         if self.dit.cond_size != self.backbone.hidden_size:
@@ -75,29 +82,71 @@ class Blip3oConfig:
         if problems:
             raise ValueError("inconsistent Blip3oConfig: " + "; ".join(problems))
 
+    def _check_limits(self) -> None:
+        """Refuse a field of the wrong type or outside its bounds (`blip3o.checkpoints.limits`), in this config
+        or one of its parts, with a ValueError `{part}.{field} is ...`; loaders add the file's name."""
+        check_fields(type(self), _values(self, skip=PARTS), error=ValueError)
+        for name in PARTS:
+            part = getattr(self, name)
+            if dataclasses.is_dataclass(part):
+                check_fields(type(part), _values(part), prefix=f"{name}.", error=ValueError)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Blip3oConfig:
+    def from_dict(cls, d: dict, *, where: str = "config") -> Blip3oConfig:
+        """The config a saved JSON object describes. Every field is checked for its type and bounds before any
+        part is built; anything that is not a blip3o config raises a CheckpointError naming `where` (the file)
+        and the field."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: a blip3o config is a JSON object, got {type(d).__name__}")
         d = dict(d)
         d.pop("format_version", None)
+        for name in PARTS:
+            if not isinstance(d.get(name), dict):
+                raise CheckpointError(f"{where}: {name} must be an object of its fields, got {d.get(name)!r}")
+        d["dit"] = without_retired(d["dit"], where=where)
+        check_fields(cls, {k: v for k, v in d.items() if k not in PARTS}, where=f"{where}: ")
+        for name, kinds in PARTS.items():
+            part_class = _kind_class(kinds, d[name])
+            if part_class is not None:
+                check_fields(part_class, d[name], where=f"{where}: ", prefix=f"{name}.")
         try:
             return cls(
                 backbone=BackboneConfig(**d.pop("backbone")),
-                dit=DiTConfig(**without_retired(d.pop("dit"))),
+                dit=DiTConfig(**d.pop("dit")),
                 clip_encoder=clip_encoder_config_from_dict(d.pop("clip_encoder")),
                 decoder=decoder_config_from_dict(d.pop("decoder")),
                 **d,
             )
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"config is not a blip3o config: {e}") from e
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as e:
+            raise CheckpointError(f"{where}: not a blip3o config: {e}") from e
 
 
-def without_retired(dit: dict) -> dict:
+def _values(config: object, skip: typing.Container[str] = ()) -> dict[str, Any]:
+    """A dataclass's field values, by name (without copying them, as dataclasses.asdict would)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+
+
+def _kind_class(kinds: Any, raw: dict) -> type | None:
+    """The config class a part's dict describes: `kinds` itself, or the member of the union `kinds` whose
+    `kind` default the dict names (None for an unknown kind, which the part's own parser refuses)."""
+    members = typing.get_args(kinds) or (kinds,)
+    for member in members:
+        default = {f.name: f.default for f in dataclasses.fields(member)}.get("kind")
+        if default is None or default == raw.get("kind"):
+            return member
+    return None
+
+
+def without_retired(dit: dict, *, where: str = "config") -> dict:
     """A saved DiT config without the retired fields (see RETIRED_DIT_FIELDS)."""
     dit = dict(dit)
     for name, off in RETIRED_DIT_FIELDS.items():
         if name in dit and dit.pop(name) != off:
-            raise CheckpointError(f"dit.{name} is not supported any more (only {off!r}, which is the default)")
+            raise CheckpointError(f"{where}: dit.{name} is not supported any more (only {off!r}, which is the "
+                                  "default)")
     return dit

@@ -23,7 +23,9 @@ from torch import nn
 
 from blip3o import checkpoints
 from blip3o.backbone import Backbone, check_prompts
+from blip3o.checkpoints.atomic import write_folder
 from blip3o.checkpoints.folders import open_folder
+from blip3o.checkpoints.limits import check_parameters
 from blip3o.clip_encoder import build_clip_encoder
 from blip3o.config import FORMAT_VERSION, Blip3oConfig
 from blip3o.decoder import build_decoder
@@ -92,10 +94,16 @@ class Blip3o(nn.Module):
         `dtype` None keeps a native folder's stored dtypes and gives an official folder the original's
         (float16, the decoder bfloat16); a dtype casts every part. `clip_encoder_weights`: the EVA tower's
         safetensors for an official folder that lacks it.
+
+        Nothing in the folder is trusted: its configs are checked for types and bounds before anything is
+        built, the model's parameter count before a weight is read, and its files are read only when they
+        are regular files inside it (`blip3o.checkpoints`); a folder that fails raises a CheckpointError
+        naming the file and the field.
         """
-        folder = open_folder(directory, clip_encoder_weights=clip_encoder_weights)
+        folder = open_folder(directory, clip_encoder_weights=clip_encoder_weights)  # configs checked: limits.py
         with torch.device("meta"):
             model = cls(folder.config, tokenizer_dir=folder.tokenizer_dir)
+        check_parameters(model.num_parameters()["total"], where=str(directory))  # before a weight is read
         folder.fill(model)
         if dtype is None and folder.dtype is not None:  # before init_buffers: RoPE tables stay float32
             model.to(folder.dtype)
@@ -105,7 +113,9 @@ class Blip3o(nn.Module):
         return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES) -> Path:
-        """Write config.json, safetensors weights and the tokenizer, atomically."""
+        """Write config.json, safetensors weights and the tokenizer, atomically: into a temporary sibling that
+        replaces `directory` whole once every file is on disk (`blip3o.checkpoints.atomic`), so an existing
+        folder is never left half-replaced, whatever interrupts the save."""
         state = self.state_dict()
         meta = [k for k, v in state.items() if v.device.type == "meta"]
         if meta:
@@ -117,7 +127,7 @@ class Blip3o(nn.Module):
             checkpoints.save_weights(tmp, state, max_shard_bytes)
             self.backbone.save_tokenizer(tmp / "tokenizer")
 
-        return checkpoints.write_folder(directory, fill)
+        return write_folder(directory, fill)
 
     def init_buffers(self) -> None:
         for part in (self.backbone, self.dit, self.clip_encoder, self.decoder):

@@ -1,16 +1,20 @@
 """Checkpoint folders: safetensors shards + JSON, written atomically, read shard by shard.
 
 A folder is either whole or absent: everything is written into a sibling temporary folder
-which is renamed into place only after every file is flushed. A reader never sees a partial
-checkpoint, and an interrupted save leaves the previous one untouched.
+which is swapped into place only after every file is flushed (`blip3o.checkpoints.atomic`). A reader
+never sees a partial checkpoint, and an interrupted save leaves the previous one untouched.
+
+Reading trusts nothing in the folder: every file read is a regular file (a FIFO or a device named
+`model.safetensors` would block or never end), JSON files are size-capped objects, and a shard index
+names files inside the folder only. Configs are checked against `blip3o.checkpoints.limits` before
+anything is built.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,8 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+MAX_JSON_BYTES = 64 * 1024**2  # a config or shard index is kilobytes; larger files are refused unread
+HUB_CACHE_SNAPSHOTS = "snapshots"  # the hub cache's HUB/snapshots/REV folders link their files to HUB/blobs
 
 
 class CheckpointError(ValueError):
@@ -60,33 +66,6 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def write_folder(directory: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Create `directory` atomically: `fill(tmp)` writes into a temporary sibling, then rename.
-
-    An existing `directory` is replaced only after the new one is complete.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
 def save_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES):
     """Write `state` as one safetensors file, or shards plus an index when it is larger than a shard."""
     state = {k: v.detach().contiguous().cpu() for k, v in unique_tensors(state).items()}
@@ -103,17 +82,77 @@ def save_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_byte
 
 
 def weight_files(directory: str | Path) -> list[Path]:
-    """The safetensors files of a folder, in shard order (native or HF-Trainer layout)."""
+    """The safetensors files of a folder, in shard order (native or HF-Trainer layout); each a regular file
+    inside the folder."""
     directory = Path(directory)
-    if (directory / INDEX_NAME).exists():
-        index = json.loads((directory / INDEX_NAME).read_text())
-        return [directory / f for f in dict.fromkeys(index["weight_map"].values())]
-    if (directory / WEIGHTS_NAME).exists():
-        return [directory / WEIGHTS_NAME]
+    index = directory / INDEX_NAME
+    if os.path.lexists(index):
+        return indexed_files(directory, read_json(index))
+    if os.path.lexists(directory / WEIGHTS_NAME):
+        return [file_in_folder(directory, WEIGHTS_NAME, where=str(directory))]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no safetensors weights in {directory}")
-    return files
+    return [file_in_folder(directory, f.name, where=str(directory)) for f in files]
+
+
+def indexed_files(directory: Path, index: dict) -> list[Path]:
+    """The shard files a `model.safetensors.index.json` names, in order of first use; a malformed index, or one
+    naming a file outside the folder, is refused."""
+    where = str(directory / INDEX_NAME)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{where}: weight_map must be an object of tensor names to shard files, got "
+                              f"{_shown(weight_map)}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{where}: weight_map[{name!r}] is {_shown(shard)}; it must be a file name")
+    return [file_in_folder(directory, shard, where=where) for shard in dict.fromkeys(weight_map.values())]
+
+
+def file_in_folder(directory: Path, name: str, *, where: str) -> Path:
+    """`directory / name` when it is a regular file inside `directory` (links followed; in a folder of the hub's
+    cache, links into its blobs are inside); a CheckpointError otherwise."""
+    if not name or os.path.isabs(name):
+        raise CheckpointError(f"{where}: {name!r} is not a file name inside the folder")
+    path = directory / name
+    resolved, roots = path.resolve(), [directory.resolve()]
+    if roots[0].parent.name == HUB_CACHE_SNAPSHOTS:
+        roots.append(roots[0].parent.parent / "blobs")
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise CheckpointError(f"{where}: {name!r} resolves to {resolved}, outside the folder {directory}; a "
+                              "checkpoint reads only its own files")
+    return regular_file(path)
+
+
+def regular_file(path: Path) -> Path:
+    """`path` when it is a regular file (links followed); a CheckpointError for anything else: a FIFO, a socket
+    or a device would block the reader or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        broken = f" (a link to {os.readlink(path)})" if os.path.islink(path) else ""
+        raise CheckpointError(f"{path} does not exist{broken}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise CheckpointError(f"{path} is {kind}; refusing to read it")
+    return path
+
+
+def check_entries(folder: Path) -> None:
+    """Refuse a folder holding anything but regular files and folders (links followed): the libraries that
+    read a tokenizer or a diffusers model open files by name and would block on a FIFO."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = Path(entry.path)
+        if not path.is_dir():
+            regular_file(path)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -125,13 +164,21 @@ def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def read_json(path: str | Path) -> dict:
+    """A JSON object from a regular file of at most MAX_JSON_BYTES; a CheckpointError naming the file
+    otherwise."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path} does not exist: is this a blip3o checkpoint folder?")
+    size = regular_file(path).stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is {size:,} bytes; a config or index is at most {MAX_JSON_BYTES:,}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def load_into(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], *, where: str,

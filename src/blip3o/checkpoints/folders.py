@@ -17,6 +17,7 @@ from blip3o.checkpoints import (
     CONFIG_NAME,
     CheckpointError,
     ModelFolder,
+    check_entries,
     iter_tensors,
     load_into,
     official,
@@ -29,11 +30,13 @@ from blip3o.config import FORMAT_VERSION, Blip3oConfig
 
 def open_folder(directory: str | Path, *, clip_encoder_weights: str | Path | None = None) -> ModelFolder:
     """The folder's config and how to fill a model from it, for a native, an official BLIP3-o or a stock
-    Qwen2.5-VL folder."""
+    Qwen2.5-VL folder. Its config is checked (types and bounds) and every entry of the folder must be a
+    regular file or a folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a folder")
     raw = read_json(directory / CONFIG_NAME)
+    check_entries(directory)
     if "format_version" in raw:
         if clip_encoder_weights is not None:
             raise CheckpointError(f"{directory} is a blip3o folder: clip_encoder_weights applies to official ones")
@@ -57,7 +60,7 @@ def native_folder(directory: Path, raw: dict) -> ModelFolder:
         raise CheckpointError(
             f"{directory} has format_version {raw.get('format_version')!r}; this blip3o reads {FORMAT_VERSION}"
         )
-    config = Blip3oConfig.from_dict(raw)
+    config = Blip3oConfig.from_dict(raw, where=str(directory / CONFIG_NAME))
 
     def fill(model: nn.Module) -> None:
         state = model.state_dict()
@@ -67,4 +70,6 @@ def native_folder(directory: Path, raw: dict) -> ModelFolder:
 
     # the builtin tokenizer (debug, nano) is part of the package; others travel with the weights
     tokenizer_dir = None if config.backbone.tokenizer == "builtin" else directory / "tokenizer"
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        check_entries(tokenizer_dir)
     return ModelFolder(config, tokenizer_dir, fill)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,12 +52,16 @@ import torch
 from safetensors import safe_open
 
 from blip3o.checkpoints import (
+    CONFIG_NAME,
     CheckpointError,
     ModelFolder,
+    check_entries,
     iter_tensors,
     load_into,
+    read_json,
     weight_files,
 )
+from blip3o.checkpoints.limits import MAX_TIMESTEPS, MODEL_BOUNDS, Bound, check_value
 from blip3o.clip_encoder import CLIP_ENCODER_PRESETS, OFFICIAL_PREFIX, EvaClipConfig
 from blip3o.config import Blip3oConfig
 from blip3o.presets import get_preset
@@ -64,6 +69,34 @@ from blip3o.presets import get_preset
 # `model_type` of the training (blip3o_qwen.py) and inference (blip3o_qwen_inference.py) configs.
 OFFICIAL_MODEL_TYPES = ("blip3o_qwen", "blip3o_qwen_inference")
 DECODER_FOLDER = "diffusion-decoder"
+# What diffusers builds the decoder from, checked before it builds: each file's size fields, named as there,
+# with the bounds of the SdxlUnetDecoderConfig field they become
+DECODER_CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
+    "unet": ("config.json", {
+        "cross_attention_dim": "token_width", "block_out_channels": "block_out_channels",
+        "layers_per_block": "layers_per_block", "transformer_layers_per_block": "transformer_layers_per_block",
+        "attention_head_dim": "attention_head_dim", "norm_num_groups": "norm_num_groups",
+        "addition_time_embed_dim": "addition_time_embed_dim", "in_channels": "latent_channels",
+        "out_channels": "latent_channels", "sample_size": "sample_size"}),
+    "vae": ("config.json", {
+        "block_out_channels": "vae_block_out_channels", "layers_per_block": "vae_layers_per_block",
+        "norm_num_groups": "vae_norm_num_groups", "latent_channels": "latent_channels",
+        "sample_size": "default_size"}),
+}
+SCHEDULER_CONFIG = "scheduler_config.json"
+# Where a Qwen2.5-VL config.json holds each BackboneConfig field: the text fields (flat in transformers 4.x,
+# under text_config in 5), vision_config, or the RoPE's rope_scaling / rope_parameters
+QWEN_FIELDS: dict[str, tuple[str, str]] = {
+    "hidden_size": ("text", "hidden_size"), "num_layers": ("text", "num_hidden_layers"),
+    "num_heads": ("text", "num_attention_heads"), "num_kv_heads": ("text", "num_key_value_heads"),
+    "intermediate_size": ("text", "intermediate_size"), "rms_norm_eps": ("text", "rms_norm_eps"),
+    "max_position_embeddings": ("text", "max_position_embeddings"), "mrope_section": ("rope", "mrope_section"),
+    "vision_depth": ("vision", "depth"), "vision_hidden_size": ("vision", "hidden_size"),
+    "vision_num_heads": ("vision", "num_heads"), "vision_intermediate_size": ("vision", "intermediate_size"),
+    "patch_size": ("vision", "patch_size"), "spatial_merge_size": ("vision", "spatial_merge_size"),
+    "temporal_patch_size": ("vision", "temporal_patch_size"), "window_size": ("vision", "window_size"),
+    "fullatt_block_indexes": ("vision", "fullatt_block_indexes"),
+}
 EVA_HEAD_WIDTH = 112  # eva-clip-E-14-plus.json: head_width; the tensors do not show the head count
 EVA_ROOTS = ("patch_embed", "cls_token", "pos_embed", "blocks")
 
@@ -160,31 +193,52 @@ def _require(shapes: dict, name: str, where: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def backbone_config(raw: dict, base, vocab_size: int):
-    """BackboneConfig from the official (transformers 4.51, flat) or newer (nested) Qwen2.5-VL fields."""
-    text = {**raw, **(raw.get("text_config") or {})}
-    vision = raw.get("vision_config") or {}
-    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    fields = dict(
-        hidden_size=text.get("hidden_size"), num_layers=text.get("num_hidden_layers"),
-        num_heads=text.get("num_attention_heads"), num_kv_heads=text.get("num_key_value_heads"),
-        intermediate_size=text.get("intermediate_size"), vocab_size=vocab_size,
-        rope_theta=text.get("rope_theta", rope.get("rope_theta")), rms_norm_eps=text.get("rms_norm_eps"),
-        tie_word_embeddings=raw.get("tie_word_embeddings", text.get("tie_word_embeddings")),
-        max_position_embeddings=text.get("max_position_embeddings"), mrope_section=rope.get("mrope_section"),
-        vision_depth=vision.get("depth"), vision_hidden_size=vision.get("hidden_size"),
-        vision_num_heads=vision.get("num_heads"), vision_intermediate_size=vision.get("intermediate_size"),
-        patch_size=vision.get("patch_size"), spatial_merge_size=vision.get("spatial_merge_size"),
-        temporal_patch_size=vision.get("temporal_patch_size"), window_size=vision.get("window_size"),
-        fullatt_block_indexes=vision.get("fullatt_block_indexes"),
-    )
+def backbone_config(raw: dict, base, vocab_size: int, *, where: str = CONFIG_NAME):
+    """BackboneConfig from the official (transformers 4.51, flat) or newer (nested) Qwen2.5-VL fields of a
+    config.json (`where` names it); every field is checked for its type and bounds before it is used."""
+    sections = _qwen_sections(raw, where)
+    found = {}
+    for name, (section, key) in QWEN_FIELDS.items():
+        shown = key if section == "text" else f"{_SECTION_NAMES[section]}.{key}"
+        found[name] = (shown, sections[section].get(key))
+    text, rope = sections["text"], sections["rope"]
+    found["rope_theta"] = ("rope_theta", text.get("rope_theta", rope.get("rope_theta")))
+    found["tie_word_embeddings"] = ("tie_word_embeddings", raw.get("tie_word_embeddings",
+                                                                   text.get("tie_word_embeddings")))
+    found["vocab_size"] = ("vocab_size (rows of embed_tokens)", vocab_size)
+    hints = typing.get_type_hints(type(base))
+    for name, (shown, value) in found.items():
+        if value is not None:
+            check_value(shown, value, hints[name], MODEL_BOUNDS.get(name), where=f"{where}: ")
+    fields = {name: value for name, (_, value) in found.items()}
     if fields["hidden_size"] is None or fields["num_layers"] is None:
-        raise CheckpointError("official config.json lacks the Qwen2.5-VL fields hidden_size / num_hidden_layers")
-    out_hidden = vision.get("out_hidden_size", fields["hidden_size"])
+        raise CheckpointError(f"{where} lacks the Qwen2.5-VL fields hidden_size / num_hidden_layers")
+    out_hidden = sections["vision"].get("out_hidden_size", fields["hidden_size"])
     if out_hidden != fields["hidden_size"]:
-        raise CheckpointError(f"vision_config.out_hidden_size {out_hidden} != hidden_size {fields['hidden_size']}")
+        raise CheckpointError(f"{where}: vision_config.out_hidden_size {out_hidden!r} != hidden_size "
+                              f"{fields['hidden_size']}")
     # Fields the config leaves out keep the preset's (Qwen2.5-VL) values.
-    return dataclasses.replace(base, **{k: v for k, v in fields.items() if v is not None}, tokenizer="checkpoint")
+    try:
+        return dataclasses.replace(base, **{k: v for k, v in fields.items() if v is not None}, tokenizer="checkpoint")
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+_SECTION_NAMES = {"vision": "vision_config", "rope": "rope_scaling"}
+
+
+def _qwen_sections(raw: dict, where: str) -> dict[str, dict]:
+    """The text, vision and RoPE fields of a Qwen2.5-VL config.json, each section an object."""
+    text_config = raw.get("text_config") or {}
+    if not isinstance(text_config, dict):
+        raise CheckpointError(f"{where}: text_config must be an object, got {text_config!r}")
+    text = {**raw, **text_config}
+    sections = {"text": text, "vision": raw.get("vision_config") or {},
+                "rope": text.get("rope_scaling") or text.get("rope_parameters") or {}}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise CheckpointError(f"{where}: {_SECTION_NAMES[name]} must be an object, got {section!r}")
+    return sections
 
 
 def _dit_config(dit: dict[str, tuple[int, ...]], base, grid_size: int, where: str):
@@ -254,7 +308,8 @@ def _config(raw: dict, shapes: dict, decoder_config, eva_shapes: dict | None, wh
     eva = _section(shapes, "clip_encoder.") or eva_shapes
     clip = _eva_config(eva, _pool(raw), where) if eva else _random_eva_config(raw, dit.in_channels, where)
     return dataclasses.replace(
-        base, backbone=backbone_config(raw, base.backbone, vocab), dit=dit, clip_encoder=clip,
+        base, backbone=backbone_config(raw, base.backbone, vocab, where=f"{where}/{CONFIG_NAME}"), dit=dit,
+        clip_encoder=clip,
         decoder=decoder_config, num_queries=num_queries, train_layout="closed_turn", train_timesteps="scheduler_grid",
         extra={"converted_from": "official BLIP3-o", "official_variant": variant or "custom",
                "official_model_type": raw.get("model_type"), "gen_vision_tower": raw.get("gen_vision_tower")},
@@ -279,11 +334,30 @@ def _decoder(directory: Path):
     folder = directory / DECODER_FOLDER
     if not (folder / "unet").is_dir():
         raise CheckpointError(f"official BLIP3-o folder {directory} has no {DECODER_FOLDER}/unet")
+    check_decoder_configs(folder)
     # Released folders hold only `diffusion_pytorch_model.bf16.safetensors`: find the variant.
     variants = [p.name.split(".")[1] for p in (folder / "unet").glob("diffusion_pytorch_model.*.safetensors")]
     has_plain = (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     return SdxlUnetDecoder.from_diffusers_folder(folder, variant=None if has_plain or not variants else variants[0],
                                                  torch_dtype=None)
+
+
+def check_decoder_configs(folder: Path) -> None:
+    """Check a diffusers decoder folder before diffusers reads it: its subfolders hold regular files only, and
+    the size fields of the UNet's and VAE's config.json and the scheduler's training timesteps are of the right
+    type and within bounds (`blip3o.checkpoints.limits`)."""
+    for part, (name, fields) in DECODER_CONFIGS.items():
+        check_entries(folder / part)
+        raw = read_json(folder / part / name)
+        for key, ours in fields.items():
+            if raw.get(key) is not None:
+                check_value(key, raw[key], int | list[int], MODEL_BOUNDS[ours], where=f"{folder / part / name}: ")
+    if (folder / "scheduler").is_dir():
+        check_entries(folder / "scheduler")
+        path = folder / "scheduler" / SCHEDULER_CONFIG
+        steps = read_json(path).get("num_train_timesteps")
+        if steps is not None:
+            check_value("num_train_timesteps", steps, int, Bound(1, MAX_TIMESTEPS), where=f"{path}: ")
 
 
 def _official_tensors(directory: Path, skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -315,7 +389,12 @@ def official_folder(directory: Path, raw: dict, *, clip_encoder_weights: str | P
     eva_path = Path(clip_encoder_weights) if clip_encoder_weights is not None else None
     eva_shapes = None if eva_path is None else {_eva_suffix(k) or k: v for k, v in tensor_shapes(eva_path).items()}
     decoder = _decoder(directory)
-    config = _config(raw, shapes, decoder.config, eva_shapes, where)
+    try:
+        config = _config(raw, shapes, decoder.config, eva_shapes, where)
+    except CheckpointError:
+        raise
+    except (ValueError, ArithmeticError) as e:  # numbers the tensor shapes give, refused by the configs
+        raise CheckpointError(f"official BLIP3-o folder {where}: {e}") from None
     eva_in_folder = any(k.startswith("clip_encoder.") for k in shapes)
 
     def fill(model: torch.nn.Module) -> None:

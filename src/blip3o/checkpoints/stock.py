@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip3o.checkpoints import CheckpointError, ModelFolder, iter_tensors, load_into
+from blip3o.checkpoints import CONFIG_NAME, CheckpointError, ModelFolder, iter_tensors, load_into
 from blip3o.checkpoints.official import backbone_config, tensor_shapes
 from blip3o.config import Blip3oConfig
 from blip3o.presets import get_preset
@@ -59,13 +59,16 @@ def stock_config(raw: dict, shapes: dict[str, tuple[int, ...]], where: str) -> B
     embed = "backbone.model.model.language_model.embed_tokens.weight"
     if embed not in shapes:
         raise CheckpointError(f"Qwen2.5-VL folder {where} has no {embed.removeprefix('backbone.model.')}")
-    backbone = backbone_config(raw, get_preset("blip3o-8b").backbone, shapes[embed][0])
+    backbone = backbone_config(raw, get_preset("blip3o-8b").backbone, shapes[embed][0], where=f"{where}/{CONFIG_NAME}")
     placeholder = get_preset("nano")
-    return dataclasses.replace(
-        placeholder, backbone=dataclasses.replace(backbone, generates=False),
-        dit=dataclasses.replace(placeholder.dit, cond_size=backbone.hidden_size),
-        extra={"converted_from": "stock Qwen2.5-VL", "model_type": raw.get("model_type")},
-    )
+    try:
+        return dataclasses.replace(
+            placeholder, backbone=dataclasses.replace(backbone, generates=False),
+            dit=dataclasses.replace(placeholder.dit, cond_size=backbone.hidden_size),
+            extra={"converted_from": "stock Qwen2.5-VL", "model_type": raw.get("model_type")},
+        )
+    except ValueError as e:
+        raise CheckpointError(f"Qwen2.5-VL folder {where}: {e}") from None
 
 
 def stock_folder(directory: Path, raw: dict) -> ModelFolder:

@@ -4,6 +4,7 @@ A TrainConfig's `stage_options` dict becomes these dataclasses. A key that no da
 declares, and a value of the wrong kind, are refused with a ValueError naming the option:
 
     stage option prompt_share must be a share in [0, 1], got 1.5
+    stage option dit_steps must be an integer >= 1 and at most 10000, got 1000000000
     stage option draws is not an option of the generation stage; its options: condition_drop, ...
 """
 
@@ -14,6 +15,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from blip3o.checkpoints.limits import MAX_STEPS
 
 
 def _is_number(value: Any) -> bool:
@@ -40,10 +43,10 @@ def share(default: float | None = None) -> Any:
                    or (_is_number(v) and 0.0 <= v <= 1.0), lambda v: v if v is None else float(v))
 
 
-def count(default: int, minimum: int = 0) -> Any:
-    """An integer >= minimum (bools are refused)."""
-    return _option(default, f"an integer >= {minimum}",
-                   lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum, int)
+def count(default: int, minimum: int = 0, maximum: int = MAX_STEPS) -> Any:
+    """An integer in [minimum, maximum] (bools are refused); the default maximum is a sampling step count's."""
+    return _option(default, f"an integer >= {minimum} and at most {maximum}",
+                   lambda v: isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum, int)
 
 
 def flag(default: bool = False) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pickle
 import random
 import time
@@ -23,6 +24,8 @@ from tqdm import tqdm
 
 from blip3o import checkpoints
 from blip3o.allocator import keep_freed_memory
+from blip3o.checkpoints import resumable
+from blip3o.checkpoints.limits import TRAIN_BOUNDS, check_fields
 from blip3o.distributed import World, all_mean, average_gradients, barrier, init_world
 from blip3o.model import Blip3o
 from blip3o.train.stages import STAGES, Stage
@@ -30,12 +33,15 @@ from blip3o.train.stages import STAGES, Stage
 STATE_NAME = "trainer_state.pt"
 # fields that may change between a run and its resume without changing what is computed
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
+PRECISIONS = ("auto", "fp32", "bf16")  # TrainConfig.precision
+STATE_KEYS = ("step", "seconds", "params", "ema", "optimizer", "scheduler", "rng", "identity")  # of trainer_state.pt
 
 
 @dataclass
 class TrainConfig:
-    """One stage's run: what it starts from, its data, its optimiser and its stage options. The stage name and
-    its options are checked on construction (ValueError naming the option)."""
+    """One stage's run: what it starts from, its data, its optimiser and its stage options. Every field is
+    checked on construction, its type and bounds (`blip3o.checkpoints.limits.TRAIN_BOUNDS`), the stage name and
+    its options too (ValueError naming the field or option)."""
 
     stage: str  # clip | understanding | decoder | generation
     # what the stage starts from: "random:PRESET" (the preset's architecture, fresh random weights), "PRESET"
@@ -61,6 +67,15 @@ class TrainConfig:
     stage_options: dict = field(default_factory=dict)  # the stage's options (blip3o.train.stages)
 
     def __post_init__(self) -> None:
+        check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                     bounds=TRAIN_BOUNDS, error=ValueError)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device {self.device!r} is not auto or a torch device (cpu, cuda, cuda:1)") from None
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
         STAGES[self.stage].parse_options(self.stage_options)  # refuses unknown options and bad values
@@ -160,14 +175,21 @@ def set_global_rng_state(state: dict) -> None:
 
 def load_state(path: Path) -> dict:
     """A trainer_state.pt, read with weights_only=True: tensors, numbers, strings, lists and dicts only, so a
-    crafted file cannot run code; one that holds anything else is refused with a checkpoints.CheckpointError."""
+    crafted file cannot run code; one that is not a regular file, holds anything else or lacks a part of the
+    state is refused with a checkpoints.CheckpointError."""
+    checkpoints.regular_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise checkpoints.CheckpointError(
             f"refusing to load {path}: it holds objects a trainer checkpoint never holds (only tensors, numbers, "
             f"strings, lists and dicts are read): {reason}. Delete it or use another out_dir") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise checkpoints.CheckpointError(f"{path} is not a trainer checkpoint: it lacks {', '.join(missing)}. "
+                                          "Delete it or use another out_dir")
+    return state
 
 
 class Trainer:
@@ -226,17 +248,24 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Rank 0 writes checkpoint/ atomically; the others wait, so all resume from the same step."""
+        """Rank 0 writes checkpoint/ (`blip3o.checkpoints.resumable`: a crash at any moment leaves a complete
+        one); the others wait, so all resume from the same step."""
         if self.world.is_main:
             state = self.state_dict()
-            checkpoints.write_folder(self.out / "checkpoint", lambda tmp: torch.save(state, tmp / STATE_NAME))
+            resumable.save(self.out, self.step, lambda tmp: torch.save(state, tmp / STATE_NAME))
         barrier(self.world)
 
     def resume(self) -> bool:
-        """Continue from out_dir/checkpoint if it exists; refuse one written for another config."""
-        path = self.out / "checkpoint" / STATE_NAME
-        if not path.exists():
+        """Continue from out_dir/checkpoint if there is one, after rank 0 recovered the newest complete checkpoint
+        an interrupted save left (saying so); refuse one written for another config."""
+        if self.world.is_main:
+            for note in resumable.recover(self.out):
+                print(note, flush=True)
+        barrier(self.world)
+        folder = self.out / resumable.NAME
+        if not os.path.lexists(folder):
             return False
+        path = folder / STATE_NAME
         state = load_state(path)
         mine, theirs = self._comparable(), state["identity"]
         if mine != theirs:
