@@ -8,6 +8,9 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 # diffusers is pinned: the DiT parity test compares against its Lumina-Next (<=0.32 has the 2/3 FFN).
 DIFFUSERS_SPEC ?= diffusers==0.32.2
+# lmms-eval runs the plugin's test: installed without its requirements (they would replace the CPU torch), then
+# what it imports; its evaluator needs filelock 3
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
 
 .PHONY: install demo serve test lint clean
 
@@ -16,6 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "$(DIFFUSERS_SPEC)" -e ".[test]"
+	$(PIP) install -q --no-deps "$(LMMS_EVAL_SPEC)" accelerate
+	$(PIP) install -q loguru datasets evaluate sacrebleu pytablewriter tenacity jsonlines psutil "filelock<4"
 	$(PY) -c "import torch, transformers, diffusers, blip3o; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
 	touch $@
 
