@@ -10,6 +10,7 @@ from blip3o.cli.table import CommandTable
 # Modules whose `register(table)` adds commands: the generic ones, then the Shapes world's data, recipe and
 # evaluation (targets of the `data`, `train` and `eval` groups), and the benchmark scorers (`eval score`).
 COMMAND_MODULES = ("blip3o.cli.commands", "blip3o.shapes.commands", "blip3o.evals.score.commands",
+                   "blip3o.evals.run.commands",  # the benchmark runners (`eval geneval`, `eval mme`, ...)
                    "blip3o.data.commands")
 
 DESCRIPTION = "BLIP3-o: understand and generate images."
