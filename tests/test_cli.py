@@ -344,3 +344,328 @@ def test_serve_command_answers_until_interrupted(tmp_path):
         output = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, output
     assert f"http://127.0.0.1:{port}/" in output
+
+
+# ------------------------------------------------------------------ numbers, paths and devices, refused first
+
+ORIGINAL = {name: getattr(Blip3o, name) for name in ("generate", "answer", "reconstruct")}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any model load, training run or shard writing fails the test: a refusal must come before them."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started")
+
+    for target in ("blip3o.cli.models.load_model", "blip3o.cli.commands.load_model", "blip3o.train.recipe.train_nano",
+                   "blip3o.shapes.data.write_shards"):
+        monkeypatch.setattr(target, forbidden)
+
+
+OUT_OF_RANGE = [
+    (["generate", "a circle", "--guidance", "nan"], "--guidance nan is not in [0, 100]"),
+    (["generate", "a circle", "--guidance", "inf"], "--guidance inf is not in [0, 100]"),
+    (["generate", "a circle", "--guidance", "-5"], "--guidance -5.0 is not in [0, 100]"),
+    (["generate", "a circle", "--steps", "0"], "--steps must be positive and at most 1,000, got 0"),
+    (["generate", "a circle", "--sampler", "stochastic", "--eta", "nan"], "--eta nan is not in [0, 1]"),
+    (["generate", "a circle", "--num-images", "100000"], "--num-images must be positive and at most 10,000"),
+    (["generate", "a circle", "--batch-size", "0"], "--batch-size must be positive and at most 1,024"),
+    (["generate", "a circle", "--seed", "-1"], "--seed -1 is not in [0, 2**64 - 1]"),
+    (["generate", "a circle", "--seed", str(2**64)], "--seed 18446744073709551616 is not in [0, 2**64 - 1]"),
+    (["generate", "a circle", "--size", "0"], "--size 0: each side must be positive"),
+    (["generate", "a circle", "--size", "100000x100000"], "the image at most 67,108,864 pixels"),
+    (["ask", "x.png", "what?", "--max-new-tokens", "0"], "--max-new-tokens must be positive and at most 32,768"),
+    (["ask", "x.png", "what?", "--min-pixels", "-1"], "--min-pixels must be positive"),
+    (["ask", "--questions-file", "q.jsonl", "--batch-size", "0"], "--batch-size must be positive"),
+    (["chat", "--temperature", "-1"], "--temperature -1.0 is not in [0, 100]"),
+    (["chat", "--temperature", "nan"], "--temperature nan is not in [0, 100]"),
+    (["chat", "--temperature", "1", "--seed", "-2"], "--seed -2 is not in [0, 2**64 - 1]"),
+    (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["chat", "--max-pixels", "0"], "--max-pixels must be positive"),
+    (["reconstruct", "x.png", "--seed", "-1"], "--seed -1 is not in"),
+    (["demo", "--seed", "-1"], "--seed -1 is not in"),
+    (["eval", "shapes", "--per-tag", "0"], "--per-tag must be positive"),
+    (["eval", "shapes", "--num-scenes", "-1"], "--num-scenes must be positive"),
+    (["eval", "shapes", "--num-images", "1000"], "--num-images must be positive and at most 64"),
+    (["eval", "shapes", "--guidance", "inf"], "--guidance inf is not in [0, 100]"),
+    (["train", "nano", "--scale", "0"], "--scale 0.0 is not in (0, 100]"),
+    (["train", "nano", "--scale", "nan"], "--scale nan is not in (0, 100]"),
+    (["train", "nano", "--num-samples", "0"], "--num-samples must be positive"),
+    (["train", "nano", "--seed", "-1"], "--seed -1 is not in"),
+    (["train", "nano", "--steps", "clip=0"], "expected STAGE=STEPS with a whole number from 1 to 10,000,000"),
+    (["data", "shapes", "--out", "d", "--num", "0"], "--num must be positive"),
+    (["data", "shapes", "--out", "d", "--shard-size", "-4"], "--shard-size must be positive"),
+    (["data", "shapes", "--out", "d", "--prompt-first", "nan"], "prompt_first must be a share in [0, 1], got nan"),
+    (["data", "shapes", "--out", "d", "--canonical", "0.5", "--canonical-jitter", "9"],
+     "--canonical-jitter 9 is not in [0, 3]"),
+    (["data", "shapes", "--out", "d", "--tag-weights", "position=inf"], "a weight is a number from 0 to 1e6"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
+def test_numeric_flags_out_of_range_exit_2_naming_flag_and_range_before_any_work(args, expected, no_work, tmp_path,
+                                                                                monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert expected in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_paths_and_devices_exit_2_before_any_work(no_work, tmp_path, image_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (8200, 8200)).save(bomb)  # 67,240,000 pixels declared in a small file
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": str(image_path), "question": "what?"}) + "\n")
+    cases = [
+        (["generate", "a circle", "--outdir", str(file)], f"--outdir {file} is not a folder"),
+        (["generate", "a circle", "--outdir", str(file / "sub")], f"--outdir {file / 'sub'}: {file} is not a folder"),
+        (["generate", "--prompts-file", str(tmp_path)], "not a regular file"),
+        (["generate", "--prompts-file", str(fifo)], "not a regular file"),
+        (["generate", "--prompts-file", str(latin)], "latin.jsonl: not UTF-8 text (byte 15)"),
+        (["generate", "a circle", "  "], "PROMPT 2 is empty"),
+        (["generate", "a circle", "--device", "bogus"], "'bogus' is not a device"),
+        (["info", "--device", "meta"], "'meta': a model runs on cpu, cuda, mps"),
+        (["train", "nano", "--device", "bogus"], "'bogus' is not a device"),
+        (["ask", str(fifo), "what?"], "is not a regular file"),
+        (["ask", str(bomb), "what?"], "is 8200x8200 = 67,240,000 pixels; the limit is 67,108,864"),
+        (["ask", str(image_path), " "], "QUESTION is empty"),
+        (["ask", "--questions-file", str(questions), "--out", str(tmp_path)], "is a folder; give a file name"),
+        (["chat", "--image", str(bomb)], "the limit is 67,108,864"),
+        (["reconstruct", str(image_path), "--outdir", str(file)], "is not a folder"),
+        (["demo", "--outdir", str(file)], "is not a folder"),
+        (["demo", "--prompt", ""], "--prompt is empty"),
+        (["eval", "shapes", "--out", str(file)], "is not a folder"),
+        (["train", "nano", "--out", str(file)], "is not a folder"),
+        (["data", "shapes", "--out", str(file)], "is not a folder"),
+        (["convert", str(tmp_path), str(file)], "OUT"),
+        (["train", "clip", "--config", str(tmp_path)], "not a regular file"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(["generate", "a circle", "--device", "cuda"], "no CUDA device is available"),
+                  (["generate", "a circle", "--offload"], "--offload moves each part to --device, cuda by default")]
+    for args, expected in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert expected in err, (args, err)
+
+
+def test_an_image_the_processor_refuses_is_bad_input(checkpoint, tmp_path, capsys):
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (8, 2000)).save(thin)  # past the processor's aspect ratio of 200
+    assert main(["ask", "--model", str(checkpoint), str(thin), "what?"]) == 2
+    assert f"IMAGE {thin}: absolute aspect ratio must be smaller than 200" in capsys.readouterr().err
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": str(thin), "question": "what?"}) + "\n")
+    assert main(["ask", "--model", str(checkpoint), "--questions-file", str(questions), "--out",
+                 str(tmp_path / "a.jsonl")]) == 2
+    assert "q.jsonl: records 1..1: absolute aspect ratio" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+# ------------------------------------------------------------------ generate in batches
+
+
+def written(folder: Path) -> list[str]:
+    """Every file under `folder` (temporaries included), as sorted relative paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def spy_generate(monkeypatch) -> list[tuple[int, int]]:
+    """Record each Blip3o.generate call as (prompts, images per prompt)."""
+    calls = []
+
+    def generate(self, prompts, **kwargs):
+        calls.append((len(prompts), kwargs["num_images"]))
+        return ORIGINAL["generate"](self, prompts, **kwargs)
+
+    monkeypatch.setattr(Blip3o, "generate", generate)
+    return calls
+
+
+def test_generate_calls_hold_at_most_batch_size_images_and_a_seed_gives_them_again(checkpoint, tmp_path,
+                                                                                   monkeypatch):
+    calls = spy_generate(monkeypatch)
+    args = ["generate", "--model", str(checkpoint), "a red circle", "--seed", "3"]
+    many = tmp_path / "many"
+    assert main([*args, "--num-images", "17", "--batch-size", "8", "--outdir", str(many)]) == 0
+    assert calls == [(1, 8), (1, 8), (1, 1)]
+    assert written(many) == [f"{i:04d}.png" for i in range(17)] + ["grid.png"]
+    assert Image.open(many / "grid.png").size == (4 * 32, 4 * 32)  # the first 16, 4 a row
+    assert main([*args, "--num-images", "17", "--batch-size", "8", "--outdir", str(tmp_path / "again")]) == 0
+    assert all(same_pixels(many / name, tmp_path / "again" / name) for name in written(many))
+    # up to the batch size a prompt's images come from one call: those of the library's generate for the seed
+    eight = tmp_path / "eight"
+    assert main([*args, "--num-images", "8", "--outdir", str(eight)]) == 0
+    assert calls[-1] == (1, 8)
+    want = ORIGINAL["generate"](Blip3o.from_pretrained(checkpoint), ["a red circle"], num_images=8, seed=3)
+    assert [Image.open(eight / f"{i:04d}.png").tobytes() for i in range(8)] == [im.tobytes() for im in want]
+    assert all(same_pixels(many / f"{i:04d}.png", eight / f"{i:04d}.png") for i in range(8))  # the first batch
+
+
+def test_generate_prompts_file_shares_calls_by_images_and_splits_a_prompt_past_the_batch(checkpoint, tmp_path,
+                                                                                         monkeypatch):
+    calls = spy_generate(monkeypatch)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a red circle", "a blue square",
+                                                                          "a green circle")))
+    args = ["generate", "--model", str(checkpoint), "--prompts-file", str(prompts), "--seed", "3"]
+    assert main([*args, "--num-images", "2", "--batch-size", "4", "--outdir", str(tmp_path / "shared")]) == 0
+    assert calls == [(2, 2), (1, 2)]
+    calls.clear()
+    split = tmp_path / "split"
+    assert main([*args, "--num-images", "3", "--batch-size", "2", "--outdir", str(split)]) == 0
+    assert calls == [(1, 2), (1, 1)] * 3
+    assert written(split / "00002") == ["grid.png", "metadata.jsonl", "samples/0000.png", "samples/0001.png",
+                                        "samples/0002.png"]
+    single = tmp_path / "single"  # a folder holds what the one-prompt command makes with the same flags
+    assert main(["generate", "--model", str(checkpoint), "a green circle", "--seed", "3", "--num-images", "3",
+                 "--batch-size", "2", "--outdir", str(single)]) == 0
+    for i in range(3):
+        assert same_pixels(split / "00002" / "samples" / f"{i:04d}.png", single / f"{i:04d}.png")
+
+
+# ------------------------------------------------------------------ Ctrl-C: whole files, and a word of what was written
+
+
+def interrupt_call(monkeypatch, method: str, n: int) -> None:
+    """Blip3o.METHOD raises KeyboardInterrupt (Ctrl-C) on its n-th call."""
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return ORIGINAL[method](self, *args, **kwargs)
+
+    monkeypatch.setattr(Blip3o, method, interrupted)
+
+
+def test_ctrl_c_in_generate_keeps_whole_images_and_says_how_many(checkpoint, tmp_path, monkeypatch, capsys):
+    interrupt_call(monkeypatch, "generate", 2)
+    out = tmp_path / "one"
+    assert main(["generate", "--model", str(checkpoint), "a red circle", "--num-images", "3", "--batch-size", "2",
+                 "--outdir", str(out)]) == 130
+    assert written(out) == ["0000.png", "0001.png"]
+    assert capsys.readouterr().err.strip() == (f"blip3o generate: interrupted: 2 of 3 images written to {out}/; the "
+                                               f"rest and grid.png are not written")
+
+
+def test_ctrl_c_while_a_png_is_written_leaves_none_of_it(checkpoint, tmp_path, monkeypatch, capsys):
+    save = Image.Image.save
+    saves = []
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        saves.append(fp)
+        if len(saves) == 2:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n")  # a file's first bytes, then Ctrl-C
+            raise KeyboardInterrupt
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(checkpoint), "a red circle", "--num-images", "3", "--outdir",
+                 str(out)]) == 130
+    assert written(out) == ["0000.png"]
+    Image.open(out / "0000.png").load()  # whole
+    assert "interrupted: 1 of 3 images written" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_geneval_layout_leaves_each_prompt_folder_whole_or_absent(checkpoint, tmp_path, monkeypatch,
+                                                                             capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "i": i}) + "\n" for i, p in enumerate(["a red circle"] * 3)))
+    args = ["generate", "--model", str(checkpoint), "--prompts-file", str(prompts), "--batch-size", "2"]
+    interrupt_call(monkeypatch, "generate", 2)  # one prompt a call: the second prompt's
+    out = tmp_path / "geneval"
+    assert main([*args, "--num-images", "2", "--outdir", str(out)]) == 130
+    assert written(out) == ["00000/grid.png", "00000/metadata.jsonl", "00000/samples/0000.png",
+                            "00000/samples/0001.png"]
+    assert json.loads((out / "00000" / "metadata.jsonl").read_text()) == {"prompt": "a red circle", "i": 0}
+    assert f"interrupted: 1 of 3 prompts written to {out}/; the rest is not written" in capsys.readouterr().err
+    interrupt_call(monkeypatch, "generate", 2)  # three images a prompt, two a call: inside the first prompt
+    out = tmp_path / "split"
+    assert main([*args, "--num-images", "3", "--outdir", str(out)]) == 130
+    assert written(out) == []
+    assert "interrupted: 0 of 3 prompts written" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_ask_leaves_answers_file_as_it_was(checkpoint, image_path, tmp_path, monkeypatch, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"image": str(image_path), "question": q}) + "\n" for q in "abc"))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("an earlier run's answers\n")
+    interrupt_call(monkeypatch, "answer", 2)
+    assert main(["ask", "--model", str(checkpoint), "--questions-file", str(questions), "--out", str(answers),
+                 "--batch-size", "1", "--max-new-tokens", "2"]) == 130
+    assert answers.read_text() == "an earlier run's answers\n"
+    assert written(tmp_path) == ["answers.jsonl", "q.jsonl"]
+    assert (f"interrupted: 1 of 3 questions answered; {answers} is not written (it is written whole at the end)"
+            in capsys.readouterr().err)
+
+
+def test_ctrl_c_in_reconstruct_demo_and_eval_says_what_was_written(checkpoint, image_path, tmp_path, monkeypatch,
+                                                                   capsys):
+    interrupt_call(monkeypatch, "reconstruct", 2)
+    out = tmp_path / "rec"
+    assert main(["reconstruct", "--model", str(checkpoint), str(image_path), str(image_path), str(image_path),
+                 "--outdir", str(out)]) == 130
+    assert written(out) == ["circle_reconstructed.png"]
+    assert f"interrupted: 1 of 3 images reconstructed in {out}/" in capsys.readouterr().err
+    interrupt_call(monkeypatch, "answer", 1)
+    demo = tmp_path / "demo"
+    assert main(["demo", "--model", str(checkpoint), "--outdir", str(demo)]) == 130
+    assert written(demo) == ["generated.png"]
+    assert f"interrupted: {demo / 'generated.png'} is written; the answer is not" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("blip3o.shapes.evaluate.evaluate_generation", interrupted)
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "results.json").write_text("{}")
+    assert main(["eval", "shapes", "--model", str(checkpoint), "--out", str(ev)]) == 130
+    assert written(ev) == ["results.json"] and (ev / "results.json").read_text() == "{}"
+    assert "interrupted: " in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ chat and reconstruct go on, names kept apart
+
+
+def test_chat_goes_on_after_images_it_cannot_use(checkpoint, tmp_path, monkeypatch, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (8200, 8200)).save(bomb)
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (8, 2000)).save(thin)
+    script = f"/image {bomb}\n/image {fifo}\n/image {thin}\nwhat is this?\nhello\n/quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "the limit is 67,108,864" in out and "is not a regular file" in out
+    assert "this message: absolute aspect ratio must be smaller than 200" in out and "it is not sent" in out
+    replies = [line.split("blip3o> ", 1)[1] for line in out.splitlines() if "blip3o> " in line]
+    assert len(replies) == 2
+    (hello,) = Blip3o.from_pretrained(checkpoint).chat([[{"role": "user", "content": "hello"}]], max_new_tokens=4)
+    assert replies[1].rstrip() == hello.strip()  # the refused message is not part of the conversation
+
+
+def test_reconstruct_keeps_inputs_of_one_name_apart(checkpoint, tmp_path, capsys):
+    a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    for path, colour in ((a, (220, 40, 40)), (b, (20, 40, 220))):
+        path.parent.mkdir()
+        Image.new("RGB", (32, 32), colour).save(path)
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--model", str(checkpoint), str(a), str(b), "--outdir", str(out)]) == 0
+    assert written(out) == ["x_2_reconstructed.png", "x_reconstructed.png"]
+    assert capsys.readouterr().out.splitlines() == [f"{a} -> {out / 'x_reconstructed.png'}",
+                                                    f"{b} -> {out / 'x_2_reconstructed.png'}"]
+    assert main(["reconstruct", "--model", str(checkpoint), str(b), "--outdir", str(tmp_path / "b_alone")]) == 0
+    assert same_pixels(out / "x_2_reconstructed.png", tmp_path / "b_alone" / "x_reconstructed.png")

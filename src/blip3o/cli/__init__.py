@@ -4,11 +4,14 @@
 |---------------|--------------------------------------------------------------------------------|
 | `entry.py`    | the entry point: the table from its modules, parse, run, exit code             |
 | `table.py`    | `Command`, `Flag`, `Refusal`, `CommandTable` (argparse built from the table)   |
-| `errors.py`   | exit codes and the rule that sorts failures: `BadInput`, `user_input`          |
-| `commands.py` | the generic commands: generate, ask, chat, reconstruct, serve, info, demo,     |
-|               | convert, train STAGE (the Shapes world's are in blip3o/shapes/commands.py)     |
+| `errors.py`   | exit codes and the rule that sorts failures: `BadInput`, `user_input`,         |
+|               | `Interrupted` (Ctrl-C, saying what was written)                                |
+| `commands.py` | the generic commands: ask, chat, reconstruct, serve, info, demo, convert,      |
+|               | train STAGE (the Shapes world's are in blip3o/shapes/commands.py)              |
+| `generate.py` | generate: prompts to image files, in bounded batches written as they finish    |
 | `models.py`   | --model/--device/--dtype, sampling and speed flags, loading                    |
-| `files.py`    | JSON-lines and image files in, images and grids out                            |
+| `numbers.py`  | numeric flags with a range, refused while parsing (NaN and infinities too)     |
+| `files.py`    | JSON-lines and image files in; images and grids out, atomically; output checks |
 | `terminal.py` | progress for people on stderr                                                  |
 """
 
