@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from blip3o.cli.errors import EXIT_OK, BadInput, interrupted_after, user_input
@@ -107,9 +108,13 @@ def stage_steps_arg(text: str) -> tuple[str, int]:
 
 
 def check_recipe_flags(args: argparse.Namespace) -> None:
-    """BadInput for a stage the recipe lacks (--stages, --steps), a --steps stage that --stages leaves out, and
-    an --out that cannot be written."""
-    check_output_folder(Path(args.out), "--out")
+    """BadInput for a stage the recipe lacks (--stages, --steps), a --steps stage that --stages leaves out, a
+    stage whose starting model (the stage before it) is neither run nor in --out, an --out that cannot be
+    written and a --data that is not a folder."""
+    out = Path(args.out)
+    check_output_folder(out, "--out")
+    if args.data is not None and Path(args.data).exists() and not Path(args.data).is_dir():
+        raise BadInput(f"--data {args.data} is not a folder")
     known = recipe_stages()
     for flag_name, stages in (("--stages", args.stages or []), ("--steps", [stage for stage, _ in args.steps])):
         for stage in stages:
@@ -118,6 +123,11 @@ def check_recipe_flags(args: argparse.Namespace) -> None:
     for stage, _ in args.steps:
         if args.stages is not None and stage not in args.stages:
             raise BadInput(f"--steps {stage}: --stages does not run {stage}")
+    for before, stage in itertools.pairwise(known):
+        starts_from = out / before / "model"
+        if stage in (args.stages or []) and before not in args.stages and not (starts_from / "config.json").is_file():
+            raise BadInput(f"--stages {stage} starts from the {before} stage's model, and {starts_from} holds none: "
+                           f"run --stages {before} {stage}")
 
 
 def auto_or_device(name: str) -> str:
