@@ -81,9 +81,9 @@ def ask_questions_file(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(Path(args.out), "--out")
     model = load_for_command(args)
-    answer = dict(protocol=protocol, batch_size=protocol.batch_size or args.batch_size,
-                  max_new_tokens=args.max_new_tokens, **bounds)
-    lines = answer_lines(model, args.questions_file, records, paths, **answer)
+    lines = answer_lines(model, args.questions_file, records, paths, protocol=protocol,
+                         batch_size=protocol.batch_size or args.batch_size, max_new_tokens=args.max_new_tokens,
+                         **bounds)
     settings = json.dumps({**protocol.settings(model), **bounds, "max_new_tokens": args.max_new_tokens})
     if not args.out:
         written = 0
