@@ -10,6 +10,7 @@ The full 8B / 4B key lists are generated from the reference architectures on the
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import types
@@ -356,3 +357,62 @@ def test_wrong_shape_and_unknown_key(parts, tmp_path):
     unknown = dict(parts.tensors, **{"model.mystery.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match="model.mystery.weight"):
         Blip3o.from_pretrained(write_official(tmp_path / "unknown", parts, tensors=unknown))
+
+
+def rewrite_json(path, **changes) -> None:
+    """Set fields of a JSON file; a dotted name sets a field of a nested object."""
+    raw = json.loads(path.read_text())
+    for name, value in changes.items():
+        *holders, key = name.split(".")
+        target = raw
+        for holder in holders:
+            target = target[holder]
+        target[key] = value
+    path.write_text(json.dumps(raw))
+
+
+@pytest.fixture(scope="module")
+def official_copy(official_dir, tmp_path_factory):
+    """A fresh copy of the official folder for each call, to damage."""
+    def copy(name: str):
+        return shutil.copytree(official_dir, tmp_path_factory.mktemp("damaged") / name)
+    return copy
+
+
+@pytest.mark.parametrize("file, changes, message", [
+    ("config.json", {"num_hidden_layers": 10**9}, "num_hidden_layers is 1000000000; at most 4096"),
+    ("config.json", {"hidden_size": "32"}, "hidden_size is '32'; it must be an integer"),
+    ("config.json", {"vision_config.depth": 1e9}, "vision_config.depth is 1000000000.0; it must be an integer"),
+    ("config.json", {"vision_config": [2]}, r"vision_config must be an object, got \[2\]"),
+    ("config.json", {"rope_scaling.mrope_section": [1, 1, 10**9]},
+     r"rope_scaling.mrope_section\[2\] is 1000000000; at most 131072"),
+    ("diffusion-decoder/unet/config.json", {"layers_per_block": 10**9}, "layers_per_block is 1000000000; at most 64"),
+    ("diffusion-decoder/vae/config.json", {"block_out_channels": [16, 32] * 50},
+     "block_out_channels has 100 entries; at most 8"),
+    ("diffusion-decoder/scheduler/scheduler_config.json", {"num_train_timesteps": 10**12},
+     "num_train_timesteps is 1000000000000; at most 100000"),
+])
+def test_absurd_official_configs_are_refused_by_file_and_field(official_copy, file, changes, message):
+    folder = official_copy("config")
+    rewrite_json(folder / file, **changes)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(folder / file))}: {message}"):
+        Blip3o.from_pretrained(folder)
+
+
+def test_official_weights_describing_an_absurd_dit_are_refused(parts, tmp_path):
+    # the DiT's depth is read from the tensor names: one block numbered 999,999,999 asks for a billion layers
+    tensors = {re.sub(r"^model\.dit\.model\.layers\.1\.", "model.dit.model.layers.999999999.", k): v
+               for k, v in parts.tensors.items()}
+    folder = write_official(tmp_path / "deep", parts, tensors=tensors)
+    with pytest.raises(CheckpointError, match=f"official BLIP3-o folder {folder}: dit.num_layers is 1000000000; at "
+                                              "most 4096"):
+        Blip3o.from_pretrained(folder)
+
+
+def test_a_fifo_in_the_decoder_folder_is_refused_not_opened(official_copy):
+    folder = official_copy("fifo")
+    unet_config = folder / "diffusion-decoder" / "unet" / "config.json"
+    unet_config.unlink()
+    os.mkfifo(unet_config)
+    with pytest.raises(CheckpointError, match=f"{unet_config} is not a regular file"):
+        Blip3o.from_pretrained(folder)

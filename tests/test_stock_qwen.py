@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -29,6 +31,7 @@ from transformers import (
 
 from blip3o import Blip3o
 from blip3o.backbone import CannotGenerate
+from blip3o.checkpoints import CheckpointError
 from blip3o.cli import main as cli_main
 from blip3o.protocols import PROTOCOLS
 
@@ -281,3 +284,40 @@ def test_ask_writes_the_protocol_beside_the_answers(folder, image, tmp_path, cap
     assert settings["max_new_tokens"] == 2 and len(out.read_text().splitlines()) == 1
     assert cli_main([*args, "--protocol", "blip3o", "--batch-size", "2"]) == 2
     assert "--batch-size cannot go with --protocol blip3o" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("file, changes, message", [
+    ("config.json", {"num_hidden_layers": 10**9}, "num_hidden_layers is 1000000000; at most 4096"),
+    ("config.json", {"hidden_size": float("nan")}, "hidden_size is nan; it must be an integer"),
+    ("config.json", {"vision_config": {**VISION, "num_heads": 0}}, "vision_config.num_heads is 0; at least 1"),
+    ("preprocessor_config.json", {"min_pixels": 10**12}, "min_pixels is 1000000000000; at most 67108864"),
+    ("preprocessor_config.json", {"max_pixels": "many"}, "max_pixels is 'many'; it must be an integer"),
+    ("generation_config.json", {"num_beams": 10**9}, "num_beams is 1000000000; at most 1024"),
+])
+def test_absurd_stock_configs_are_refused_by_file_and_field(folder, tmp_path, capsys, file, changes, message):
+    damaged = shutil.copytree(folder, tmp_path / "damaged")
+    raw = json.loads((damaged / file).read_text())
+    (damaged / file).write_text(json.dumps({**raw, **changes}))
+    with pytest.raises(CheckpointError, match=f"^{damaged / file}: {message}"):
+        Blip3o.from_pretrained(damaged)
+    Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
+    assert cli_main(["ask", str(tmp_path / "image.png"), QUESTION, "--model", str(damaged)]) == 2
+    assert f"{damaged / file}: " in capsys.readouterr().err
+
+
+def test_a_fifo_generation_config_is_refused_not_opened(folder, tmp_path):
+    damaged = shutil.copytree(folder, tmp_path / "fifo")
+    (damaged / "generation_config.json").unlink()
+    os.mkfifo(damaged / "generation_config.json")
+
+    def hangs(*args):
+        raise TimeoutError("the loader opened the FIFO and waits on it")
+
+    previous = signal.signal(signal.SIGALRM, hangs)
+    signal.alarm(60)
+    try:
+        with pytest.raises(CheckpointError, match="generation_config.json is not a regular file"):
+            Blip3o.from_pretrained(damaged)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -186,31 +186,40 @@ def test_checkpoint_restores_the_global_random_states(tmp_path):
 
 
 class Payload:
-    """Pickles as a call that writes a file: what a crafted checkpoint could run on load."""
+    """Pickles as a call that creates a file: what a crafted checkpoint could run on load."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
     def __reduce__(self):
-        return (Path.write_text, (self.marker, "ran"))
+        return (Path.touch, (self.marker,))
 
 
-def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
+    import pickle
+
+    from blip3o.cli.entry import main as cli_main
+    from blip3o.shapes import write_shards
+
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(Payload(probe)))  # the payload is live: unpickled without weights_only, it runs
+    assert probe.exists()
     cfg = config(tmp_path, steps=2)
     state = tmp_path / "generation" / "checkpoint" / "trainer_state.pt"
     state.parent.mkdir(parents=True)
-    marker = tmp_path / "ran.txt"
+    marker = tmp_path / "ran"
     torch.save({"step": 1, "identity": Payload(marker)}, state)
     with pytest.raises(CheckpointError, match=f"refusing to load {state}: it holds objects"):
         Trainer(cfg, DATA).fit()
     assert not marker.exists()
-    from blip3o.cli import main as cli_main
-    from blip3o.shapes import write_shards
-
     write_shards(tmp_path / "data", 4, seed=0, shard_size=4)
     (tmp_path / "gen.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data": [str(tmp_path / "data")]}))
     assert cli_main(["train", "generation", "--config", str(tmp_path / "gen.json")]) == 2  # bad input, not a crash
+    assert f"refusing to load {state}: it holds objects" in capsys.readouterr().err
     assert not marker.exists()
+    torch.save({"step": 1}, state)  # nothing to run, but not a trainer checkpoint either
+    with pytest.raises(CheckpointError, match=f"{state} is not a trainer checkpoint: it lacks seconds, params"):
+        Trainer(cfg, DATA).fit()
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
