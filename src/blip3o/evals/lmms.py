@@ -18,7 +18,6 @@ import os
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 
 from blip3o.protocols import PROTOCOLS
@@ -26,8 +25,11 @@ from blip3o.protocols import PROTOCOLS
 DEFAULT_MAX_NEW_TOKENS = 128  # the original's lmms-eval model's, for tasks that name none
 
 
-def manifest() -> ModelManifest:
-    """The `lmms_eval.models` entry point: `--model blip3o` is this module's Blip3oLmms."""
+def manifest():
+    """The `lmms_eval.models` entry point: `--model blip3o` is this module's Blip3oLmms. (lmms-eval's model
+    registry loads this while it initialises, so its manifest class is imported here, when called.)"""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id="blip3o", simple_class_path="blip3o.evals.lmms.Blip3oLmms")
 
 

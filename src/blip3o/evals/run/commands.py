@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from blip3o.cli.errors import EXIT_OK, BadInput
+from blip3o.cli.files import check_output_folder
 from blip3o.cli.generate import MAX_BATCH, MAX_IMAGES, parse_size
 from blip3o.cli.models import SAMPLING_FLAGS, SPEED_FLAGS, model_flags
 from blip3o.cli.numbers import count, seed
@@ -51,6 +52,7 @@ def run_geneval(args: argparse.Namespace) -> int:
 
     size = parse_size(args.size)
     prompts = geneval_prompts(args.data, Path(args.out))
+    check_output_folder(Path(args.out), "--out")
     if run_generation(args, "geneval", prompts, write_geneval_folder, num_images=args.num_images, size=size):
         print(f"{len(prompts)} prompts x {args.num_images} images in {args.out}/ (GenEval's layout); score them with "
               f"GenEval's evaluation/evaluate_images.py {args.out}")
@@ -62,6 +64,7 @@ def run_dpg(args: argparse.Namespace) -> int:
     from .generation import run_generation
 
     prompts = dpg_prompts(args.data, Path(args.out))
+    check_output_folder(Path(args.out), "--out")
     size = {} if args.tile_size is None else {"height": args.tile_size, "width": args.tile_size}
     if run_generation(args, "dpg", prompts, write_dpg_grid, num_images=DPG_IMAGES, size=size):
         print(f"{len(prompts)} 2x2 grids in {args.out}/; score them with DPG-Bench's dpg_bench/dist_eval.sh "
@@ -75,6 +78,7 @@ def run_wise(args: argparse.Namespace) -> int:
 
     size = parse_size(args.size)
     prompts = wise_prompts(args.data, Path(args.out))
+    check_output_folder(Path(args.out), "--out")
     if run_generation(args, "wise", prompts, write_wise_image, num_images=1, size=size):
         print(f"{len(prompts)} images in {args.out}/; judge them with blip3o eval wise-judge --images {args.out}")
     return EXIT_OK
@@ -98,6 +102,7 @@ def run_wise_judge(args: argparse.Namespace) -> int:
         raise BadInput(f"--api-key-env: the environment variable {args.api_key_env} is not set; set it to the "
                        f"judge's API key (any value for an endpoint that takes none)")
     out = Path(args.out) if args.out else images / "Results"
+    check_output_folder(out, "--out")
     run_judge(Judge(args.judge_url, args.judge_model, api_key), by_file, images, out, workers=args.workers)
     return EXIT_OK
 
@@ -181,6 +186,7 @@ def run_mme(args: argparse.Namespace) -> int:
     from .understanding import run_understanding
 
     questions = mme_questions(args.data)
+    check_output_folder(Path(args.out), "--out")
     answers = run_understanding(args, "mme", as_questions(questions),
                                 prompting={"removed": YES_OR_NO, "post_prompt": POST_PROMPT})
     if answers is not None:
@@ -196,6 +202,7 @@ def run_vqa(args: argparse.Namespace) -> int:
 
     fmt = {"vqav2": VQAV2, "textvqa": TEXTVQA}[args.command.words[-1]]
     questions = vqa_questions(fmt, args.data, args.images)
+    check_output_folder(Path(args.out), "--out")
     answers = run_understanding(args, fmt.name, questions,
                                 prompting={"capitalize": fmt.capitalize, "post_prompt": "\n" + SHORT_ANSWER})
     if answers is not None:
@@ -209,6 +216,7 @@ def run_mmmu(args: argparse.Namespace) -> int:
     from .understanding import SHORT_ANSWER, run_understanding
 
     questions = mmmu_questions(args.data, args.split)
+    check_output_folder(Path(args.out), "--out")
     answers = run_understanding(args, "mmmu", questions, prompting={
         "split": args.split, "multiple_choice": MULTIPLE_CHOICE, "open": SHORT_ANSWER, "images": "first"})
     if answers is not None:

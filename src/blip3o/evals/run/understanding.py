@@ -133,5 +133,6 @@ def run_understanding(args: argparse.Namespace, benchmark: str, questions: Seque
 
 
 def one_line(answer: str) -> str:
-    """An answer as a line of a text or tab-separated file: tabs and line breaks become spaces, edges trimmed."""
-    return answer.replace("\t", " ").replace("\r", " ").replace("\n", " ").strip()
+    """An answer as one field of a line: tabs and line breaks (any `str.splitlines` splits at) become spaces,
+    edges trimmed."""
+    return " ".join(answer.replace("\t", " ").splitlines()).strip()
