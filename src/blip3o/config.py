@@ -13,7 +13,7 @@ from typing import Any
 
 from blip3o.backbone import BackboneConfig
 from blip3o.checkpoints import CheckpointError
-from blip3o.checkpoints.limits import check_fields
+from blip3o.checkpoints.limits import check_fields, field_values
 from blip3o.clip_encoder import ClipEncoderConfig, clip_encoder_config_from_dict
 from blip3o.decoder import DecoderConfig, decoder_config_from_dict
 from blip3o.dit import DiTConfig
@@ -85,11 +85,11 @@ class Blip3oConfig:
     def _check_limits(self) -> None:
         """Refuse a field of the wrong type or outside its bounds (`blip3o.checkpoints.limits`), in this config
         or one of its parts, with a ValueError `{part}.{field} is ...`; loaders add the file's name."""
-        check_fields(type(self), _values(self, skip=PARTS), error=ValueError)
+        check_fields(type(self), field_values(self, skip=PARTS), error=ValueError)
         for name in PARTS:
             part = getattr(self, name)
             if dataclasses.is_dataclass(part):
-                check_fields(type(part), _values(part), prefix=f"{name}.", error=ValueError)
+                check_fields(type(part), field_values(part), prefix=f"{name}.", error=ValueError)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,11 +124,6 @@ class Blip3oConfig:
             raise
         except (TypeError, ValueError, ArithmeticError) as e:
             raise CheckpointError(f"{where}: not a blip3o config: {e}") from e
-
-
-def _values(config: object, skip: typing.Container[str] = ()) -> dict[str, Any]:
-    """A dataclass's field values, by name (without copying them, as dataclasses.asdict would)."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
 
 
 def _kind_class(kinds: Any, raw: dict) -> type | None:

@@ -16,10 +16,11 @@ counted on the meta device, before a weight is read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +114,7 @@ def check_fields(cls: type, values: Mapping[str, Any], *, where: str = "", prefi
     """Refuse `values` (field name -> value, from a saved JSON or a built config) for dataclass `cls`: a name
     that is not a field, a value that is not of the field's annotated type, or one outside `bounds`. The
     error says `{where}{prefix}{field} is {value}; ...`."""
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -124,6 +125,17 @@ def check_fields(cls: type, values: Mapping[str, Any], *, where: str = "", prefi
         for key, (hint, bound) in NESTED_BOUNDS.get(name, {}).items():
             if isinstance(value, dict) and key in value:
                 check_value(f"{prefix}{name}.{key}", value[key], hint, bound, where=where, error=error)
+
+
+def field_values(config: object, skip: Container[str] = ()) -> dict[str, Any]:
+    """A dataclass's field values by name, without copying them (as dataclasses.asdict would)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+
+
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    """The annotations of a dataclass's fields, evaluated (once per class)."""
+    return typing.get_type_hints(cls)
 
 
 def check_value(name: str, value: Any, hint: Any, bound: Bound | None, *, where: str = "",

@@ -43,9 +43,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import typing
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,7 +61,7 @@ from blip3o.checkpoints import (
     read_json,
     weight_files,
 )
-from blip3o.checkpoints.limits import MAX_TIMESTEPS, MODEL_BOUNDS, Bound, check_value
+from blip3o.checkpoints.limits import MAX_TIMESTEPS, MODEL_BOUNDS, Bound, check_value, type_hints
 from blip3o.clip_encoder import CLIP_ENCODER_PRESETS, OFFICIAL_PREFIX, EvaClipConfig
 from blip3o.config import Blip3oConfig
 from blip3o.presets import get_preset
@@ -206,7 +206,7 @@ def backbone_config(raw: dict, base, vocab_size: int, *, where: str = CONFIG_NAM
     found["tie_word_embeddings"] = ("tie_word_embeddings", raw.get("tie_word_embeddings",
                                                                    text.get("tie_word_embeddings")))
     found["vocab_size"] = ("vocab_size (rows of embed_tokens)", vocab_size)
-    hints = typing.get_type_hints(type(base))
+    hints = type_hints(type(base))
     for name, (shown, value) in found.items():
         if value is not None:
             check_value(shown, value, hints[name], MODEL_BOUNDS.get(name), where=f"{where}: ")
@@ -293,27 +293,43 @@ def _eva_suffix(name: str) -> str | None:
     return None
 
 
-def _config(raw: dict, shapes: dict, decoder_config, eva_shapes: dict | None, where: str) -> Blip3oConfig:
-    """Our Blip3oConfig for an official folder: the 4B / 8B preset adjusted to the folder's numbers.
-    `eva_shapes` (tower names without prefix) describes the EVA tower when it comes from elsewhere."""
-    hidden = raw.get("hidden_size") or (raw.get("text_config") or {}).get("hidden_size")
-    variant = {2048: "blip3o-4b", 3584: "blip3o-8b"}.get(hidden)
+def _config(raw: dict, shapes: dict, eva_shapes: dict | None, where: str) -> Blip3oConfig:
+    """Our Blip3oConfig for an official folder: the 4B / 8B preset adjusted to the folder's numbers, every one
+    checked. `eva_shapes` (tower names without prefix) describes the EVA tower when it comes from elsewhere.
+    The decoder is the preset's at the DiT's width until `official_folder` puts the loaded one's config in its
+    place: the rest is checked before diffusers reads anything."""
+    config_json = f"{where}/{CONFIG_NAME}"
+    hidden = _qwen_sections(raw, config_json)["text"].get("hidden_size")
+    variant = {2048: "blip3o-4b", 3584: "blip3o-8b"}.get(hidden) if isinstance(hidden, int) else None
     base = get_preset(variant or "blip3o-8b")
+    vocab = _require(shapes, "backbone.model.model.language_model.embed_tokens.weight", where)[0]
+    backbone = backbone_config(raw, base.backbone, vocab, where=config_json)
     num_queries = _require(shapes, "queries", where)[1]
     grid = math.isqrt(num_queries)
     if grid * grid != num_queries:
         raise CheckpointError(f"{where}: model.latent_queries has {num_queries} queries, not a square grid")
-    vocab = _require(shapes, "backbone.model.model.language_model.embed_tokens.weight", where)[0]
     dit = _dit_config(_section(shapes, "dit."), base.dit, grid, where)
     eva = _section(shapes, "clip_encoder.") or eva_shapes
     clip = _eva_config(eva, _pool(raw), where) if eva else _random_eva_config(raw, dit.in_channels, where)
     return dataclasses.replace(
-        base, backbone=backbone_config(raw, base.backbone, vocab, where=f"{where}/{CONFIG_NAME}"), dit=dit,
-        clip_encoder=clip,
-        decoder=decoder_config, num_queries=num_queries, train_layout="closed_turn", train_timesteps="scheduler_grid",
+        base, backbone=backbone, dit=dit, clip_encoder=clip,
+        decoder=dataclasses.replace(base.decoder, token_width=dit.in_channels), num_queries=num_queries,
+        train_layout="closed_turn", train_timesteps="scheduler_grid",
         extra={"converted_from": "official BLIP3-o", "official_variant": variant or "custom",
                "official_model_type": raw.get("model_type"), "gen_vision_tower": raw.get("gen_vision_tower")},
     )
+
+
+@contextmanager
+def _numbers_of(where: str) -> Iterator[None]:
+    """The folder's numbers that a config refuses (a ValueError or ArithmeticError from its checks) raise a
+    CheckpointError naming the folder."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, ArithmeticError) as e:
+        raise CheckpointError(f"official BLIP3-o folder {where}: {e}") from None
 
 
 def _random_eva_config(raw: dict, width: int, where: str) -> EvaClipConfig:
@@ -388,13 +404,11 @@ def official_folder(directory: Path, raw: dict, *, clip_encoder_weights: str | P
     shapes = _renamed(tensor_shapes(directory), where)  # unknown names fail here, before any loading
     eva_path = Path(clip_encoder_weights) if clip_encoder_weights is not None else None
     eva_shapes = None if eva_path is None else {_eva_suffix(k) or k: v for k, v in tensor_shapes(eva_path).items()}
+    with _numbers_of(where):
+        config = _config(raw, shapes, eva_shapes, where)
     decoder = _decoder(directory)
-    try:
-        config = _config(raw, shapes, decoder.config, eva_shapes, where)
-    except CheckpointError:
-        raise
-    except (ValueError, ArithmeticError) as e:  # numbers the tensor shapes give, refused by the configs
-        raise CheckpointError(f"official BLIP3-o folder {where}: {e}") from None
+    with _numbers_of(where):
+        config = dataclasses.replace(config, decoder=decoder.config)
     eva_in_folder = any(k.startswith("clip_encoder.") for k in shapes)
 
     def fill(model: torch.nn.Module) -> None:

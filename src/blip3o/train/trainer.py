@@ -25,7 +25,7 @@ from tqdm import tqdm
 from blip3o import checkpoints
 from blip3o.allocator import keep_freed_memory
 from blip3o.checkpoints import resumable
-from blip3o.checkpoints.limits import TRAIN_BOUNDS, check_fields
+from blip3o.checkpoints.limits import TRAIN_BOUNDS, check_fields, field_values
 from blip3o.distributed import World, all_mean, average_gradients, barrier, init_world
 from blip3o.model import Blip3o
 from blip3o.train.stages import STAGES, Stage
@@ -67,8 +67,7 @@ class TrainConfig:
     stage_options: dict = field(default_factory=dict)  # the stage's options (blip3o.train.stages)
 
     def __post_init__(self) -> None:
-        check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-                     bounds=TRAIN_BOUNDS, error=ValueError)
+        check_fields(type(self), field_values(self), bounds=TRAIN_BOUNDS, error=ValueError)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.device != "auto":
