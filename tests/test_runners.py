@@ -383,6 +383,8 @@ def test_mmmu_reads_json_or_parquet_and_writes_the_responses_file(checkpoint, tm
                "--max-new-tokens", 2) == 0
     responses = json.loads((out / "responses.json").read_text())
     assert list(responses) == ["validation_Art_1", "validation_Art_2", "validation_Math_1"]  # dev_ left out
+    key = [json.loads(line) for line in (out / "answer_key.jsonl").read_text().splitlines()]
+    assert key == [{k: row[k] for k in ("id", "question_type", "answer", "options")} for row in rows[:3]]
     asked = [c for call in calls["chat"] for c in call]
     assert texts(asked[0]) == ("<image 1> Which style is this?\nA. Baroque\nB. Cubism\nC. Pop art\n\n"
                                "Answer with the option's letter from the given choices directly.")

@@ -54,8 +54,9 @@ def run_geneval(args: argparse.Namespace) -> int:
     prompts = geneval_prompts(args.data, Path(args.out))
     check_output_folder(Path(args.out), "--out")
     if run_generation(args, "geneval", prompts, write_geneval_folder, num_images=args.num_images, size=size):
-        print(f"{len(prompts)} prompts x {args.num_images} images in {args.out}/ (GenEval's layout); score them with "
-              f"GenEval's evaluation/evaluate_images.py {args.out}")
+        print(f"{len(prompts)} prompts x {args.num_images} images in {args.out}/ (GenEval's layout); detect with "
+              f"GenEval's evaluation/evaluate_images.py {args.out} --outfile results.jsonl, then blip3o eval score "
+              f"geneval results.jsonl")
     return EXIT_OK
 
 
@@ -191,8 +192,8 @@ def run_mme(args: argparse.Namespace) -> int:
                                 prompting={"removed": YES_OR_NO, "post_prompt": POST_PROMPT})
     if answers is not None:
         files = write_mme(Path(args.out), questions, answers)
-        print(f"{len(questions)} answers in {len(files)} task files in {args.out}/; score them with MME's "
-              f"eval_tool: python calculation.py --results_dir {args.out}")
+        print(f"{len(questions)} answers in {len(files)} task files in {args.out}/; score them with blip3o eval "
+              f"score mme {args.out} (or eval_tool's calculation.py --results_dir {args.out})")
     return EXIT_OK
 
 
@@ -207,7 +208,8 @@ def run_vqa(args: argparse.Namespace) -> int:
                                 prompting={"capitalize": fmt.capitalize, "post_prompt": "\n" + SHORT_ANSWER})
     if answers is not None:
         path = write_predictions(Path(args.out), questions, answers)
-        print(f"{len(questions)} predictions in {path}: submit it to EvalAI")
+        print(f"{len(questions)} predictions in {path}: submit it to EvalAI, or score a split with annotations: "
+              f"blip3o eval score vqa --annotations ANNOTATIONS --predictions {path}")
     return EXIT_OK
 
 
@@ -215,13 +217,14 @@ def run_mmmu(args: argparse.Namespace) -> int:
     from .mmmu import MULTIPLE_CHOICE, mmmu_questions, write_responses
     from .understanding import SHORT_ANSWER, run_understanding
 
-    questions = mmmu_questions(args.data, args.split)
+    questions, key = mmmu_questions(args.data, args.split)
     check_output_folder(Path(args.out), "--out")
     answers = run_understanding(args, "mmmu", questions, prompting={
         "split": args.split, "multiple_choice": MULTIPLE_CHOICE, "open": SHORT_ANSWER, "images": "first"})
     if answers is not None:
-        path = write_responses(Path(args.out), questions, answers)
-        print(f"{len(questions)} responses in {path}")
+        path = write_responses(Path(args.out), questions, answers, key)
+        print(f"{len(questions)} responses in {path}; score them with blip3o eval score mmmu {path} --answer-key "
+              f"{path.parent / 'answer_key.jsonl'}")
     return EXIT_OK
 
 
@@ -262,7 +265,7 @@ def understanding_commands() -> list[Command]:
                  help="which questions (default validation, the paper's)"),
             *understanding_flags(128),
         ), epilog=(
-            f"writes OUT/responses.json ({{id: response}}) and OUT/settings.json;\n{RESUME}\n\n"
+            f"writes OUT/responses.json ({{id: response}}), OUT/answer_key.jsonl and OUT/settings.json;\n{RESUME}\n\n"
             "example:\n"
             f"  {TORCHRUN} eval mmmu --data MMMU --out mmmu_out --model BLIP3o-Model-8B --device cuda")),
     ]

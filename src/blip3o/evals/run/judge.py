@@ -261,4 +261,4 @@ def run_judge(judge: Judge, by_file: dict[Path, list[dict]], images: Path, out: 
         raise RuntimeError(f"{len(failed)} images got no scores in {ATTEMPTS} tries (prompt ids "
                            f"{', '.join(map(str, failed[:10]))}{', ...' if len(failed) > 10 else ''}): rerun to try "
                            f"them again")
-    print(f"score them: python Calculate.py {out}/*_scores_results.jsonl --category all")
+    print(f"score them: blip3o eval score wise {out}/*_scores_results.jsonl (or WISE's Calculate.py, --category all)")

@@ -3,6 +3,7 @@
     DATA = MMMU's folder as downloaded (<Subject>/<split>-*.parquet, read with pyarrow), one such parquet file,
            or a JSON list / JSON lines file of the same rows with each image_N a base64 string of the image file
     OUT/responses.json     {id: response} for the split's questions (ids validation_<Subject>_<n>, ...)
+    OUT/answer_key.jsonl   {id, question_type, answer, options} a question, as the rows hold them
     OUT/settings.json      how they were made;  OUT/parts/  the answers as they were saved
 
 A row has id, question, options (a Python list literal, as MMMU stores it), question_type ("multiple-choice" or
@@ -128,20 +129,24 @@ def check_row(row, where: str) -> None:
             raise BadInput(f"{where} needs {key!r}, a non-empty string")
 
 
-def mmmu_questions(data: str, split: str) -> list[Question]:
-    """The split's questions (rows whose id starts with `<split>_`) of every file --data names."""
-    questions = []
+def mmmu_questions(data: str, split: str) -> tuple[list[Question], list[dict]]:
+    """The split's questions (rows whose id starts with `<split>_`) of every file --data names, and their
+    answer key: {id, question_type, answer, options} a question."""
+    questions, key = [], []
     for path in mmmu_files(data, split):
         for number, row in enumerate(read_rows(path), start=1):
             check_row(row, f"{path}: row {number}")
             if row["id"].startswith(f"{split}_"):
                 where = f"{path}: {row['id']}"
                 questions.append(Question(row["id"], mmmu_prompt(row, where), image_loader(row, where)))
+                key.append({name: row.get(name) for name in ("id", "question_type", "answer", "options")})
     if not questions:
         raise BadInput(f"--data {data}: no {split} questions (ids {split}_...) in it")
-    return questions
+    return questions, key
 
 
-def write_responses(out: Path, questions: list[Question], answers: dict[str, str]) -> Path:
-    """OUT/responses.json: {id: the model's response, as decoded}."""
+def write_responses(out: Path, questions: list[Question], answers: dict[str, str], key: list[dict]) -> Path:
+    """OUT/responses.json: {id: the model's response, as decoded}; beside it OUT/answer_key.jsonl, the questions'
+    answers as the rows hold them (hidden ones included, as the test split's)."""
+    write_text(out / "answer_key.jsonl", "".join(json.dumps(record) + "\n" for record in key))
     return write_text(out / "responses.json", json.dumps({q.key: answers[q.key] for q in questions}, indent=1))
