@@ -1,12 +1,13 @@
 """Generating a benchmark's images with the model's settings, a step of prompts at a time, resumably.
 
-    run_generation(args, "geneval", prompts, write_folder, num_images=4, size={})
+    run_generation(args, "geneval", prompts, write_geneval_folder, num_images=4, size={})
 
 Every prompt is generated with the same seed (`--seed`), as GenEval's and the original's generation scripts
-seed each prompt alike: a prompt's images are those of `model.generate([prompt], num_images=n, seed=seed)`, and
-a step's prompts share a model call with one seed each. The DiT's steps, guidance and sampler and the decoder's
-steps, guidance and size are the model's own unless a flag sets them (30 Euler steps at CFG 3, then 50 decoder
-steps at CFG 3 and 1024 px for the official models); settings.json records what they came to.
+seed each prompt alike: a prompt's images are those of `model.generate([prompt], num_images=n, seed=seed)` (up
+to floating-point rounding when a step's prompts share the model call, one seed each). The DiT's steps,
+guidance and sampler and the decoder's steps, guidance and size are the model's own unless a flag sets them (30
+Euler steps at CFG 3, then 50 decoder steps at CFG 3 and 1024 px for the official models); settings.json records
+what they came to.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Answering a benchmark's questions under an understanding protocol, a step at a time, resumably.
 
-    answers = run_understanding(args, "mme", questions, max_new_tokens=16, prompting={...})  # {key: answer}
+    answers = run_understanding(args, "mme", questions, prompting={...})  # {key: answer} on rank 0
 
 Each question is one user turn: its images first, then its text, as the original's lmms-eval model sends them;
 replies are greedy and cut at the protocol's stop tokens (`blip3o.protocols`). Each step's answers are saved as
@@ -72,7 +72,7 @@ class AnswerParts:
         for path in sorted(self.folder.glob("[!.]*.json")):
             try:
                 answers.update(json.loads(path.read_text()))
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+            except (ValueError, TypeError) as e:  # not JSON, not UTF-8, not an object
                 raise BadInput(f"{path} is not a part this runner wrote ({e}): remove it to answer its questions "
                                f"again") from e
         return answers
