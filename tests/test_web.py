@@ -1,6 +1,7 @@
 """The web page at `/` in a real headless Chromium (Debian's, driven by selenium): type a prompt and
 see images; attach an image, ask, see the answer; a width x height typed in the size field reaches the server,
-and a size the decoder cannot make comes back as the server's message. The debug model serves it."""
+and a size the decoder cannot make comes back as the server's message; an error in the middle of a streamed
+reply is shown and the question kept. The debug model serves it."""
 
 import shutil
 import tempfile
@@ -110,3 +111,34 @@ def test_a_width_x_height_typed_on_the_page_makes_that_image(server, browser):
     generate_at(page, "30x48")
     wait.until(lambda d: "error" in d.find_element(By.ID, "generate-status").get_attribute("class"))
     assert "size 30x48: width 30 is not a positive multiple of 4" in page.find_element(By.ID, "generate-status").text
+
+
+def test_an_error_in_the_middle_of_a_reply_is_shown_and_the_question_kept(browser, monkeypatch):
+    """The server's error event after the first words: the page shows its message, drops the partial answer,
+    marks the question as not answered and puts it back in the box (with its image) to send again."""
+    model = Blip3o.from_preset("debug")
+
+    def chat(conversations, *, on_text=None, **kwargs):
+        on_text("the first words ")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "chat", chat)
+    with BackgroundServer(create_app(Blip3oService(model, "debug", ServerConfig()))) as failing, \
+            tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/red.png"
+        Image.new("RGB", (32, 32), (220, 40, 40)).save(path)
+        browser.get(failing.url + "/")
+        wait = WebDriverWait(browser, 60)
+        browser.find_element(By.ID, "image-file").send_keys(path)
+        wait.until(lambda d: d.find_element(By.ID, "attachment").is_displayed())
+        browser.find_element(By.ID, "question").send_keys("what is in the picture?")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_element(By.ID, "chat-status").get_attribute("class") == "error")
+        assert "out of memory" in browser.find_element(By.ID, "chat-status").text
+        assert "Cannot read" not in browser.find_element(By.ID, "chat-status").text
+        assert not browser.find_elements(By.CSS_SELECTOR, ".message.assistant")
+        (asked,) = browser.find_elements(By.CSS_SELECTOR, ".message.user")
+        assert "failed" in asked.get_attribute("class") and "out of memory" in asked.get_attribute("title")
+        assert browser.find_element(By.ID, "question").get_attribute("value") == "what is in the picture?"
+        assert browser.find_element(By.ID, "attachment").is_displayed()
+        assert browser.find_element(By.ID, "send").is_enabled()

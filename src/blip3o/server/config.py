@@ -24,7 +24,7 @@ class ServerConfig:
     max_body_bytes: int = 48 * MIB  # one HTTP request body (base64 images inflate by 4/3)
     # bytes that queued and running requests may hold together: each image's encoded bytes plus its decoded
     # size (width * height * 4, PIL's RGB), in and out; past it 429, and a request larger than all of it 413
-    memory_budget_bytes: int = 1024 * MIB
+    memory_budget_bytes: int = 2048 * MIB
     max_tokens: int = 2048  # the largest `max_tokens` a chat request may ask for
     default_max_tokens: int = 256  # reply length when a chat request names none
     # the pixel count each chat image is resized into; None: the model's processor's (`Backbone.pixel_bounds`)
@@ -42,7 +42,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # a request body not whole by then gets 408 (a client trickling bytes)
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 512  # open connections and running requests; past it uvicorn answers 503
-    max_header_bytes: int = 16 * 1024  # a request line and headers, together
+    max_header_bytes: int = 16 * 1024  # buffered of a request line and headers not yet complete (h11's limit)
     docs: bool = False  # serve /docs, /redoc and /openapi.json (FastAPI's API pages)
 
     def __post_init__(self) -> None:

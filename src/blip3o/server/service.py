@@ -42,7 +42,7 @@ from PIL import Image
 from blip3o.server.batcher import MicroBatcher, QueueFull, ShuttingDown
 from blip3o.server.config import ServerConfig
 from blip3o.server.errors import APIError, bad_request
-from blip3o.server.media import decoded_bytes, encode_png, image_bytes, open_image
+from blip3o.server.media import BYTES_PER_PIXEL, decoded_bytes, encode_png, image_bytes, open_image
 from blip3o.server.memory import BudgetFull, LargerThanBudget, MemoryBudget, Reservation, return_freed_memory
 from blip3o.server.metrics import Metrics
 from blip3o.server.schemas import ChatCompletionRequest, ChatMessage, ImageGenerationRequest
@@ -132,7 +132,7 @@ class Blip3oService:
     async def generate_images(self, request: ImageGenerationRequest) -> dict:
         task, key = self._generation_task(request)
         height, width = key[3] or (self.model.decoder.default_size,) * 2
-        reservation = self._reserve(task.n * height * width * 4)  # the images, as PIL holds RGB
+        reservation = self._reserve(task.n * height * width * BYTES_PER_PIXEL)  # the images it makes
         future = None
         try:
             batchable = task.seed is None or task.n == 1 or not self.model.decoder.step_noise
@@ -157,7 +157,7 @@ class Blip3oService:
                          "finish_reason": reply.finish_reason, "logprobs": None}],
         }
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def chat_stream(self, request: ChatCompletionRequest) -> ChatStream:
         """The reply as server-sent `chat.completion.chunk` events, token by token as the model writes
         it, then `data: [DONE]`.
 
@@ -190,11 +190,13 @@ class Blip3oService:
     def _check_images(self, task: ChatTask) -> None:
         """Decode each image once and drop it: what the worker could not read is refused before queueing."""
         freed = 0
-        for image in task.images:
-            decoded = open_image(image.data, self.config, image.param)
-            freed += decoded.width * decoded.height * 4
-            del decoded
-        return_freed_memory(freed)
+        try:
+            for image in task.images:
+                decoded = open_image(image.data, self.config, image.param)
+                freed += decoded.width * decoded.height * BYTES_PER_PIXEL
+                del decoded
+        finally:
+            return_freed_memory(freed)
 
     async def _chat_events(self, future, stop: threading.Event, pieces: asyncio.Queue) -> AsyncIterator[str]:
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),

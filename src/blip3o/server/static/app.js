@@ -87,6 +87,15 @@ function attach() {
   reader.readAsDataURL(file);
 }
 
+// The piece of the reply one server-sent event carries ("" for none); an error event throws the server's message.
+function eventText(data) {
+  const chunk = JSON.parse(data);
+  if (chunk.error) throw new Error(chunk.error.message || "the server failed while answering");
+  const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+  if (!delta) throw new Error("the server sent an event this page does not understand");
+  return delta.content || "";
+}
+
 // Reads a server-sent-events body, calling onDelta with each piece of the reply.
 async function readStream(response, onDelta) {
   const reader = response.body.getReader();
@@ -94,15 +103,15 @@ async function readStream(response, onDelta) {
   let buffer = "";
   for (;;) {
     const {done, value} = await reader.read();
-    if (done) return;
+    if (done) throw new Error("the connection closed before the reply was complete");
     buffer += decoder.decode(value, {stream: true});
     const events = buffer.split("\n\n");
     buffer = events.pop();
     for (const event of events) {
       const data = event.replace(/^data: /, "");
       if (data === "[DONE]") return;
-      const delta = JSON.parse(data).choices[0].delta;
-      if (delta.content) onDelta(delta.content);
+      const text = eventText(data);
+      if (text) onDelta(text);
     }
   }
 }
@@ -115,7 +124,8 @@ async function send(event) {
     ? [{type: "image_url", image_url: {url: attachment}}, {type: "text", text: question}]
     : question;
   history.push({role: "user", content});
-  bubble("user", question, attachment);
+  const asked = bubble("user", question, attachment).parentElement;
+  const sent = attachment;
   attachment = null;
   $("attachment").hidden = true;
   $("image-file").value = "";
@@ -131,8 +141,17 @@ async function send(event) {
     answer.parentElement.classList.add("done");
     status("chat-status", "");
   } catch (e) {
+    // the question was not answered: it leaves the conversation, its bubble says so, and it can be sent again
     history.pop();
     answer.parentElement.remove();
+    asked.classList.add("failed");
+    asked.title = `not answered: ${e.message}`;
+    $("question").value = question;
+    if (sent) {
+      attachment = sent;
+      $("attachment").src = sent;
+      $("attachment").hidden = false;
+    }
     status("chat-status", e.message, true);
   } finally {
     $("send").disabled = false;
