@@ -1,5 +1,6 @@
 """The `blip3o` command line end to end on the debug model: layouts, files, refusals, exit codes, help."""
 
+import importlib
 import io
 import json
 import os
@@ -18,10 +19,8 @@ from PIL import Image
 from blip3o import Blip3o
 from blip3o.cli import commands as generic_commands
 from blip3o.cli import main
-from blip3o.cli.entry import command_table
+from blip3o.cli.entry import COMMAND_MODULES, command_table
 from blip3o.cli.table import Command, CommandTable, Refusal, flag
-from blip3o.data import commands as data_commands
-from blip3o.evals.score import commands as score_commands
 from blip3o.shapes import commands as shapes_commands
 
 
@@ -297,8 +296,8 @@ def test_the_shapes_commands_register_from_the_shapes_package():
     assert "generate" in help_text and "eval" not in help_text  # a group with no target is left out
     shapes_commands.register(table)
     assert {("data", "shapes"), ("train", "nano"), ("eval", "shapes")} <= set(table.commands)
-    score_commands.register(table)
-    data_commands.register(table)
+    for module in COMMAND_MODULES[2:]:  # the benchmark and data commands
+        importlib.import_module(module).register(table)
     assert list(table.commands) == list(command_table().commands)  # what `blip3o` runs
     with pytest.raises(ValueError, match="added twice"):
         shapes_commands.register(table)
