@@ -377,6 +377,8 @@ class Blip3oService:
                            type="timeout_error", code="timeout") from e
         except ShuttingDown as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from e
+        except APIError:  # the worker's own refusal of a request (an image it could not decode)
+            raise
         except (ValueError, TypeError) as e:  # the library's own input checks
             raise bad_request(str(e)) from e
         except Exception as e:
@@ -433,7 +435,7 @@ class Blip3oService:
 
         def on_text(piece: str) -> None:  # the model's streamer calls it at each word: the place to stop
             if task.stop.is_set():
-                raise Abandoned("the client left; the reply was stopped")
+                raise Abandoned("no one waits for this reply any more; it was stopped")
             if task.on_text is not None:
                 task.on_text(piece)
 
