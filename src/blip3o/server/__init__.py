@@ -41,10 +41,15 @@ def uvicorn_config(app, log_level: str):
 
 
 def serve(app, sock: socket.socket, log_level: str = "info") -> None:
-    """Run `app` with uvicorn on the bound socket `sock` (`listen_socket`) until interrupted."""
+    """Run `app` with uvicorn on the bound socket `sock` (`listen_socket`) until Ctrl-C or SIGTERM, then return:
+    stopping is how a server ends, as `uvicorn.run` treats it (uvicorn re-raises the signal after its graceful
+    shutdown)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
 
 
 class BackgroundServer:
