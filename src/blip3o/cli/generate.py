@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from PIL import Image
@@ -124,14 +125,21 @@ def write_geneval_layout(batches: Iterator[tuple[int, Iterator[list[Image.Image]
     with interrupted_after(lambda: f"{done} of {len(records)} prompts written to {out}/; the rest is not written"), \
             progress(None, total=len(records), desc="generate", unit="prompt") as bar:
         for index, images in batches:
-            with atomic_folder(out / f"{index:05d}") as folder:
-                writer = SampleWriter(folder / "samples", grid=folder / "grid.png")
-                for batch in images:
-                    writer.add(batch)
-                writer.finish()
-                (folder / "metadata.jsonl").write_text(json.dumps(records[index]) + "\n")
+            write_prompt_folder(atomic_folder(out / f"{index:05d}"), records[index], images)
             done += 1
             bar.update()
+
+
+def write_prompt_folder(whole: AbstractContextManager[Path], record: dict,
+                        batches: Iterable[list[Image.Image]]) -> None:
+    """One prompt's folder of GenEval's layout (metadata.jsonl, samples/0000.png ..., grid.png) inside `whole`, a
+    context that yields a temporary folder and puts it in place complete (`blip3o.files.atomic_folder`)."""
+    with whole as folder:
+        writer = SampleWriter(folder / "samples", grid=folder / "grid.png")
+        for batch in batches:
+            writer.add(batch)
+        writer.finish()
+        (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
 
 
 def generate_command() -> Command:

@@ -14,15 +14,14 @@ into place), so the scorer, which reads every numbered folder, never sees a prom
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from PIL import Image
 
 from blip3o.cli.files import read_jsonl
+from blip3o.cli.generate import write_prompt_folder
 from blip3o.evals.run.generation import Prompt
 from blip3o.evals.run.work import item_folder
-from blip3o.images import image_grid
 
 
 def geneval_prompts(metadata_file: str, out: Path) -> list[Prompt]:
@@ -33,11 +32,5 @@ def geneval_prompts(metadata_file: str, out: Path) -> list[Prompt]:
 
 
 def write_geneval_folder(prompt: Prompt, images: list[Image.Image]) -> None:
-    """A prompt's folder of GenEval's layout, atomically."""
-    with item_folder(prompt.target) as tmp:
-        samples = tmp / "samples"
-        samples.mkdir()
-        for index, image in enumerate(images):
-            image.save(samples / f"{index:04d}.png")
-        image_grid(images, columns=min(4, len(images))).save(tmp / "grid.png")
-        (tmp / "metadata.jsonl").write_text(json.dumps(prompt.record) + "\n")
+    """A prompt's folder of GenEval's layout, atomically: what `blip3o generate --prompts-file` writes."""
+    write_prompt_folder(item_folder(prompt.target), prompt.record, [images])
