@@ -445,3 +445,36 @@ def test_generation_prompt_share_option_picks_the_prompt_that_often():
     for bad in (1.5, -0.1, True, "half"):
         with pytest.raises(ValueError, match="stage option prompt_share must be a share"):
             GenerationStage(model, {"prompt_share": bad})
+
+
+def test_each_rank_trains_on_its_own_gpu(monkeypatch):
+    from blip3o.distributed import World
+    from blip3o.train.trainer import resolve_device
+
+    rank3 = World(rank=7, size=8, local_rank=3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", rank3) == torch.device("cuda", 3)
+    assert resolve_device("cuda", rank3) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", rank3) == torch.device("cuda", 1)  # an explicit index is kept
+    assert resolve_device("cpu", rank3) == CPU
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", rank3) == CPU
+
+
+def test_gradient_accumulation_equals_one_whole_batch(tmp_path):
+    """grad_accum=2 (two micro-batches of 2) takes the same steps as grad_accum=1 (one batch of 4)."""
+    results = []
+    for accum in (1, 2):
+        trainer = Trainer(config(tmp_path / str(accum), steps=3, grad_accum=accum, ema_decay=0.0), DATA)
+        if accum == 2:
+            assert trainer.local_indices(1, 1) == [6, 7]
+        trainer.fit()
+        results.append({n: p.detach().clone() for n, p in trainer.named_params})
+    one, two = results
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="batch_size 4 does not split over 1 processes x grad_accum 3"):
+        Trainer(config(tmp_path / "3", grad_accum=3), DATA)
+    with pytest.raises(ValueError, match="grad_accum is 0"):
+        config(tmp_path, grad_accum=0)

@@ -1,8 +1,9 @@
 """Distribution, applied from outside the model code (torchrun sets the environment).
 
 Model code is single-device. Training under `torchrun --nproc_per_node N` splits every global
-batch across ranks and averages gradients after backward (DDP semantics: the same update as one
-process on the whole batch). CPU uses gloo, CUDA uses NCCL.
+batch across ranks; each rank runs on its own device (`cuda:LOCAL_RANK`) and
+`torch.nn.parallel.DistributedDataParallel` averages gradients during backward (the same update as
+one process on the whole batch). CPU uses gloo, CUDA uses NCCL.
 """
 
 from __future__ import annotations
@@ -36,20 +37,15 @@ def init_world(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """Mean of each gradient over ranks, in one flattened all-reduce per dtype."""
-    if world.size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
-        group = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in group])
-        dist.all_reduce(flat)
-        flat /= world.size
-        offset = 0
-        for g in group:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+def local_device(name: str, world: World) -> torch.device:
+    """The device a process trains on: "auto" is cuda:LOCAL_RANK where CUDA is available, else the CPU; "cuda"
+    without an index is cuda:LOCAL_RANK; an explicit "cpu" or "cuda:N" is kept as given."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", world.local_rank)
+    return device
 
 
 def all_mean(value: float, world: World) -> float:

@@ -15,18 +15,20 @@ import os
 import pickle
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from blip3o import checkpoints
 from blip3o.allocator import keep_freed_memory
 from blip3o.checkpoints import resumable
-from blip3o.checkpoints.limits import TRAIN_BOUNDS, check_fields, field_values
-from blip3o.distributed import World, all_mean, average_gradients, barrier, init_world
+from blip3o.checkpoints.limits import TRAIN_BOUNDS, Bound, check_fields, field_values
+from blip3o.distributed import World, all_mean, barrier, init_world, local_device
 from blip3o.model import Blip3o
 from blip3o.train.stages import STAGES, Stage
 
@@ -34,6 +36,7 @@ STATE_NAME = "trainer_state.pt"
 # fields that may change between a run and its resume without changing what is computed
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
 PRECISIONS = ("auto", "fp32", "bf16")  # TrainConfig.precision
+BOUNDS = {**TRAIN_BOUNDS, "grad_accum": Bound(1, 4096), "num_workers": Bound(0, 256)}  # TrainConfig's
 STATE_KEYS = ("step", "seconds", "params", "ema", "optimizer", "scheduler", "rng", "identity")  # of trainer_state.pt
 
 
@@ -50,7 +53,8 @@ class TrainConfig:
     out_dir: str = "runs/stage"  # gets checkpoint/ (resumable state) and model/ (the trained Blip3o)
     data: list[str] = field(default_factory=list)  # webdataset shards: paths, globs, brace patterns or URLs
     steps: int = 1000  # optimiser steps
-    batch_size: int = 32  # global batch (split evenly over torchrun ranks)
+    batch_size: int = 32  # global batch of an optimiser step (split evenly over torchrun ranks)
+    grad_accum: int = 1  # micro-batches each rank splits its share of a step into (gradients summed over them)
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -67,7 +71,7 @@ class TrainConfig:
     stage_options: dict = field(default_factory=dict)  # the stage's options (blip3o.train.stages)
 
     def __post_init__(self) -> None:
-        check_fields(type(self), field_values(self), bounds=TRAIN_BOUNDS, error=ValueError)
+        check_fields(type(self), field_values(self), bounds=BOUNDS, error=ValueError)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.device != "auto":
@@ -100,6 +104,19 @@ class TrainConfig:
             raise ValueError(f"{path}: {e}") from None
 
 
+class StageLoss(torch.nn.Module):
+    """A stage's loss as a module whose parameters are the trained ones, for DDP to wrap: the model's frozen
+    parts stay outside it."""
+
+    def __init__(self, stage: Stage, params: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self.stage = stage
+        self.trained = torch.nn.ParameterList(params)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.stage.loss(batch)
+
+
 def ema_decay(decay: float, step: int) -> float:
     """EMA decay at `step` (0-based), warmed up as min(decay, (1 + step) / (10 + step)).
 
@@ -118,10 +135,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """TrainConfig.device for this process: under torchrun "auto" and "cuda" are cuda:LOCAL_RANK."""
+    return local_device(name, world or World())
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -197,17 +213,21 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, dataset, *, model: Blip3o | None = None, world: World | None = None):
         self.config = config
-        self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
+        self.world = world or init_world(resolve_device(config.device))
+        self.device = resolve_device(config.device, self.world)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL and the default CUDA stream of this rank use its own GPU
+        else:
             keep_freed_memory()  # the same activations every step: reuse their memory, no fresh pages
-        self.world = world or init_world(self.device)
-        if config.batch_size % self.world.size:
-            raise ValueError(f"batch_size {config.batch_size} does not split over {self.world.size} processes")
+        if config.batch_size % (self.world.size * config.grad_accum):
+            raise ValueError(f"batch_size {config.batch_size} does not split over {self.world.size} processes "
+                             f"x grad_accum {config.grad_accum} micro-batches")
         self.dataset = dataset
         self.model = model if model is not None else load_init(config.init, self.device)
         self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
         self.named_params = self.stage.trainable(self.model)
         self.params = [p for _, p in self.named_params]
+        self.ddp = self._data_parallel()
         # foreach: one call per op over all tensors (torch picks it on CUDA only; on a CPU the per-tensor loop
         # costs 13 to 21 ms of a step); the same update up to rounding
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
@@ -219,6 +239,16 @@ class Trainer:
         self.seconds = 0.0  # wall time spent in the training loop, over every run of it (resumes included)
         self.resumed_seconds = 0.0  # the part of it that earlier runs spent (from the checkpoint)
         self.out = Path(config.out_dir)
+
+    def _data_parallel(self) -> DistributedDataParallel | None:
+        """DDP over the trained parameters (None for one process): it averages their gradients over ranks
+        during backward. Frozen parts are not DDP's: nothing of them is broadcast or reduced."""
+        if self.world.size == 1:
+            return None
+        # some trained parameters take no part in a step (self-conditioning off for a whole batch, a dropped
+        # auxiliary): DDP finds them in the graph and marks them ready
+        return DistributedDataParallel(StageLoss(self.stage, self.params), broadcast_buffers=False,
+                                       find_unused_parameters=True)
 
     # ------------------------------------------------------------------ state
 
@@ -287,20 +317,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def local_indices(self, step: int) -> list[int]:
-        """Global item indices of this process's share of the global batch at `step`."""
-        b, per_rank = self.config.batch_size, self.config.batch_size // self.world.size
-        start = step * b + self.world.rank * per_rank
-        return list(range(start, start + per_rank))
+    def local_indices(self, step: int, micro: int = 0) -> list[int]:
+        """Global item indices of micro-batch `micro` of this process's share of the global batch at `step`."""
+        per_rank = self.config.batch_size // self.world.size
+        per_micro = per_rank // self.config.grad_accum
+        start = step * self.config.batch_size + self.world.rank * per_rank + micro * per_micro
+        return list(range(start, start + per_micro))
 
-    def train_step(self) -> float:
-        indices = self.local_indices(self.step)
+    def micro_loss(self, micro: int) -> float:
+        """Forward and backward of one micro-batch of this step; its gradients add to those of the others."""
+        indices = self.local_indices(self.step, micro)
         batch = self.stage.collate([self.dataset[i] for i in indices], indices, self.config.seed, self.device)
         dtype = autocast_dtype(self.config.precision, self.device)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = self.stage.loss(batch)
-        loss.backward()
-        average_gradients(self.params, self.world)
+        last = micro == self.config.grad_accum - 1
+        with nullcontext() if last or self.ddp is None else self.ddp.no_sync():  # DDP reduces on the last one
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = self.ddp(batch) if self.ddp is not None else self.stage.loss(batch)
+            (loss / self.config.grad_accum).backward()
+        return loss.item()
+
+    def train_step(self) -> float:
+        """One optimiser step over grad_accum micro-batches; returns this process's mean loss."""
+        loss = sum(self.micro_loss(micro) for micro in range(self.config.grad_accum)) / self.config.grad_accum
         torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -311,7 +349,7 @@ class Trainer:
                 torch._foreach_lerp_([self.ema[n] for n, _ in self.named_params],
                                      [p.detach() for _, p in self.named_params], 1 - decay)
         self.step += 1
-        return loss.item()
+        return loss
 
     def fit(self) -> Path:
         """Train to config.steps (resuming if possible), then export the model; returns its folder."""
