@@ -54,6 +54,9 @@ class Blip3oConfig:
     # folder whose config.json names neither trains with the generation prompt and continuous t.
     train_layout: str = "generation_prompt"
     train_timesteps: str = "uniform"
+    # the CLIP encoder holds random weights (an official folder loaded without its EVA tower): its tokens are
+    # no target to train on or cache, so training the generation stage and `blip3o data clip-targets` refuse it
+    clip_encoder_random: bool = False
     extra: dict = field(default_factory=dict)  # free-form metadata (training provenance, ...)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,14 @@ class Blip3oConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def require_trained_clip_encoder(self, purpose: str) -> None:
+        """Refuse (ValueError) to use the CLIP encoder's tokens for `purpose` when its weights are random."""
+        if self.clip_encoder_random:
+            raise ValueError(
+                f"cannot {purpose}: this model's CLIP encoder holds random weights (clip_encoder_random: its folder "
+                "had no EVA-CLIP tower), so its tokens are no target. Load the folder with "
+                "clip_encoder_weights=<folder with the tower's safetensors> and save it again")
 
     @classmethod
     def from_dict(cls, d: dict, *, where: str = "config") -> Blip3oConfig:

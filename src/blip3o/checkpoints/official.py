@@ -314,7 +314,7 @@ def _config(raw: dict, shapes: dict, eva_shapes: dict | None, where: str) -> Bli
     return dataclasses.replace(
         base, backbone=backbone, dit=dit, clip_encoder=clip,
         decoder=dataclasses.replace(base.decoder, token_width=dit.in_channels), num_queries=num_queries,
-        train_layout="closed_turn", train_timesteps="scheduler_grid",
+        train_layout="closed_turn", train_timesteps="scheduler_grid", clip_encoder_random=not eva,
         extra={"converted_from": "official BLIP3-o", "official_variant": variant or "custom",
                "official_model_type": raw.get("model_type"), "gen_vision_tower": raw.get("gen_vision_tower")},
     )

@@ -1,6 +1,7 @@
 """The data commands; `register` adds them to the command table (blip3o/cli/table.py):
 
     blip3o data check SPEC     read a data set once and report good and bad samples, images and texts
+    blip3o data clip-targets   compute every sample's CLIP target tokens once, for the generation stage
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import json
 
 from blip3o.cli.errors import EXIT_OK, BadInput, user_input
+from blip3o.cli.numbers import count
 from blip3o.cli.table import Command, CommandTable, flag
 
 CHECK_EPILOG = """\
@@ -55,6 +57,68 @@ def check_command() -> Command:
     ))
 
 
+TARGETS_EPILOG = """\
+Writes OUT/manifest.json (the encoder's config and a fingerprint of its weights, the dtype, the spec, the count)
+and one safetensors shard of tokens and texts per piece of the data (a tar shard, 1000 JSONL lines or folder
+images). Under torchrun rank r computes pieces r, r+N, ...; a rerun computes only the shards not on disk.
+Train from OUT by naming it as the generation stage's data (docs/training.md, "CLIP-target cache").
+
+exit codes:
+  0  every shard is on disk and the manifest is complete
+  2  the spec cannot be read, a source is not image-text, the model's CLIP encoder is random, or OUT holds
+     a cache of another encoder, dtype or spec
+
+examples:
+  blip3o data clip-targets --model nano --data "data/{00000..00009}.tar" --out targets/
+  torchrun --nproc_per_node 8 -m blip3o.cli data clip-targets --model BLIP3o-Model-8B --data photos.jsonl \\
+      --out targets/ --batch-size 128 --dtype bf16 --device cuda"""
+
+
+def run_clip_targets(args: argparse.Namespace) -> int:
+    import torch
+
+    from blip3o.cli.models import load_model
+    from blip3o.distributed import init_world, local_device, shutdown
+
+    from .targets import build_cache
+
+    with user_input("--device"):
+        if args.device != "auto":
+            torch.device(args.device)  # a name torch cannot read is refused here, before any process group
+    gpu = args.device != "cpu" and torch.cuda.is_available()
+    world = init_world(torch.device("cuda" if gpu else "cpu"))
+    device = local_device(args.device, world)
+    with user_input("--model"):
+        model = load_model(args.model, str(device), None)
+    with user_input():
+        report = build_cache(model, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype, world=world,
+                             image_root=args.image_root)
+    print(f"rank {world.rank}: {report.line()}", flush=True)
+    shutdown(world)
+    return EXIT_OK
+
+
+def clip_targets_command() -> Command:
+    from blip3o import DEFAULT_MODEL
+    from blip3o.cli.models import model_name
+
+    from .targets import DTYPES
+
+    return Command(("data", "clip-targets"), "compute every sample's CLIP target tokens once (a cache that the "
+                   "generation stage trains from)", run_clip_targets, epilog=TARGETS_EPILOG, flags=(
+        flag("--model", type=model_name, default=DEFAULT_MODEL, help="preset or model folder whose CLIP encoder "
+                                                                     f"makes the targets (default: {DEFAULT_MODEL})"),
+        flag("--data", required=True, metavar="SPEC", help="the image-text data, as `data check` names it"),
+        flag("--out", required=True, metavar="DIR", help="the cache folder (new, or one this command started)"),
+        count("--batch-size", high=65536, default=64, help="images encoded at once (default: 64)"),
+        flag("--dtype", choices=list(DTYPES), default="bf16", help="the stored tokens' dtype (default: bf16)"),
+        flag("--device", default="auto", help="auto (cuda:LOCAL_RANK where CUDA is available), cpu, cuda, cuda:N"),
+        flag("--image-root", metavar="DIR", help="where image paths of JSONL files resolve (default: each file's "
+                                                 "folder)"),
+    ))
+
+
 def register(table: CommandTable) -> None:
-    """Add `data check` to the `data` group."""
+    """Add `data check` and `data clip-targets` to the `data` group."""
     table.add(check_command())
+    table.add(clip_targets_command())

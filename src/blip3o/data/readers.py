@@ -9,6 +9,8 @@ images, a whole JSON array) from its record `skip` on, and `load(record)` makes 
     conversation  {"messages": [{"role": "system"|"user"|"assistant",
                                  "content": [{"type": "image", "image": PIL.Image}, {"type": "text", "text": str}]}],
                    "json": dict, "where": str}
+    targets       {"targets": (64, C) tensor, "text": str, "json": dict, "where": str, "key": str, "encoder": str}
+                  (a CLIP-target cache: blip3o.data.targets)
 
 `json` is the record's own metadata (a shard's json member, the JSONL line); `where` names the file and the
 line, key or item. Every image comes through `admit_image` and keeps its own mode and size, with its EXIF
@@ -79,6 +81,10 @@ class Reader(ABC):
 
 
 def reader_for(source: Source) -> Reader:
+    if source.kind == "targets":
+        from .targets import TargetsReader  # it builds on this module's Reader
+
+        return TargetsReader(source)
     if source.kind == "shards":
         return ShardReader(source)
     if source.kind == "folder":

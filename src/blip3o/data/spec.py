@@ -6,12 +6,13 @@ A spec is one string of comma-separated entries `PATH[::WEIGHT]`, or a YAML/JSON
     captions.jsonl                   {"image": path, "caption"|"prompt"|"text": str} a line
     photos/                          a folder of images with same-named .txt captions (searched recursively)
     llava_v1_5_mix665k.json          LLaVA conversations: a JSON array, or JSONL whose lines hold `conversations`
+    targets/                         a CLIP-target cache (`blip3o data clip-targets`: a folder with manifest.json)
     data/{00000..00127}.tar::0.7,llava.jsonl::0.3    a mixture: each sample comes from a source with
                                      probability weight / sum of weights (a weight left out is 1)
     mix.yaml                         a spec file:  sources: [{path, weight, kind, image_root}, ...]
 
 In a spec file `path` and `image_root` are relative to the file's folder, `kind` (shards, captions, folder,
-llava) overrides what the path's form says. Image paths inside JSONL and LLaVA files resolve against the
+llava, targets) overrides what the path's form says. Image paths inside JSONL and LLaVA files resolve against the
 source's image root: its own `image_root`, else the `image_root` argument (`--image-root`), else the file's
 folder. Everything named must exist: a spec that cannot be read as asked raises SpecError naming the entry.
 """
@@ -29,8 +30,9 @@ from pathlib import Path
 import yaml
 from braceexpand import braceexpand
 
-KINDS = ("shards", "captions", "folder", "llava")
+KINDS = ("shards", "captions", "folder", "llava", "targets")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+TARGETS_MANIFEST = "manifest.json"  # what makes a folder a CLIP-target cache (blip3o.data.targets)
 SPEC_FILE_FIELDS = ("path", "weight", "kind", "image_root")
 SNIFF_LINES = 100  # a JSONL file's kind is read from the first JSON object among its first lines
 
@@ -117,6 +119,8 @@ def make_source(path: str, *, weight: float = 1.0, kind: str | None = None, imag
         return Source(name, kind, paths, weight, _image_root(root, name))
     if image_root is not None:
         raise SpecError(f"{name}: image_root applies to JSONL and LLaVA sources, not to {kind}")
+    if kind == "targets" and not (Path(path) / TARGETS_MANIFEST).is_file():
+        raise SpecError(f"{name}: the folder {path} holds no {TARGETS_MANIFEST}: not a CLIP-target cache")
     if kind == "folder" and not _has_image(path):
         raise SpecError(f"{name}: the folder {path} holds no image ({', '.join(IMAGE_SUFFIXES)})")
     return Source(name, kind, paths, weight)
@@ -127,6 +131,8 @@ def detect_kind(path: str) -> str:
     p = Path(path)
     if any(c in path for c in "{*?[") or p.suffix == ".tar":
         return "shards"
+    if p.is_dir() and (p / TARGETS_MANIFEST).is_file():
+        return "targets"
     if p.is_dir():
         return "shards" if any(p.glob("*.tar")) else "folder"
     if not p.exists():
@@ -161,7 +167,8 @@ def shard_paths(pattern: str) -> tuple[str, ...]:
 
 def _existing(path: str, kind: str, name: str) -> str:
     """`path`, if it is what a source of `kind` reads: a folder for `folder`, else a file."""
-    wanted, found = ("a folder", Path(path).is_dir()) if kind == "folder" else ("a file", Path(path).is_file())
+    is_folder = kind in ("folder", "targets")
+    wanted, found = ("a folder", Path(path).is_dir()) if is_folder else ("a file", Path(path).is_file())
     if not found:
         raise SpecError(f"{name}: {path} is not {wanted}" if Path(path).exists() else f"{name}: {path} does not exist")
     return path

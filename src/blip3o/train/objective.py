@@ -79,9 +79,16 @@ def generation_loss(model: Blip3o, prompts: Sequence[str], pixels: torch.Tensor,
     """The generation objective (module docstring) for B captions and their images, pixels (B, 3, H, W) in
     [0, 1] -> a float32 scalar. `draws`: the items' noise, times and drops; None draws them from `generator`
     (`draw_generation` with the model's `train_timesteps` and the original's drop rate 0.1)."""
+    return target_loss(model, prompts, model.clip_encoder.encode(pixels), draws, generator=generator)
+
+
+def target_loss(model: Blip3o, prompts: Sequence[str], x_0: torch.Tensor, draws: GenerationDraws | None = None, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The generation objective for B captions and their images' encoder tokens x_0 (B, N, C): computed now
+    (`generation_loss`) or read from a CLIP-target cache (`blip3o.data.targets`) -> a float32 scalar."""
     if draws is None:
         draws = draw_generation(len(prompts), model.config.dit, model.config.train_timesteps, generator=generator)
-    x_0 = model.clip_encoder.encode(pixels)  # (B, N, C), the targets
+    x_0 = x_0.to(model.queries.device)
     draws = draws.to(x_0.device)
     cond = training_condition(model, prompts)  # (B, N, H)
     cond = cond * draws.keep.view(-1, 1, 1).to(cond.dtype)

@@ -4,16 +4,21 @@
     image -> clip_encoder (frozen) -> x_0 (B, 64, C);  x_t = (1 - t) x_0 + t x_1
     loss = dit.loss(path, cond * keep, self_condition)
 
-The objective is `blip3o.train.objective.generation_loss`; the stage draws each item's randomness from its own
-streams and trains with the model's `train_layout` and `train_timesteps`.
+The objective is `blip3o.train.objective.target_loss`; the stage draws each item's randomness from its own
+streams and trains with the model's `train_layout` and `train_timesteps`. An item's x_0 comes from its image
+through the encoder's own preprocessing (`encode_images`: any size and mode), or, for an item of a CLIP-target
+cache (`blip3o.data.targets`), from its cached `targets`: the stage then checks the cache was made by this
+model's encoder and moves the encoder and the decoder off the training device, which never runs them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blip3o.images import pil_to_tensor
-from blip3o.train.objective import GenerationDraws, draw_generation, generation_loss
+import torch
+
+from blip3o.data.targets import cached_items, check_items_encoder, encoder_identity, release_towers
+from blip3o.train.objective import GenerationDraws, draw_generation, target_loss
 from blip3o.train.options import StageOptions, share
 from blip3o.train.stages.base import Stage
 from blip3o.train.stages.texts import generation_text
@@ -40,6 +45,11 @@ class GenerationStage(Stage):
     name, trains, Options = "generation", ("queries", "dit"), GenerationOptions
     options: GenerationOptions
 
+    def __init__(self, model, options: dict | None = None) -> None:
+        model.config.require_trained_clip_encoder("train the generation stage")
+        super().__init__(model, options)
+        self.encoder: dict | None = None  # the encoder's identity, once a batch of cached targets arrives
+
     def collate(self, items, indices, seed, device):
         o = self.options
         draws = draw_generation(len(items), self.model.config.dit, self.model.config.train_timesteps,
@@ -47,13 +57,25 @@ class GenerationStage(Stage):
                                 generator=lambda k, name: item_generator(seed, indices[k], name))
         return {
             "prompts": [generation_text(item, seed, i, o.prompt_share) for item, i in zip(items, indices, strict=True)],
-            "pixels": pil_to_tensor([it["image"] for it in items]).to(device),  # (B, 3, H, W)
+            **self.targets(items, device),
             "x_1": draws.x_1.to(device),  # (B, 64, C)
             "t": draws.t.to(device),  # (B,)
             "keep": draws.keep.to(device),  # (B,) False: condition dropped
             "self_condition": draws.self_condition.to(device),  # (B,) reads a first pass's estimate
         }
 
+    def targets(self, items: list[dict], device: torch.device) -> dict:
+        """{"x_0": (B, 64, C) in the model's dtype} from items of a CLIP-target cache (made by this model's encoder, else
+        refused), or {"images": their PIL images}."""
+        if not cached_items(items):
+            return {"images": [item["image"] for item in items]}
+        if self.encoder is None:  # the first cached batch: the towers are not needed from here on
+            self.encoder = encoder_identity(self.model)
+            release_towers(self.model)
+        check_items_encoder(items, self.encoder)
+        return {"x_0": torch.stack([item["targets"] for item in items]).to(device, self.model.queries.dtype)}
+
     def loss(self, batch):
         draws = GenerationDraws(batch["x_1"], batch["t"], batch["keep"], batch["self_condition"])
-        return generation_loss(self.model, batch["prompts"], batch["pixels"], draws)
+        x_0 = batch["x_0"] if "x_0" in batch else self.model.clip_encoder.encode_images(batch["images"])  # (B, 64, C)
+        return target_loss(self.model, batch["prompts"], x_0, draws)
