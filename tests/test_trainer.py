@@ -478,3 +478,28 @@ def test_gradient_accumulation_equals_one_whole_batch(tmp_path):
         Trainer(config(tmp_path / "3", grad_accum=3), DATA)
     with pytest.raises(ValueError, match="grad_accum is 0"):
         config(tmp_path, grad_accum=0)
+
+
+@pytest.mark.parametrize("export_dtype, written", [("same", torch.bfloat16), ("fp32", torch.float32),
+                                                   ("fp16", torch.float16)])
+def test_a_half_precision_model_trains_fp32_master_weights(tmp_path, export_dtype, written):
+    from safetensors.torch import load_file
+
+    model = Blip3o.from_preset("debug", dtype=torch.bfloat16)
+    cfg = config(tmp_path, steps=2, precision="bf16", export_dtype=export_dtype, checkpoint_every=10)
+    trainer = Trainer(cfg, DATA, model=model)
+    trainer.fit()
+    assert {p.dtype for p in trainer.params} == {torch.float32}
+    assert model.backbone.model.model.visual.patch_embed.proj.weight.dtype == torch.bfloat16  # frozen: as loaded
+    moments = [s[k] for s in trainer.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    assert {t.dtype for t in trainer.ema.values()} == {torch.float32}
+    weights = {}
+    for shard in (tmp_path / "generation" / "model").glob("*.safetensors"):
+        weights |= load_file(shard)
+    assert weights["dit.norm_out.linear_2.weight"].dtype == written
+    assert weights["queries"].dtype == written
+    frozen = next(v for k, v in weights.items() if k.startswith("backbone.") and v.is_floating_point())
+    assert frozen.dtype == (torch.bfloat16 if export_dtype == "same" else written)
+    with pytest.raises(ValueError, match="export_dtype 'int8' is not one of same, fp32, bf16, fp16"):
+        config(tmp_path, export_dtype="int8")

@@ -106,6 +106,7 @@ TRAIN_BOUNDS: dict[str, Bound] = {
     "batch_size": Bound(1, MAX_BATCH), "lr": Bound(0, 1e3), "min_lr_ratio": SHARE, "weight_decay": Bound(0, 1e3),
     "betas": Bound(0, 1, open_hi=True, max_len=2), "grad_clip": Bound(1e-12, 1e12),
     "ema_decay": Bound(0, 1, open_hi=True), "seed": Bound(0, 2**63 - 1),
+    "grad_accum": Bound(1, MAX_BATCH), "num_workers": Bound(0, 256),
 }
 
 

@@ -15,7 +15,8 @@ import os
 import pickle
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from blip3o import checkpoints
 from blip3o.allocator import keep_freed_memory
 from blip3o.checkpoints import resumable
-from blip3o.checkpoints.limits import TRAIN_BOUNDS, Bound, check_fields, field_values
+from blip3o.checkpoints.limits import TRAIN_BOUNDS, check_fields, field_values
 from blip3o.distributed import World, all_mean, barrier, init_world, local_device
 from blip3o.model import Blip3o
 from blip3o.train.stages import STAGES, Stage
@@ -36,7 +37,8 @@ STATE_NAME = "trainer_state.pt"
 # fields that may change between a run and its resume without changing what is computed
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
 PRECISIONS = ("auto", "fp32", "bf16")  # TrainConfig.precision
-BOUNDS = {**TRAIN_BOUNDS, "grad_accum": Bound(1, 4096), "num_workers": Bound(0, 256)}  # TrainConfig's
+# TrainConfig.export_dtype -> the dtype of the exported weights; None: each parameter's dtype at init
+EXPORT_DTYPES = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_KEYS = ("step", "seconds", "params", "ema", "optimizer", "scheduler", "rng", "identity")  # of trainer_state.pt
 
 
@@ -63,6 +65,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 disables EMA; the exported model carries the EMA weights (decay warmed up)
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16
+    # the dtype out_dir/model is written in: same (each parameter's dtype at init) | fp32 | bf16 | fp16.
+    # Training itself keeps the trained parameters, AdamW state and EMA in fp32 whatever the init's dtype
+    export_dtype: str = "same"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
@@ -71,9 +76,11 @@ class TrainConfig:
     stage_options: dict = field(default_factory=dict)  # the stage's options (blip3o.train.stages)
 
     def __post_init__(self) -> None:
-        check_fields(type(self), field_values(self), bounds=BOUNDS, error=ValueError)
+        check_fields(type(self), field_values(self), bounds=TRAIN_BOUNDS, error=ValueError)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype {self.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -147,6 +154,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if bf16_ok else None
+
+
+def fp32_master_weights(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """`params`, each cast to float32 in place: a model loaded in bf16 or fp16 trains (and keeps AdamW state and
+    EMA) in fp32, so that updates smaller than a half-precision step are not rounded away. Frozen parts keep
+    their dtype; autocast runs the matmuls in bf16 where precision asks it."""
+    with torch.no_grad():
+        for p in params:
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return params
 
 
 def load_init(init: str, device: torch.device) -> Blip3o:
@@ -226,7 +244,8 @@ class Trainer:
         self.model = model if model is not None else load_init(config.init, self.device)
         self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
         self.named_params = self.stage.trainable(self.model)
-        self.params = [p for _, p in self.named_params]
+        self.init_dtypes = {n: p.dtype for n, p in self.named_params}  # what export_dtype "same" writes
+        self.params = fp32_master_weights([p for _, p in self.named_params])
         self.ddp = self._data_parallel()
         # foreach: one call per op over all tensors (torch picks it on CUDA only; on a CPU the per-tensor loop
         # costs 13 to 21 ms of a step); the same update up to rounding
@@ -379,13 +398,25 @@ class Trainer:
         """Write the trained Blip3o (EMA weights where kept) to out_dir/model."""
         target = self.out / "model"
         if self.world.is_main:
-            live = {n: p.detach().clone() for n, p in self.named_params}
-            with torch.no_grad():
-                if self.ema is not None:
-                    for n, p in self.named_params:
-                        p.copy_(self.ema[n])
+            with torch.no_grad(), self.exported_weights():
+                self.stage.before_export()  # LoRA adapters, say, merge into the weights
                 self.model.save_pretrained(target)
-                for n, p in self.named_params:
-                    p.copy_(live[n])
         barrier(self.world)
         return target
+
+    @contextmanager
+    def exported_weights(self) -> Iterator[None]:
+        """Inside: the parameters hold what export writes (EMA weights where kept, in export_dtype); after: each
+        parameter holds its live tensor again."""
+        dtype, trained = EXPORT_DTYPES[self.config.export_dtype], dict(self.named_params)
+        live = []
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                source = self.ema[name] if self.ema is not None and name in trained else p.data
+                live.append((p, p.data))
+                p.data = source.to(dtype or self.init_dtypes.get(name, p.dtype))
+        try:
+            yield
+        finally:
+            for p, tensor in live:
+                p.data = tensor
