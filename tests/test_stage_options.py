@@ -54,8 +54,9 @@ def test_kinds_convert_what_json_gives():
 def test_unknown_options_are_refused_with_the_stages_options():
     model = Blip3o.from_preset("debug")
     with pytest.raises(ValueError, match="stage option text_weight is not an option of the understanding stage; "
-                                         "its options: freeze_language, locate, max_turns, object_labels, "
-                                         "object_labels_at, plan, reading, restate"):
+                                         "its options: freeze_language, freeze_vision, locate, lora_alpha, "
+                                         "lora_dropout, lora_rank, lora_targets, max_length, max_turns, "
+                                         "object_labels, object_labels_at, plan, reading, restate"):
         UnderstandingStage(model, {"text_weight": 0.5})
     for stage, gone in [("generation", "draws"), ("generation", "code_loss"), ("clip", "patch_reconstruction"),
                         ("understanding", "questions"), ("understanding", "loss_per"), ("decoder", "object_codes")]:

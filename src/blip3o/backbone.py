@@ -504,7 +504,40 @@ class Backbone(nn.Module):
             raise ValueError(f"stop token {token!r} is not a token of this tokenizer")
         return ids[0]
 
-    def _render(self, conversations: list[list[dict]]) -> tuple[list[str], list[Image.Image]]:
+    def training_inputs(self, conversations: list[list[dict]]) -> tuple[transformers.BatchFeature, torch.Tensor]:
+        """Whole conversations (the format of `chat`, assistant turns included) as the model reads them to learn
+        from: the inputs of `inputs` without a generation prompt, and labels (B, L) holding the ids of every
+        assistant turn's content and of the <|im_end|> that closes it, -100 elsewhere (the system and user turns,
+        their images, each turn's `<|im_start|>assistant\n` header, the newline after <|im_end|>, the padding).
+        """
+        texts, images = self._render(conversations, add_generation_prompt=False)
+        inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                                return_tensors="pt")
+        turns = [sum(m["role"] == "assistant" for m in c) for c in conversations]
+        return inputs, self.assistant_labels(inputs["input_ids"], turns)
+
+    def assistant_labels(self, input_ids: torch.Tensor, turns: list[int]) -> torch.Tensor:
+        """input_ids (B, L) of rendered conversations -> labels (B, L): from each `<|im_start|>assistant\n`
+        header's end through the <|im_end|> that follows it, the ids; -100 elsewhere. Row b must hold exactly
+        turns[b] assistant turns, each closed (a ValueError otherwise: a text that spells out the template's
+        control tokens)."""
+        header = self.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+        end = self.token_id("<|im_end|>")
+        labels = torch.full_like(input_ids, -100)
+        for row, expected in enumerate(turns):
+            ids = input_ids[row].tolist()
+            starts = [p + len(header) for p in range(len(ids) - len(header) + 1) if ids[p:p + len(header)] == header]
+            ends = [next((q for q in range(s, len(ids)) if ids[q] == end), None) for s in starts]
+            if len(starts) != expected or None in ends:
+                raise ValueError(f"conversation {row} renders {len(starts)} assistant turns ({ends.count(None)} "
+                                 f"unclosed) for its {expected} assistant messages: does a text spell out "
+                                 "<|im_start|> or <|im_end|>?")
+            for start, stop in zip(starts, ends, strict=True):
+                labels[row, start:stop + 1] = input_ids[row, start:stop + 1]
+        return labels
+
+    def _render(self, conversations: list[list[dict]], *,
+                add_generation_prompt: bool = True) -> tuple[list[str], list[Image.Image]]:
         """Chat-template texts (one per conversation) and all their images, in order."""
         if not isinstance(conversations, Sequence) or len(conversations) == 0:
             raise ValueError("conversations must be a non-empty list of conversations (lists of messages)")
@@ -512,7 +545,7 @@ class Backbone(nn.Module):
         for i, conversation in enumerate(conversations):
             messages, conv_images = _check_conversation(conversation, where=f"conversations[{i}]")
             text = self.tokenizer.apply_chat_template(messages, chat_template=self.processor.chat_template,
-                                                      tokenize=False, add_generation_prompt=True)
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
             texts.append(text)
             images.extend(conv_images)
         return texts, images

@@ -37,6 +37,19 @@ def nonnegative(default: float = 0.0) -> Any:
     return _option(default, "a number >= 0", lambda v: _is_number(v) and v >= 0, float)
 
 
+def positive(default: float) -> Any:
+    """A finite number > 0 (a scale that must act)."""
+    return _option(default, "a number > 0", lambda v: _is_number(v) and v > 0, float)
+
+
+def names(default: tuple[str, ...]) -> Any:
+    """A non-empty list of non-empty strings (a JSON list or a tuple), kept as a tuple."""
+    def valid(v: Any) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) and x for x in v)
+
+    return _option(default, "a non-empty list of names", valid, tuple)
+
+
 def share(default: float | None = None) -> Any:
     """A probability: a number in [0, 1] (None where the default is None: the option is off)."""
     return _option(default, "a share in [0, 1]", lambda v: (v is None and default is None)

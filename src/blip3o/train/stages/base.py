@@ -62,6 +62,10 @@ class Stage:
     def aux_loss(self, batch: dict, features: torch.Tensor | None) -> torch.Tensor | float:
         return sum((a.loss(batch, features) for a in self.auxiliaries), 0.0)
 
+    def before_export(self) -> None:
+        """Called with the weights to export in place, just before the model is saved: a stage that trains
+        something the saved model must not hold (adapters) folds it into the model's own weights here."""
+
     def collate(self, items: list[dict], indices: list[int], seed: int, device: torch.device) -> dict:
         """items (dataset entries) with their global indices -> a batch on `device`."""
         raise NotImplementedError
