@@ -133,7 +133,7 @@ def test_generation_loss_is_the_dit_loss_on_each_items_path():
     again = stage.collate(DATA[1:4], [6, 7, 8], 0, CPU)  # an item's draws do not depend on its batch
     assert torch.equal(again["x_1"], batch["x_1"][1:]) and torch.equal(again["t"], batch["t"][1:])
     with torch.no_grad():
-        x_0 = model.clip_encoder.encode(batch["pixels"])
+        x_0 = model.clip_encoder.encode_images(batch["images"])
         cond = model.condition(batch["prompts"]) * batch["keep"].view(-1, 1, 1).float()
         expected = model.dit.loss(sample_path(x_0, batch["x_1"], batch["t"]), cond, batch["self_condition"])
         torch.testing.assert_close(stage.loss(dict(batch)), expected)
@@ -376,7 +376,7 @@ def test_generation_self_conditioning_draws_its_share_and_leaves_other_draws_unc
     with torch.no_grad():
         model.dit.self_condition.weight.normal_()  # make the estimate matter
         cond = model.condition(batch["prompts"]) * batch["keep"].view(-1, 1, 1)
-        path = sample_path(model.clip_encoder.encode(batch["pixels"]), batch["x_1"], batch["t"])
+        path = sample_path(model.clip_encoder.encode_images(batch["images"]), batch["x_1"], batch["t"])
         torch.testing.assert_close(stage.loss(dict(batch)), model.dit.loss(path, cond, batch["self_condition"]))
     with pytest.raises(ValueError, match="stage option self_condition_rate must be a share in"):
         GenerationStage(model, {"self_condition_rate": 2})

@@ -57,6 +57,15 @@ def all_mean(value: float, world: World) -> float:
     return t.item() / world.size
 
 
+def all_gather(value: object, world: World) -> list:
+    """Every rank's `value` (any picklable object), in rank order."""
+    if world.size == 1:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(world: World) -> None:
     """Wait until every rank gets here (e.g. before the main rank reads what all wrote)."""
     if world.size > 1:

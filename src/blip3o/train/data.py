@@ -1,20 +1,29 @@
-"""Training data: webdataset shards read once into memory, then indexed by global item number.
+"""Training data: Shapes shards in memory, indexed by global item number, or any data spec streamed.
+
+`ShardDataset`: webdataset shards read once into memory, then indexed by global item number.
 
 Global item i of a run is example perm_e[i mod N] with e = i div N and perm_e a permutation seeded
 by (seed, e): every epoch is a fresh shuffle, and any item can be reached without replaying the
 stream, which is what makes resume and multi-process splits exact. Images stay PNG-encoded in
 memory (about 1 KB each for Shapes) and are decoded on access.
+
+`StreamedItems`: any spec `blip3o.data` reads, each rank reading its own part of the stream; the global item
+indices still key every random draw of an item, and the stream's state resumes it exactly.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 
+from blip3o.data.stats import DataStats
+from blip3o.data.stream import DataStream, StreamingDataset
+from blip3o.distributed import World
 from blip3o.shapes.data import ReadStats, iter_examples, shard_urls
 
 
@@ -55,3 +64,39 @@ class ShardDataset:
     def describe(self) -> str:
         s = self.stats
         return f"{len(self)} examples ({s.bad_examples} bad examples and {s.bad_shards} bad shards skipped)"
+
+
+def default_workers(device: torch.device) -> int:
+    """Loader workers per rank when TrainConfig.num_workers is None: decoding overlaps the GPU's step on CUDA;
+    on a CPU the workers would take cores from the step itself."""
+    return 2 if device.type == "cuda" else 0
+
+
+class StreamedItems:
+    """One rank's micro-batches of a data spec (`blip3o.data`: shards, JSONL, folders, LLaVA, mixtures), read
+    through a resumable `DataStream`; `state_dict()` is where this rank stands, for the checkpoint."""
+
+    def __init__(self, spec: list[str], *, seed: int, world: World, batch_size: int, num_workers: int) -> None:
+        self.stream = DataStream(StreamingDataset(spec, seed=seed, world=world), batch_size=batch_size,
+                                 num_workers=num_workers)
+        self._batches: Iterator[list[dict]] | None = None
+
+    @property
+    def stats(self) -> DataStats:
+        """Samples read and skipped (by reason) by this rank and its workers since the run began."""
+        return self.stream.stats
+
+    def next_batch(self) -> list[dict]:
+        """The next `batch_size` samples of this rank (a stream without end: a step count ends training)."""
+        if self._batches is None:
+            self._batches = iter(self.stream)
+        return next(self._batches)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; before the first batch only."""
+        if self._batches is not None:
+            raise RuntimeError("the data position is restored before the first batch is read")
+        self.stream.load_state_dict(state)

@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -29,11 +30,14 @@ from blip3o import checkpoints
 from blip3o.allocator import keep_freed_memory
 from blip3o.checkpoints import resumable
 from blip3o.checkpoints.limits import TRAIN_BOUNDS, check_fields, field_values
-from blip3o.distributed import World, all_mean, barrier, init_world, local_device
+from blip3o.distributed import World, all_gather, all_mean, barrier, init_world, local_device
+from blip3o.files import write_text
 from blip3o.model import Blip3o
+from blip3o.train.data import StreamedItems, default_workers
 from blip3o.train.stages import STAGES, Stage
 
 STATE_NAME = "trainer_state.pt"
+METRICS_NAME = "metrics.jsonl"  # in out_dir: one JSON line per log step
 # fields that may change between a run and its resume without changing what is computed
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
 PRECISIONS = ("auto", "fp32", "bf16")  # TrainConfig.precision
@@ -53,7 +57,9 @@ class TrainConfig:
     # (the trained weights the package ships for it, as Blip3o.from_preset) or a model folder
     init: str = "random:nano"
     out_dir: str = "runs/stage"  # gets checkpoint/ (resumable state) and model/ (the trained Blip3o)
-    data: list[str] = field(default_factory=list)  # webdataset shards: paths, globs, brace patterns or URLs
+    # data spec entries (blip3o.data.spec: shards, JSONL, image folders, LLaVA, each with an optional ::WEIGHT),
+    # streamed when the Trainer is given no in-memory dataset
+    data: list[str] = field(default_factory=list)
     steps: int = 1000  # optimiser steps
     batch_size: int = 32  # global batch of an optimiser step (split evenly over torchrun ranks)
     grad_accum: int = 1  # micro-batches each rank splits its share of a step into (gradients summed over them)
@@ -69,6 +75,7 @@ class TrainConfig:
     # Training itself keeps the trained parameters, AdamW state and EMA in fp32 whatever the init's dtype
     export_dtype: str = "same"
     seed: int = 0
+    num_workers: int | None = None  # loader workers per rank for streamed data; None: 2 on CUDA, 0 on a CPU
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     checkpoint_every: int = 200
@@ -225,11 +232,37 @@ def load_state(path: Path) -> dict:
     return state
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to `path` and flush it to disk: a crash leaves whole lines (at most the last one cut)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def keep_metrics_to(path: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl past `step` (and a line a crash cut): the file then tells the run a resume
+    from `step` continues."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(f"{line}\n" for line in kept))
+
+
 class Trainer:
     """Runs one stage: `fit()` trains to config.steps (resuming out_dir/checkpoint when it exists) and writes
-    out_dir/model. `dataset[i]` must give global item i ({"image": PIL, "json": dict})."""
+    out_dir/model. `dataset[i]` gives global item i ({"image": PIL, "json": dict}); with no dataset, each rank
+    streams its items from config.data (`blip3o.train.data.StreamedItems`)."""
 
-    def __init__(self, config: TrainConfig, dataset, *, model: Blip3o | None = None, world: World | None = None):
+    def __init__(self, config: TrainConfig, dataset=None, *, model: Blip3o | None = None,
+                 world: World | None = None):
         self.config = config
         self.world = world or init_world(resolve_device(config.device))
         self.device = resolve_device(config.device, self.world)
@@ -241,6 +274,7 @@ class Trainer:
             raise ValueError(f"batch_size {config.batch_size} does not split over {self.world.size} processes "
                              f"x grad_accum {config.grad_accum} micro-batches")
         self.dataset = dataset
+        self.stream = self._stream() if dataset is None else None
         self.model = model if model is not None else load_init(config.init, self.device)
         self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
         self.named_params = self.stage.trainable(self.model)
@@ -258,6 +292,17 @@ class Trainer:
         self.seconds = 0.0  # wall time spent in the training loop, over every run of it (resumes included)
         self.resumed_seconds = 0.0  # the part of it that earlier runs spent (from the checkpoint)
         self.out = Path(config.out_dir)
+
+    def _stream(self) -> StreamedItems:
+        """This rank's stream of config.data, a micro-batch at a time (the spec is checked here, before the
+        model loads)."""
+        if not self.config.data:
+            raise ValueError("TrainConfig.data names no data: give data spec entries (shards, JSONL, folders, "
+                             "LLaVA) or pass the Trainer a dataset")
+        workers = self.config.num_workers
+        return StreamedItems(self.config.data, seed=self.config.seed, world=self.world,
+                             batch_size=self.config.batch_size // self.world.size // self.config.grad_accum,
+                             num_workers=default_workers(self.device) if workers is None else workers)
 
     def _data_parallel(self) -> DistributedDataParallel | None:
         """DDP over the trained parameters (None for one process): it averages their gradients over ranks
@@ -297,9 +342,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes checkpoint/ (`blip3o.checkpoints.resumable`: a crash at any moment leaves a complete
-        one); the others wait, so all resume from the same step."""
+        one) with every rank's data position; the others wait, so all resume from the same step."""
+        data = all_gather(self.stream.state_dict(), self.world) if self.stream is not None else None
         if self.world.is_main:
-            state = self.state_dict()
+            state = {**self.state_dict(), "data": data}
             resumable.save(self.out, self.step, lambda tmp: torch.save(state, tmp / STATE_NAME))
         barrier(self.world)
 
@@ -332,7 +378,23 @@ class Trainer:
         set_global_rng_state(state["rng"])
         self.step = state["step"]
         self.seconds = self.resumed_seconds = float(state["seconds"])
+        self._resume_data(state.get("data"), path)
+        if self.world.is_main:
+            keep_metrics_to(self.out / METRICS_NAME, self.step)
         return True
+
+    def _resume_data(self, data: list | None, path: Path) -> None:
+        """Put this rank's stream where the checkpoint left it."""
+        if self.stream is None:
+            return
+        if data is None or len(data) != self.world.size:
+            saved = "no data position" if data is None else f"the data positions of {len(data)} processes"
+            raise checkpoints.CheckpointError(f"refusing to resume {path}: it holds {saved}, and this run streams "
+                                              f"its data on {self.world.size}; resume with the same processes")
+        try:
+            self.stream.load_state_dict(data[self.world.rank])
+        except ValueError as e:
+            raise checkpoints.CheckpointError(f"refusing to resume {path}: {e}") from None
 
     # ------------------------------------------------------------------ the loop
 
@@ -343,10 +405,16 @@ class Trainer:
         start = step * self.config.batch_size + self.world.rank * per_rank + micro * per_micro
         return list(range(start, start + per_micro))
 
+    def local_items(self, indices: list[int]) -> list[dict]:
+        """The items of a micro-batch: dataset[i] for each global index, or the stream's next micro-batch."""
+        if self.stream is not None:
+            return self.stream.next_batch()
+        return [self.dataset[i] for i in indices]
+
     def micro_loss(self, micro: int) -> float:
         """Forward and backward of one micro-batch of this step; its gradients add to those of the others."""
         indices = self.local_indices(self.step, micro)
-        batch = self.stage.collate([self.dataset[i] for i in indices], indices, self.config.seed, self.device)
+        batch = self.stage.collate(self.local_items(indices), indices, self.config.seed, self.device)
         dtype = autocast_dtype(self.config.precision, self.device)
         last = micro == self.config.grad_accum - 1
         with nullcontext() if last or self.ddp is None else self.ddp.no_sync():  # DDP reduces on the last one
@@ -384,15 +452,35 @@ class Trainer:
             self.seconds = self.resumed_seconds + time.perf_counter() - started
             bar.update(1)
             if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                loss = all_mean(loss, self.world)
                 rate = (self.step - done_at_start) * self.config.batch_size / (time.perf_counter() - started)
-                lr = self.scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{rate:.1f}", lr=f"{lr:.2e}")
+                self.log(bar, all_mean(loss, self.world), rate)
             if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
         return self.export()
+
+    def skipped(self) -> dict[str, int]:
+        """Samples the stream skipped so far, by reason, over every rank (empty for an in-memory dataset)."""
+        if self.stream is None:
+            return {}
+        total: Counter = Counter()
+        for counts in all_gather(dict(self.stream.stats.bad), self.world):
+            total.update(counts)
+        return dict(sorted(total.items()))
+
+    def log(self, bar: tqdm, loss: float, rate: float) -> None:
+        """One log step: the progress bar's figures, and a line of out_dir/metrics.jsonl (rank 0)."""
+        skipped, lr = self.skipped(), self.scheduler.get_last_lr()[0]
+        if not self.world.is_main:
+            return
+        bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{rate:.1f}", lr=f"{lr:.2e}", skipped=sum(skipped.values()))
+        line = {"step": self.step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped}
+        append_line(self.out / METRICS_NAME, json.dumps(line))
+        if not self.config.progress:
+            reasons = ", ".join(f"{r} {n}" for r, n in skipped.items()) or "none"
+            print(f"step {self.step}/{self.config.steps}: loss {loss:.4f}, lr {lr:.2e}, {rate:.1f} samples/s, "
+                  f"skipped: {reasons}", flush=True)
 
     def export(self) -> Path:
         """Write the trained Blip3o (EMA weights where kept) to out_dir/model."""
