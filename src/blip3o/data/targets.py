@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -256,7 +257,7 @@ class TargetsReader(Reader):
     def records(self, piece: str, skip: int, report: Callable[[Problem], None]) -> Iterator[Record]:
         targets, samples = shard_samples(piece)
         for k in range(skip, len(samples)):
-            yield Record(piece, f"row {k}", (targets[k], samples[k]))
+            yield Record(piece, f"row {k}", (targets[k].clone(), samples[k]))  # not a view of the whole shard
 
     def load(self, record: Record) -> dict:
         targets, sample = record.data
@@ -274,21 +275,21 @@ class TargetsDataset:
         if not self.rows:
             raise ValueError(f"{folder}: the CLIP-target cache holds no sample")
         self.seed = seed
-        self._open: tuple[str, tuple[torch.Tensor, list[dict]]] | None = None
+        self._perm: tuple[int, np.ndarray] | None = None  # the current epoch's order
+        self._open: tuple[str, tuple[torch.Tensor, list[dict]]] | None = None  # the shard read last
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        import numpy as np
-
         epoch = i // len(self)
-        j = int(np.random.default_rng([self.seed, epoch]).permutation(len(self))[i % len(self)])
-        piece, k = self.rows[j]
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self)))
+        piece, k = self.rows[int(self._perm[1][i % len(self)])]
         if self._open is None or self._open[0] != piece:
             self._open = (piece, shard_samples(piece))
         targets, samples = self._open[1]
-        return cached_sample(targets[k], samples[k], self.reader.manifest["encoder"]["id"], f"{piece}, row {k}")
+        return cached_sample(targets[k].clone(), samples[k], self.reader.manifest["encoder"]["id"], f"{piece}, row {k}")
 
 
 # ------------------------------------------------------------------ training from a cache
