@@ -228,8 +228,7 @@ def test_flags_a_mode_ignores_are_refused(tmp_path, image_path, capsys):
 
     config = tmp_path / "clip.json"
     config.write_text(json.dumps({"stage": "clip", "out_dir": str(tmp_path / "run"), "data": ["shards"]}))
-    for typed in (["--out", "x"], ["--data", "d"], ["--seed", "1"], ["--device", "cpu"], ["--scale", "2"]):
-        refused(["train", "clip", "--config", str(config), *typed], f"{typed[0]}: a stage takes every setting")
+    refused(["train", "clip", "--config", str(config), "--scale", "2"], "unrecognized arguments: --scale 2")
     refused(["train", "decoder", "--config", str(config)], "trains the clip stage, not decoder")
     config.write_text(json.dumps({"stage": "clip", "out_dir": "x", "stepz": 3}))
     refused(["train", "clip", "--config", str(config)], "unknown train config fields ['stepz']")

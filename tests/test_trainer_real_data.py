@@ -133,3 +133,43 @@ def test_resume_refuses_a_checkpoint_without_the_data_position(tmp_path, caption
     torch.save({**state, "data": None}, state_path)
     with pytest.raises(CheckpointError, match="it holds no data position, and this run streams its data on 1"):
         Trainer(config(tmp_path / "run", captions, steps=3)).fit()
+
+
+def test_train_command_takes_every_field_as_a_flag_over_its_config(tmp_path, captions, capsys):
+    from blip3o.cli.entry import main
+
+    config_file = tmp_path / "generation.json"
+    config_file.write_text(json.dumps({"stage": "generation", "init": "random:debug", "data": [captions],
+                                       "steps": 9, "batch_size": 8, "out_dir": str(tmp_path / "from-file")}))
+    out = tmp_path / "run"
+    assert main(["train", "generation", "--config", str(config_file), "--out", str(out), "--steps", "2",
+                 "--batch-size", "4", "--grad-accum", "2", "--device", "cpu", "--no-progress", "--log-every", "1",
+                 "--stage-options", '{"condition_drop": 0.2}', "--betas", "0.9", "0.99"]) == 0
+    assert f"trained model: {out / 'model'}" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(out)] == [1, 2] and not (tmp_path / "from-file").exists()
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    train = state["identity"]["train"]
+    assert (train["grad_accum"], train["batch_size"], train["betas"]) == (2, 4, [0.9, 0.99])
+    assert train["stage_options"] == {"condition_drop": 0.2} and train["data"] == [captions]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "0"], "--steps is 0"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--grad-accum", "-1"], "--grad-accum is -1"),
+    (["--precision", "fp8"], "--precision: precision 'fp8' is not one of auto, fp32, bf16"),
+    (["--export-dtype", "int4"], "--export-dtype: export_dtype 'int4' is not one of"),
+    (["--stage-options", "[1]"], "argument --stage-options: a JSON object is expected"),
+    (["--stage-options", '{"bogus": 1}'], "--stage-options: stage option"),
+    (["--betas", "0.9"], "argument --betas: expected 2 arguments"),
+    (["--data", "missing.jsonl"], "--data: "),
+    ([], "give the training data: --data SPEC"),
+])
+def test_train_command_refuses_bad_values_naming_the_flag(tmp_path, monkeypatch, capsys, flags, expected):
+    from blip3o.cli.entry import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("blip3o.train.Trainer.fit", lambda self: pytest.fail("training started"))
+    assert main(["train", "generation", "--init", "random:debug", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err

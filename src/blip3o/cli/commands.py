@@ -17,7 +17,7 @@ from blip3o.cli.files import check_output_file, check_output_folder, open_image,
 from blip3o.cli.generate import generate_command
 from blip3o.cli.models import SPEED_FLAGS, load_for_command, load_model, model_flags
 from blip3o.cli.numbers import count, number, seed
-from blip3o.cli.table import Command, CommandTable, Refusal, flag
+from blip3o.cli.table import Command, CommandTable, Flag, Refusal, flag
 from blip3o.cli.terminal import progress
 from blip3o.files import atomic_file, save_image, write_text
 from blip3o.images import MAX_PIXELS
@@ -431,30 +431,115 @@ def small_commands() -> list[Command]:
 # ------------------------------------------------------------------ train STAGE
 
 
-def run_train_stage(args: argparse.Namespace) -> int:
-    from blip3o.train import TrainConfig
-    from blip3o.train.recipe import train_stage
+TRAIN_FLAG_NAMES = {"out_dir": "--out"}  # TrainConfig fields whose flag is not --FIELD-NAME
 
-    stage = args.command.words[-1]
-    readable_file(args.config, f"--config {args.config}")
-    with user_input(args.config):
-        config = TrainConfig.from_json(args.config)
-    if config.stage != stage:
-        raise BadInput(f"{args.config} trains the {config.stage} stage, not {stage}: run "
-                       f"`blip3o train {config.stage} --config {args.config}`")
+
+def train_flag_name(field_name: str) -> str:
+    return TRAIN_FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def train_config_flags() -> tuple[Flag, ...]:
+    """A flag for every TrainConfig field but `stage` (the command names it), made from the field's type: the
+    flags and the config never drift apart. A flag not typed leaves the field to --config or its default."""
+    import dataclasses
+    import typing
+
+    from blip3o.train import TrainConfig
+
+    hints, flags = typing.get_type_hints(TrainConfig), []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        hint = hints[f.name]
+        kind = next((k for k in (bool, int, float, str) if hint is k or k in typing.get_args(hint)), None)
+        if hint is bool:
+            options = {"action": argparse.BooleanOptionalAction}
+        elif typing.get_origin(hint) is list:
+            options = {"action": "append", "metavar": "SPEC"}
+        elif typing.get_origin(hint) is tuple:
+            options = {"type": float, "nargs": len(typing.get_args(hint)), "metavar": "X"}
+        elif hint is dict:
+            options = {"type": json_object, "metavar": "JSON"}
+        else:
+            options = {"type": kind, "metavar": f.name.split("_")[-1].upper()}
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        flags.append(flag(train_flag_name(f.name), dest=f.name, help=f"TrainConfig.{f.name} (default {default!r})",
+                          **options))
+    return tuple(flags)
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (argparse names the flag when it refuses one)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at column {e.colno}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is expected, e.g. '{{\"prompt_share\": 0.9}}', got {text}")
+    return value
+
+
+def train_config(args: argparse.Namespace, stage: str):
+    """The TrainConfig of `blip3o train STAGE`: --config's fields, the typed flags over them; a bad value is
+    refused naming its flag (or the file it came from)."""
+    import dataclasses
+    import typing
+
+    from blip3o.checkpoints.limits import TRAIN_BOUNDS, check_value, field_values
+    from blip3o.train import TrainConfig
+
+    fields = {}
+    if args.config:
+        readable_file(args.config, f"--config {args.config}")
+        with user_input(args.config):
+            fields = field_values(TrainConfig.from_json(args.config))
+        if fields["stage"] != stage:
+            raise BadInput(f"{args.config} trains the {fields['stage']} stage, not {stage}: run "
+                           f"`blip3o train {fields['stage']} --config {args.config}`")
+    hints = typing.get_type_hints(TrainConfig)
+    typed = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "stage" and getattr(args, f.name, None) is not None}
+    if "betas" in typed:
+        typed["betas"] = tuple(typed["betas"])
+    for name, value in typed.items():
+        check_value(train_flag_name(name), value, hints[name], TRAIN_BOUNDS.get(name), error=BadInput)
+    try:
+        return TrainConfig(**{**fields, **typed, "stage": stage})
+    except ValueError as e:
+        word = str(e).split()[0]
+        name = "stage_options" if word == "stage" else word
+        raise BadInput(f"{train_flag_name(name) if name in typed else args.config or 'TrainConfig'}: {e}") from None
+
+
+def run_train_stage(args: argparse.Namespace) -> int:
+    from blip3o.distributed import shutdown
+    from blip3o.train import Trainer
+
+    config = train_config(args, args.command.words[-1])
     if not config.data:
-        raise BadInput(f"{args.config}: `data` must list the training shards")
-    print(f"trained model: {train_stage(args.config)}")
+        raise BadInput("give the training data: --data SPEC (shards, JSONL, an image folder, LLaVA; "
+                       "see `blip3o data check`), or `data` in --config")
+    with user_input("--data" if args.data else args.config):
+        from blip3o.data.spec import parse_spec
+
+        parse_spec(config.data)  # every file the spec names exists, before the model loads
+    with user_input():
+        trainer = Trainer(config)
+    model = trainer.fit()
+    if trainer.world.is_main:
+        print(f"trained model: {model}")
+    shutdown(trainer.world)
     return EXIT_OK
 
 
 def train_stage_command(stage: str) -> Command:
-    return Command(("train", stage), f"train the {stage} stage as its --config file says", run_train_stage,
-                   flags=(flag("--config", required=True, help="TrainConfig JSON: the stage, its data, "
-                                                               "out_dir, steps, seed, device, ..."),),
-                   other_options="a stage takes every setting (out_dir, data, seed, device, steps, ...) from its "
-                                 "--config file; set it there",
-                   epilog=f"example:\n  torchrun --nproc_per_node 2 -m blip3o.cli train {stage} --config {stage}.json")
+    return Command(("train", stage), f"train the {stage} stage on a data spec", run_train_stage,
+                   flags=(flag("--config", help="TrainConfig JSON: its fields, under the flags typed"),
+                          *train_config_flags()),
+                   epilog=f"examples:\n  blip3o train {stage} --init MODEL_DIR --data captions.jsonl "
+                          f"--out runs/{stage} --steps 1000 --batch-size 32\n"
+                          f"  torchrun --nproc_per_node 8 -m blip3o.cli train {stage} --config {stage}.json "
+                          f"--out runs/{stage}")
 
 
 def register(table: CommandTable) -> None:
