@@ -93,6 +93,15 @@ def test_training_from_the_cache_equals_training_on_the_fly(shards, tmp_path):
     assert any(not torch.equal(p, start[name]) for name, p in on_the_fly.named_params)  # it trained
 
 
+def test_a_cache_named_as_the_runs_data_streams_its_targets(shards, tmp_path):
+    build_cache(debug_model(), shards, tmp_path / "cache", dtype="bf16")
+    trainer = Trainer(train_config(tmp_path / "run", data=[str(tmp_path / "cache")], steps=2))
+    before = {name: p.detach().clone() for name, p in trainer.named_params}
+    trainer.fit()
+    assert trainer.stage.encoder is not None  # the batches carried cached targets
+    assert any(not torch.equal(p, before[name]) for name, p in trainer.named_params)
+
+
 def test_the_cache_holds_every_sample_with_its_text_and_reads_as_a_data_source(shards, tmp_path):
     model = debug_model()
     build_cache(model, shards, tmp_path / "cache", batch_size=5, dtype="bf16")
