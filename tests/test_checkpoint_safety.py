@@ -348,7 +348,7 @@ def test_a_crash_at_any_point_of_a_save_resumes_from_the_newest_complete_checkpo
         assert torch.equal(a, b), name
     for name in straight.ema:
         assert torch.equal(straight.ema[name], resumed.ema[name]), name
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "model"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "metrics.jsonl", "model"]
 
 
 def test_recover_promotes_the_newest_complete_leftover_and_removes_the_rest(tmp_path, capsys):

@@ -1,9 +1,12 @@
-"""One trainer for every stage: AdamW, warm-up + cosine, clipping, EMA, exact resume, torchrun.
+"""One trainer for every stage: AdamW, warm-up + cosine, clipping, gradient accumulation, EMA, fp32 master
+weights, exact resume, torchrun (one GPU per process, DDP over the trained parameters).
 
 Determinism is by construction: global item i of the run is `dataset[i]` and every random draw made
 for it comes from a generator keyed by (seed, i, stream) (blip3o.train.streams). So the same global
 batch gives the same update on 1 or N processes, and a resumed run replays exactly what an
-uninterrupted one would have done.
+uninterrupted one would have done. Streamed data (no in-memory dataset: config.data read through
+`blip3o.data`) keeps the keyed draws and the exact resume (each process's stream position is in the
+checkpoint); which sample is item i there depends on the number of processes and loader workers.
 """
 
 from __future__ import annotations
