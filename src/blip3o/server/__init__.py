@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -46,10 +47,8 @@ def serve(app, sock: socket.socket, log_level: str = "info") -> None:
     shutdown)."""
     import uvicorn
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
 
 
 class BackgroundServer:
