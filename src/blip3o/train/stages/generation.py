@@ -65,8 +65,8 @@ class GenerationStage(Stage):
         }
 
     def targets(self, items: list[dict], device: torch.device) -> dict:
-        """{"x_0": (B, 64, C) in the model's dtype} from items of a CLIP-target cache (made by this model's encoder, else
-        refused), or {"images": their PIL images}."""
+        """{"x_0": (B, 64, C) in the model's dtype} from items of a CLIP-target cache (made by this model's encoder,
+        else refused), or {"images": their PIL images}."""
         if not cached_items(items):
             return {"images": [item["image"] for item in items]}
         if self.encoder is None:  # the first cached batch: the towers are not needed from here on
