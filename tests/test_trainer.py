@@ -59,7 +59,7 @@ def test_stage_trains_only_its_parts(tmp_path, stage, trained, capsys):
     assert exported.num_parameters() == trainer.model.num_parameters()
 
 
-def test_init_names_random_or_shipped_weights_or_a_folder(tmp_path):
+def test_init_names_random_or_shipped_weights_or_a_folder(tmp_path, monkeypatch):
     from blip3o.presets import preset_weights
 
     shipped = Blip3o.from_pretrained(preset_weights("nano"), dtype=torch.float32)
@@ -71,6 +71,9 @@ def test_init_names_random_or_shipped_weights_or_a_folder(tmp_path):
     assert torch.equal(load_init(str(tmp_path / "model"), CPU).queries, random_a.queries)
     with pytest.raises(ValueError, match="ships no trained weights for preset 'debug'; use 'random:debug'"):
         load_init("debug", CPU)
+    monkeypatch.chdir(tmp_path)
+    random_a.save_pretrained(tmp_path / "debug")  # a folder named as a preset: the folder, as --model reads it
+    assert torch.equal(load_init("debug", CPU).queries, random_a.queries)
     for bad in ("random:nan", "nano-shipped", str(tmp_path / "missing")):
         with pytest.raises(ValueError, match=f"init '{bad}' is neither a model folder nor a preset"):
             load_init(bad, CPU)

@@ -178,20 +178,21 @@ def fp32_master_weights(params: list[torch.nn.Parameter]) -> list[torch.nn.Param
 
 
 def load_init(init: str, device: torch.device) -> Blip3o:
-    """The model a stage starts from (TrainConfig.init); a value that names nothing is refused."""
+    """The model a stage starts from (TrainConfig.init): "random:PRESET", a model folder, or a preset's shipped
+    weights; a value that names nothing is refused."""
     from blip3o.presets import PRESETS, preset_weights
 
     if init.startswith("random:") and init.removeprefix("random:") in PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same random weights on every process
             return Blip3o.from_preset(init.removeprefix("random:"), device=device, pretrained=False)
+    if Path(init).is_dir():  # a folder first, as --model reads it: `blip3o convert ... blip3o-8b` names one
+        return Blip3o.from_pretrained(init, device=device)
     if init in PRESETS:
         if preset_weights(init) is None:
             raise ValueError(f"init {init!r}: the package ships no trained weights for preset {init!r}; "
                              f"use 'random:{init}' to start from random weights")
         return Blip3o.from_preset(init, device=device)
-    if Path(init).is_dir():
-        return Blip3o.from_pretrained(init, device=device)
     raise ValueError(f"init {init!r} is neither a model folder nor a preset: use a folder written by "
                      f"save_pretrained, 'random:PRESET' or 'PRESET' (shipped weights); presets: {', '.join(PRESETS)}")
 
