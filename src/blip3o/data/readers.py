@@ -81,10 +81,10 @@ class Reader(ABC):
 
 
 def reader_for(source: Source) -> Reader:
+    """The reader of a source of samples (images, captions, conversations). A CLIP-target cache is read by
+    `blip3o.data.targets.TargetsReader`, which builds on this module (`blip3o.data.stream.source_reader` picks)."""
     if source.kind == "targets":
-        from .targets import TargetsReader  # it builds on this module's Reader
-
-        return TargetsReader(source)
+        raise ValueError(f"{source.name}: a CLIP-target cache is read by blip3o.data.targets.TargetsReader")
     if source.kind == "shards":
         return ShardReader(source)
     if source.kind == "folder":

@@ -34,8 +34,14 @@ from blip3o.distributed import World
 from .readers import Reader, Record, reader_for
 from .spec import Source, SpecError, parse_spec
 from .stats import DataStats, Problem, Skip
+from .targets import TargetsReader
 
 WINDOW = 1000  # raw records shuffled together (each a few hundred KB at most for tar shards)
+
+
+def source_reader(source: Source) -> Reader:
+    """The reader of any source a spec names: a CLIP-target cache's, or `reader_for`'s."""
+    return TargetsReader(source) if source.kind == "targets" else reader_for(source)
 
 
 class EmptyUnit(SpecError):
@@ -142,7 +148,7 @@ class StreamingDataset(IterableDataset):
             self.stats.add(problem)
 
         unit, units = state["unit"], state["units"]
-        readers = [reader_for(s) for s in self.sources]
+        readers = [source_reader(s) for s in self.sources]
         streams = [SourceStream(r, i, unit, units, seed=self.seed, epochs=self.epochs, shuffle=self.shuffle,
                                 cursor=c, report=report) for i, (r, c) in enumerate(zip(readers, state["cursors"],
                                                                                          strict=True))]
