@@ -35,7 +35,7 @@ def model_name(name: str) -> str:
 
 
 def device_name(name: str) -> str:
-    """argparse type of --device: cpu, or an accelerator this machine has (cuda, cuda:1, mps)."""
+    """argparse type of --device: cpu, or an accelerator torch reports available (cuda, cuda:1, mps)."""
     import torch
 
     try:
