@@ -1,5 +1,5 @@
 """Output files written atomically: a reader, or a run interrupted at any moment, sees the whole file or
-the one before it, never a part.
+the one before it, never a part. And the one parse of JSON-lines input that commands and scorers share.
 
 Each is written under a temporary name in its own folder (so the rename stays on one filesystem),
 flushed to disk, then renamed into place; an error or Ctrl-C in between removes the temporary.
@@ -7,6 +7,7 @@ flushed to disk, then renamed into place; an error or Ctrl-C in between removes 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -82,3 +83,20 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def json_lines(text: str, path: str | Path, error: type[ValueError] = ValueError) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSON-lines `text` read from `path`; a line that is not
+    valid JSON, or not an object, raises `error` naming the path and the line."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise error(f"{path}:{number}: each line must be a JSON object")
+        records.append((number, record))
+    return records

@@ -6,14 +6,13 @@ output whole or absent, never a part of one.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from PIL import Image
 
 from blip3o.cli.errors import BadInput
-from blip3o.files import save_image
+from blip3o.files import json_lines, save_image
 from blip3o.images import image_grid
 
 GRID_IMAGES = 16  # a grid shows the first 16 images (4 rows of 4): a glance, whatever the count
@@ -42,15 +41,7 @@ def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
     except UnicodeDecodeError as e:
         raise BadInput(f"{path}: not UTF-8 text (byte {e.start})") from e
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{path}:{number}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict):
-            raise BadInput(f"{path}:{number}: each line must be a JSON object")
+    for number, record in json_lines(text, path, BadInput):
         for key, kind in required.items():
             if not isinstance(record.get(key), kind) or (kind is str and not record[key].strip()):
                 raise BadInput(f"{path}:{number}: needs {key!r}, a non-empty {kind.__name__}")

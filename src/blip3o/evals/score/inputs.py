@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from blip3o.files import json_lines
+
 
 class BadScoreInput(ValueError):
     """A benchmark file that cannot be scored as given; the message names the file, line and field."""
@@ -36,18 +38,7 @@ def read_json(path: str | Path) -> Any:
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     """(where, object) for each non-blank line of a JSON-lines file."""
-    records = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadScoreInput(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict):
-            raise BadScoreInput(f"{where}: each line must be a JSON object")
-        records.append((where, record))
+    records = [(f"{path}:{number}", record) for number, record in json_lines(read_text(path), path, BadScoreInput)]
     if not records:
         raise BadScoreInput(f"{path}: holds no records")
     return records
