@@ -34,12 +34,18 @@ def readable_file(path: str | Path, where: str) -> Path:
     return file
 
 
-def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
-    """Objects of a JSON-lines file, each checked for the `required` keys and their types."""
+def read_text(path: str | Path, where: str | None = None) -> str:
+    """The UTF-8 text of a regular file (`readable_file`, messages naming `where`, default the path); text that
+    is not UTF-8 is bad input naming the path and the byte."""
     try:
-        text = readable_file(path, path).read_text(encoding="utf-8")
+        return readable_file(path, where or str(path)).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise BadInput(f"{path}: not UTF-8 text (byte {e.start})") from e
+
+
+def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
+    """Objects of a JSON-lines file, each checked for the `required` keys and their types."""
+    text = read_text(path)
     records = []
     for number, record in json_lines(text, path, BadInput):
         for key, kind in required.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from blip3o.cli.errors import BadInput
+from blip3o.cli.files import read_text
 from blip3o.evals.run.generation import Prompt
 from blip3o.evals.run.work import item_file
 from blip3o.images import image_grid
@@ -38,10 +39,7 @@ def dpg_prompts(data: str, out: Path) -> list[Prompt]:
         raise BadInput(f"--data {data}: no prompt files (*.txt) in {prompts_folder(data)}")
     prompts = []
     for file in files:
-        try:
-            text = file.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise BadInput(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        text = read_text(file).strip()
         if not text:
             raise BadInput(f"{file}: the prompt is empty")
         prompts.append(Prompt(text, out / f"{file.stem}.png"))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blip3o.cli.errors import BadInput
+from blip3o.cli.files import read_text
 from blip3o.evals.run.understanding import SHORT_ANSWER, Question, image_file, one_line
 from blip3o.files import write_text
 
@@ -71,10 +72,7 @@ def task_questions(root: Path, task: str) -> list[MmeQuestion]:
 
 
 def read_question_file(file: Path, task: str, image: Path) -> list[MmeQuestion]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    text = read_text(file)
     questions = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -27,7 +27,7 @@ from typing import TypeVar
 import torch
 
 from blip3o.cli.errors import BadInput
-from blip3o.cli.files import readable_file
+from blip3o.cli.files import read_text
 from blip3o.cli.terminal import progress
 from blip3o.distributed import World, barrier, init_world, shutdown
 from blip3o.files import atomic_file, atomic_folder, write_text
@@ -138,8 +138,6 @@ def start_outputs(out: Path, settings: dict, world: World) -> None:
 def read_json(path: Path, flag: str = "--data"):
     """A benchmark's JSON file; a missing or malformed one is bad input naming the file (and the line)."""
     try:
-        return json.loads(readable_file(path, f"{flag} {path}").read_text(encoding="utf-8"))
+        return json.loads(read_text(path, f"{flag} {path}"))
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
