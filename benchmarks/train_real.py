@@ -68,9 +68,11 @@ def parse() -> argparse.Namespace:
     args = ap.parse_args()
     gpu = torch.device(args.device).type == "cuda"
     args.preset = args.preset or ("blip3o-8b" if gpu else "nano")
-    args.batch = args.batch or (16 if gpu else 32 if args.preset == "nano" else 4)
-    if args.batch < 1 or args.steps < 1:
-        ap.error(f"--batch and --steps must be at least 1, got {args.batch} and {args.steps}")
+    if args.batch is None:
+        args.batch = 16 if gpu else 32 if args.preset == "nano" else 4
+    for flag, value in (("--batch", args.batch), ("--steps", args.steps)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
     return args
 
 
