@@ -66,6 +66,7 @@ from blip3o.shapes import (
     score_answer,
     write_shards,
 )
+from blip3o.shapes.render import ALL_RASTERISERS, HELD_OUT_RASTERISERS, arm_width, choose_rasteriser, coverage
 from blip3o.shapes.world import MAX_SIZE, MIN_SIZE
 
 ALIASED_BOX_EXACT = ("exact", "pil")  # non-anti-aliased rasterisers whose shapes fill their whole box
@@ -89,7 +90,7 @@ def _match(detected, scene: Scene) -> list:
 # ---- renderer <-> detector ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rasteriser", RASTERISERS)
+@pytest.mark.parametrize("rasteriser", ALL_RASTERISERS)
 def test_every_shape_size_colour_reads_back(rasteriser):
     """Objects never touch, so every image reads back if every single object does."""
     for shape in SHAPES:
@@ -99,7 +100,7 @@ def test_every_shape_size_colour_reads_back(rasteriser):
                 assert (d.shape, d.color) == (shape, color), (rasteriser, shape, size, color, d)
 
 
-@pytest.mark.parametrize("rasteriser", RASTERISERS)
+@pytest.mark.parametrize("rasteriser", ALL_RASTERISERS)
 def test_detector_reads_back_3000_random_scenes(rasteriser):
     rng = random.Random(f"readback-{rasteriser}")
     for _ in range(3000):
@@ -114,7 +115,7 @@ def test_detector_reads_back_3000_random_scenes(rasteriser):
             assert abs(d.cx - o.cx) <= 1 and abs(d.cy - o.cy) <= 1, (d, o)
 
 
-@pytest.mark.parametrize("rasteriser", RASTERISERS)
+@pytest.mark.parametrize("rasteriser", ALL_RASTERISERS)
 def test_relations_on_detected_boxes_match_the_scene_when_position_safe(rasteriser):
     rng = random.Random(f"relations-{rasteriser}")
     for _ in range(300):
@@ -138,7 +139,7 @@ def test_render_basics():
     rng_a, rng_b = random.Random(3), random.Random(3)
     assert np.array_equal(np.asarray(render(scene, rng_a)), np.asarray(render(scene, rng_b)))
     disc = _scene(("circle", "blue", 9, 9, 17))
-    for rasteriser in RASTERISERS:  # anti-aliased rasterisers blend edge pixels with the background
+    for rasteriser in ALL_RASTERISERS:  # anti-aliased rasterisers blend edge pixels with the background
         colours = np.unique(np.asarray(render(disc, rasteriser=rasteriser)).reshape(-1, 3), axis=0)
         assert (len(colours) > 2) == (rasteriser in ANTIALIASED), rasteriser
     rng = random.Random(0)
@@ -148,7 +149,29 @@ def test_render_basics():
         render(scene, antialias=True, rasteriser="exact")
     with pytest.raises(ValueError, match="unknown rasteriser"):
         render(scene, rasteriser="nope")
-    assert set(ANTIALIASED) < set(RASTERISERS)
+    assert set(ANTIALIASED) < set(ALL_RASTERISERS)
+
+
+@pytest.mark.parametrize("size", range(MIN_SIZE, MAX_SIZE + 1))
+def test_area_rasteriser_covers_each_shape_by_its_exact_area(size):
+    """`area` integrates the spec's geometry: its coverage sums to each shape's area, mirror-symmetric."""
+    arm = arm_width(size)
+    areas = {"circle": np.pi * size**2 / 4, "square": size**2, "triangle": size**2 / 2,
+             "cross": 2 * size * arm - arm**2}
+    for shape, area in areas.items():
+        mask = coverage(shape, size, "area")
+        assert mask.shape == (size, size) and mask.min() >= 0.0 and mask.max() <= 1.0 + 1e-6
+        assert mask.sum() == pytest.approx(area, abs=1e-3), shape
+        assert np.allclose(mask, mask[:, ::-1], atol=1e-6), shape
+    assert np.allclose(coverage("circle", size, "area"), coverage("circle", size, "area").T, atol=1e-6)
+    assert coverage("triangle", size, "area")[0].sum() == pytest.approx(0.5)  # the apex row: width t at depth t
+
+
+def test_training_data_never_draws_a_held_out_rasteriser():
+    rng = random.Random("held-out")
+    drawn = {choose_rasteriser(rng, antialias) for _ in range(500) for antialias in (None, True, False)}
+    assert drawn == set(RASTERISERS) and not drawn & set(HELD_OUT_RASTERISERS)
+    assert {make_example(0, i)[1]["rasteriser"] for i in range(200)} <= set(RASTERISERS)
 
 
 def test_detector_ignores_small_blobs_and_far_colours():
