@@ -180,21 +180,33 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
     model = load_for_command(args)
     with interrupted_after(lambda: f"{args.out}/ has no new results.json or samples.png (both are written at the "
                                    f"end)"):
-        results = evaluate_shapes(model, args.out, per_tag=args.per_tag, num_images=args.num_images,
-                                  num_scenes=args.num_scenes)
+        results = evaluate_shapes(model, args.out, eval_set=args.set, per_tag=args.per_tag,
+                                  num_images=args.num_images, num_scenes=args.num_scenes, model_name=args.model)
     print(format_results(results))
     print(f"results: {Path(args.out) / 'results.json'}  samples: {Path(args.out) / 'samples.png'}")
     return EXIT_OK
 
 
 def eval_command() -> Command:
+    from .evaluate import DEFAULT_SIZES, EVAL_SETS, HELD_OUT, TRAINING_WORLD
+
+    held, world = DEFAULT_SIZES[HELD_OUT], DEFAULT_SIZES[TRAINING_WORLD]
     return Command(("eval", "shapes"), "evaluate in the Shapes world: GenEval-style generation accuracy and VQA",
                    run_eval_shapes, flags=(
         flag("--out", default="eval_out"),
-        count("--per-tag", high=10_000, default=25, help="prompts of each GenEval family (default 25)"),
-        count("--num-images", high=64, default=4, help="images per prompt, 1 to 64 (default 4)"),
-        count("--num-scenes", high=100_000, default=200,
-              help="random scenes whose questions are asked (default 200)"),
+        flag("--set", choices=EVAL_SETS, default=HELD_OUT,
+             help=f"{HELD_OUT}: prompts and scenes from streams no training draw uses, scenes drawn by a rasteriser "
+                  f"training never uses, the same number of questions of each type; {TRAINING_WORLD}: prompts and "
+                  f"scenes from the training data's own generator and rasterisers at the evaluation seed, "
+                  f"questions in the training data's mix"),
+        count("--per-tag", high=10_000, default=None,
+              help=f"prompts of each GenEval family (default {held[0]}; {world[0]} with --set {TRAINING_WORLD})"),
+        count("--num-images", high=64, default=None,
+              help=f"images per prompt, 1 to 64 (default {held[1]}; {world[1]} with --set {TRAINING_WORLD})"),
+        count("--num-scenes", high=100_000, default=None,
+              help=f"scenes asked about: {HELD_OUT}, this many for each question type and for captions, one "
+                   f"question each (default {held[2]}); {TRAINING_WORLD}, this many in all, every question each "
+                   f"allows (default {world[2]})"),
         *model_flags(), *SAMPLING_FLAGS,
     ))
 

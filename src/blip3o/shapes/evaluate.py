@@ -1,16 +1,28 @@
 """`blip3o eval shapes`: GenEval-style generation accuracy and VQA accuracy in the Shapes world.
 
-Fresh prompts and scenes (seeded, never the training seed), the model's own `generate` and
-`answer`, and the reference detector as judge. Writes results.json and a grid of samples.
+The model's own `generate` and `answer`, with the reference detector as judge, on one of two sets:
+
+| set              | prompts and scenes                                        | questions                          |
+|------------------|-----------------------------------------------------------|------------------------------------|
+| `held-out`       | random streams no training draw uses (`held_out_random`); | the same number of each of the six |
+|  (the default)   | scenes drawn by a held-out rasteriser (`area`)            | types; VQA = the mean of the six   |
+| `training-world` | the evaluation seed through `make_example`: the training  | every question each scene allows;  |
+|                  | data's generator and rasterisers                          | VQA = accuracy over all of them    |
+
+Both draw `per_tag` prompts of each GenEval family. Writes results.json and a grid of samples.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PIL import Image
 from tqdm import tqdm
 
 from blip3o.files import save_image, write_text
@@ -18,24 +30,92 @@ from blip3o.images import image_grid
 
 from .data import make_example
 from .detect import detect
-from .prompts import TAGS, check, evaluation_prompts, geneval_scores
-from .questions import CAPTION, Question, score_answer
-from .world import Scene
+from .prompts import TAGS, Prompt, check, describe, evaluation_prompts, geneval_scores, sample_prompt
+from .questions import CAPTION, CAPTION_QUESTION, QUESTION_TYPES, Question, ask, score_answer
+from .render import HELD_OUT_RASTERISERS, render
+from .world import Scene, sample_scene
 
 if TYPE_CHECKING:
     from blip3o import Blip3o
 
-EVAL_SEED = 1_000_003  # far from any training seed
+HELD_OUT, TRAINING_WORLD = "held-out", "training-world"
+EVAL_SETS: tuple[str, ...] = (HELD_OUT, TRAINING_WORLD)
+EVAL_SEED = 1_000_003  # the seed of both sets' draws
+HELD_OUT_PREFIX = "heldout"  # every held-out draw's string seed starts with it; no training draw's does
+HELD_OUT_RASTERISER = HELD_OUT_RASTERISERS[0]
+# set -> (prompts a family, images a prompt, scenes): held-out's scenes are per question type (one question
+# each, and as many caption requests); training-world's are scenes in all, each asked every question it allows
+DEFAULT_SIZES: dict[str, tuple[int, int, int]] = {HELD_OUT: (50, 2, 50), TRAINING_WORLD: (25, 4, 200)}
 GRID_PER_TAG = 8  # samples.png: a row of 8 images per tag
 
 
-def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: int, batch: int = 16) -> dict:
-    """GenEval's score of `num_images` images for each of `per_tag` prompts a family, judged by the detector.
+@dataclass(frozen=True)
+class Item:
+    """One question about one image, and the scene the image shows (a caption is scored against it)."""
+
+    image: Image.Image
+    question: Question
+    scene: Scene
+
+
+def held_out_random(seed: int, *stream: str | int) -> random.Random:
+    """The random.Random of one held-out draw: string-seeded `heldout-{seed}-{stream...}`.
+
+    A string seed enters the generator's seed verbatim (followed by its SHA-512), so two different strings
+    seed differently. Training draws are seeded `shapes-{seed}-{index}[-layout]` (`make_example`) or by
+    integers (the trainer's streams): none starts with `heldout-`, whatever the training seed.
+    """
+    return random.Random("-".join(str(part) for part in (HELD_OUT_PREFIX, seed, *stream)))
+
+
+def held_out_prompts(per_tag: int, seed: int = EVAL_SEED) -> list[Prompt]:
+    """`per_tag` random prompts of each GenEval family, in TAGS order, from the held-out stream `prompts`."""
+    rng = held_out_random(seed, "prompts")
+    return [sample_prompt(rng, tag) for tag in TAGS for _ in range(per_tag)]
+
+
+def held_out_items(per_type: int, seed: int = EVAL_SEED) -> list[Item]:
+    """`per_type` questions of each of the six types, then `per_type` caption requests: each on a scene of
+    its own (drawn from the held-out stream (type, i) until that type can be asked), drawn by the held-out
+    rasteriser."""
+    items = []
+    for qtype in (*QUESTION_TYPES, CAPTION):
+        for i in range(per_type):
+            scene, question = _askable(qtype, held_out_random(seed, qtype, i))
+            items.append(Item(render(scene, rasteriser=HELD_OUT_RASTERISER), question, scene))
+    return items
+
+
+def _askable(qtype: str, rng: random.Random) -> tuple[Scene, Question]:
+    """A random scene of 1 to 4 objects about which a question of `qtype` (or the caption request) can be
+    asked, and the question."""
+    while True:
+        scene = sample_scene(rng)
+        if qtype == CAPTION:
+            return scene, Question(CAPTION, CAPTION_QUESTION, describe(scene, rng))
+        if (question := ask(scene, qtype, rng)) is not None:
+            return scene, question
+
+
+def training_world_items(num_scenes: int, seed: int = EVAL_SEED) -> list[Item]:
+    """Every question of `num_scenes` random scenes of `make_example` (training's generator and rasterisers,
+    at `seed`), and each one's caption request."""
+    items = []
+    for i in range(num_scenes):
+        image, meta = make_example(seed, i, prompt_first=0.0)  # random scenes of 1-4 objects, none for a prompt
+        scene = Scene.from_dict(meta["scene"])
+        items += [Item(image, Question(q["type"], q["question"], q["answer"]), scene) for q in meta["questions"]]
+        items.append(Item(image, Question(CAPTION, CAPTION_QUESTION, meta["caption"]), scene))
+    return items
+
+
+def evaluate_generation(model: Blip3o, prompts: Sequence[Prompt], *, num_images: int, seed: int,
+                        batch: int = 16) -> dict:
+    """GenEval's score of `num_images` images for each prompt, judged by the detector.
 
     Returns {"scores": {tag: accuracy, ..., "overall"}, "num_images", "diverse_prompts" (share of prompts
     whose images are not all one layout), "samples": [(prompt, image), ...] for the grid}.
     """
-    prompts = evaluation_prompts(per_tag, seed)
     passed, tags, grid, layouts = [], [], defaultdict(list), defaultdict(set)
     for start in tqdm(range(0, len(prompts), batch), desc="generate", leave=False):
         chunk = prompts[start:start + batch]
@@ -57,51 +137,69 @@ def evaluate_generation(model: Blip3o, *, per_tag: int, num_images: int, seed: i
     return {"scores": scores, "num_images": len(passed), "diverse_prompts": diverse, "samples": samples}
 
 
-def evaluate_understanding(model: Blip3o, *, num_scenes: int, seed: int, batch: int = 32) -> dict:
-    """Answers to every question of `num_scenes` random scenes, and their captions, scored against the scene.
+def evaluate_understanding(model: Blip3o, items: Sequence[Item], *, mean_of_types: bool, batch: int = 32) -> dict:
+    """The model's answers to `items`, scored against their scenes.
 
-    Returns {"per_type": {question type: accuracy}, "vqa_overall" (captions left out), "caption",
-    "num_questions"}.
+    Returns {"per_type": {question type: accuracy}, "num_per_type": {question type: questions},
+    "vqa_overall" (captions left out: the mean of the types' accuracies if `mean_of_types`, else the
+    accuracy over all questions), "caption", "num_questions"}.
     """
-    items = []
-    for i in range(num_scenes):
-        image, meta = make_example(seed, i, prompt_first=0.0)  # random scenes of 1-4 objects, none for a prompt
-        scene = Scene.from_dict(meta["scene"])
-        for q in meta["questions"]:
-            items.append((image, Question(q["type"], q["question"], q["answer"]), scene))
-        items.append((image, Question(CAPTION, "describe the image.", meta["caption"]), scene))
     correct: dict[str, list[bool]] = defaultdict(list)
     for start in tqdm(range(0, len(items), batch), desc="answer", leave=False):
         chunk = items[start:start + batch]
-        answers = model.answer([im for im, _, _ in chunk], [q.text for _, q, _ in chunk], max_new_tokens=32)
-        for (_, q, scene), a in zip(chunk, answers, strict=True):
-            correct[q.type].append(score_answer(q, a, scene))
+        answers = model.answer([it.image for it in chunk], [it.question.text for it in chunk], max_new_tokens=32)
+        for it, a in zip(chunk, answers, strict=True):
+            correct[it.question.type].append(score_answer(it.question, a, it.scene))
     per_type = {k: sum(v) / len(v) for k, v in correct.items()}
-    vqa = [ok for k, v in correct.items() if k != CAPTION for ok in v]
-    return {"per_type": per_type, "vqa_overall": sum(vqa) / max(1, len(vqa)), "caption": per_type.get(CAPTION, 0.0),
-            "num_questions": len(items)}
+    vqa_types = [k for k in per_type if k != CAPTION]
+    if mean_of_types:
+        vqa = sum(per_type[k] for k in vqa_types) / max(1, len(vqa_types))
+    else:
+        answers = [ok for k in vqa_types for ok in correct[k]]
+        vqa = sum(answers) / max(1, len(answers))
+    return {"per_type": per_type, "num_per_type": {k: len(v) for k, v in correct.items()}, "vqa_overall": vqa,
+            "caption": per_type.get(CAPTION, 0.0), "num_questions": len(items)}
 
 
-def evaluate_shapes(model: Blip3o, out_dir: str | Path, *, per_tag: int = 25, num_images: int = 4,
-                    num_scenes: int = 200, seed: int = EVAL_SEED) -> dict:
-    """Both evaluations; writes OUT/results.json (what this returns) and OUT/samples.png (a row per tag), each
-    atomically and only once both evaluations are done."""
+def evaluate_shapes(model: Blip3o, out_dir: str | Path, *, eval_set: str = HELD_OUT, per_tag: int | None = None,
+                    num_images: int | None = None, num_scenes: int | None = None, seed: int = EVAL_SEED,
+                    model_name: str | None = None) -> dict:
+    """Both evaluations on `eval_set` (sizes left None take DEFAULT_SIZES'); writes OUT/results.json (what
+    this returns) and OUT/samples.png (a row per tag), each atomically and only once both are done."""
+    if eval_set not in EVAL_SETS:
+        raise ValueError(f"unknown evaluation set {eval_set!r}; expected one of {EVAL_SETS}")
+    defaults = DEFAULT_SIZES[eval_set]
+    per_tag, num_images, num_scenes = (given if given is not None else default for given, default
+                                       in zip((per_tag, num_images, num_scenes), defaults, strict=True))
+    held_out = eval_set == HELD_OUT
+    prompts = held_out_prompts(per_tag, seed) if held_out else evaluation_prompts(per_tag, seed)
+    items = held_out_items(num_scenes, seed) if held_out else training_world_items(num_scenes, seed)
+    gen = evaluate_generation(model, prompts, num_images=num_images, seed=seed)
+    und = evaluate_understanding(model, items, mean_of_types=held_out)
     out = Path(out_dir)
-    gen = evaluate_generation(model, per_tag=per_tag, num_images=num_images, seed=seed)
-    und = evaluate_understanding(model, num_scenes=num_scenes, seed=seed)
     save_image(image_grid([image for _, image in gen.pop("samples")], columns=GRID_PER_TAG), out / "samples.png")
-    results = {"generation": gen, "understanding": und, "settings": {
-        "per_tag": per_tag, "num_images": num_images, "num_scenes": num_scenes, "seed": seed}}
+    settings = {"set": eval_set, "model": model_name, "per_tag": per_tag, "num_images": num_images,
+                "num_scenes": num_scenes, "scenes_are": "per question type" if held_out else "in all", "seed": seed,
+                "rasteriser": HELD_OUT_RASTERISER if held_out else "the training data's mix",
+                "vqa_overall": "mean of the six types" if held_out else "over all questions",
+                "sampling": _sampling_settings(model)}
+    results = {"generation": gen, "understanding": und, "settings": settings}
     write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
 
+def _sampling_settings(model: Blip3o) -> dict:
+    """The DiT sampling settings the model's generate uses (sampler, steps, guidance, eta), where it has them."""
+    config = getattr(model, "config", None)
+    return {k: getattr(config, k) for k in ("sampler", "steps", "guidance", "eta") if hasattr(config, k)}
+
+
 def format_results(results: dict) -> str:
     """`evaluate_shapes`'s results as the lines `blip3o eval shapes` prints."""
-    gen, und = results["generation"], results["understanding"]
-    lines = ["generation (GenEval formula)"]
+    gen, und, settings = results["generation"], results["understanding"], results["settings"]
+    lines = [f"set: {settings['set']}", "generation (GenEval formula)"]
     lines += [f"  {tag:<14} {score:.3f}" for tag, score in gen["scores"].items()]
     lines += [f"  diverse prompts {gen['diverse_prompts']:.3f}", "understanding"]
     lines += [f"  {t:<14} {a:.3f}" for t, a in und["per_type"].items()]
-    lines += [f"  vqa overall    {und['vqa_overall']:.3f}"]
+    lines += [f"  vqa overall    {und['vqa_overall']:.3f} ({settings['vqa_overall']})"]
     return "\n".join(lines)
