@@ -38,7 +38,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +63,18 @@ def parse() -> argparse.Namespace:
                     help="the model's weights; default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--batch", type=int, default=None,
                     help="default: 16 on CUDA; on a CPU the nano recipe's 32 (nano), else 4")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps of each (after one counted, one warm-up)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps of each a round (after two untimed)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds, each step measured once a round in turn (default: 1 on CUDA, 3 on a CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by name)")
     args = ap.parse_args()
     gpu = torch.device(args.device).type == "cuda"
     args.preset = args.preset or ("blip3o-8b" if gpu else "nano")
     if args.batch is None:
         args.batch = 16 if gpu else 32 if args.preset == "nano" else 4
-    for flag, value in (("--batch", args.batch), ("--steps", args.steps)):
+    if args.rounds is None:
+        args.rounds = 1 if gpu else 3
+    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--rounds", args.rounds)):
         if value < 1:
             ap.error(f"{flag} must be at least 1, got {value}")
     return args
@@ -206,9 +210,22 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(key: str, name: str, trainer: Trainer, device: torch.device, steps: int) -> Result:
-    """One counted step, one warm-up step, then `steps` timed steps (median) under the peak-memory probe."""
-    flops = count_flops(trainer.train_step)
+@dataclass
+class Variant:
+    """One of the three steps: what its trainer is given and the context it runs in."""
+
+    key: str  # a, b or c (module docstring)
+    name: str
+    items: list[dict]
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def measure(variant: Variant, trainer: Trainer, device: torch.device, steps: int, count: bool) -> Result:
+    """One step counted (`count`; else NaN FLOPs) or warming up, one more warm-up step, then `steps` timed steps
+    (median) under the peak-memory probe."""
+    flops = count_flops(trainer.train_step) if count else float("nan")
+    if not count:
+        trainer.train_step()
     trainer.train_step()
     sync(device)
     times = []
@@ -218,25 +235,54 @@ def measure(key: str, name: str, trainer: Trainer, device: torch.device, steps: 
             trainer.train_step()
             sync(device)
             times.append(time.perf_counter() - started)
-    return Result(key, name, float(np.median(times)), flops, peak[0], trainer.config.batch_size)
+    return Result(variant.key, variant.name, float(np.median(times)), flops, peak[0], trainer.config.batch_size)
 
 
-def run(key: str, name: str, model: Blip3o, items: list[dict], config: TrainConfig, device: torch.device, steps: int,
-        context=contextlib.nullcontext) -> Result | None:
-    """A fresh Trainer (its own AdamW and EMA) over `items`, measured; None when the batch does not fit."""
+def run(variant: Variant, model: Blip3o, config: TrainConfig, device: torch.device, steps: int,
+        count: bool) -> Result | None:
+    """A fresh Trainer (its own AdamW and EMA) over the variant's items, measured; None when the batch does
+    not fit. The encoder returns to the device first: a cached run before moved it off (`release_towers`)."""
+    model.clip_encoder.to(device)
     trainer = None
     try:
-        with context():
-            trainer = Trainer(config, RepeatedBatch(items), model=model)
-            return measure(key, name, trainer, device, steps)
+        with variant.context():
+            trainer = Trainer(config, RepeatedBatch(variant.items), model=model)
+            return measure(variant, trainer, device, steps, count)
     except torch.OutOfMemoryError:
-        print(f"!! ({key}) {name}: out of memory at batch {config.batch_size} (try a smaller --batch)", flush=True)
+        print(f"!! ({variant.key}) {variant.name}: out of memory at batch {config.batch_size} (try a smaller "
+              "--batch)", flush=True)
         return None
     finally:
         del trainer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def alternate(variants: list[Variant], model: Blip3o, config: TrainConfig, device: torch.device, steps: int,
+              rounds: int) -> dict[str, list[Result]]:
+    """Each variant measured once a round, in turn, so that a drift of the machine's speed hits all alike; the
+    FLOPs are counted in the first round. A variant that ran out of memory is not tried again."""
+    results: dict[str, list[Result]] = {v.key: [] for v in variants}
+    failed: set[str] = set()
+    for _ in range(rounds):
+        for v in variants:
+            if v.key in failed:
+                continue
+            result = run(v, model, config, device, steps, count=not results[v.key])
+            if result is None:
+                failed.add(v.key)
+            else:
+                results[v.key].append(result)
+    return {k: r for k, r in results.items() if r}
+
+
+def combined(results: list[Result]) -> Result:
+    """A variant's rounds as one result: the median step time, the first round's FLOPs, the largest peak."""
+    peaks = [r.peak_bytes for r in results if r.peak_bytes is not None]
+    first = results[0]
+    return Result(first.key, first.name, float(np.median([r.step_s for r in results])), first.flops,
+                  max(peaks) if peaks else None, first.batch)
 
 
 # ---------------------------------------------------------------------------- report
@@ -258,11 +304,20 @@ def table(results: list[Result], peak: float | None, device: torch.device) -> No
               "gives one)")
 
 
-def ratio_line(ours: Result, reference: Result) -> str:
-    memory = (f", peak memory {ours.peak_bytes / reference.peak_bytes:.3f}"
-              if ours.peak_bytes and reference.peak_bytes else "")
-    return (f"ratio ({ours.key})/({reference.key}) step time = {ours.step_s / reference.step_s:.3f} "
-            f"(speed-up {reference.step_s / ours.step_s:.2f}x){memory}")
+def ratio_lines(results: dict[str, list[Result]]) -> list[str]:
+    """(a) against (b) and against (c): the ratio of the median step times (below 1: (a) is faster), of the
+    peak memory, and of each round's step times."""
+    lines = []
+    for key in ("b", "c"):
+        if "a" not in results or key not in results:
+            continue
+        ours, reference = combined(results["a"]), combined(results[key])
+        memory = (f", peak memory {ours.peak_bytes / reference.peak_bytes:.3f}"
+                  if ours.peak_bytes and reference.peak_bytes else "")
+        rounds = " ".join(f"{a.step_s / r.step_s:.3f}" for a, r in zip(results["a"], results[key], strict=False))
+        lines.append(f"ratio (a)/({key}) step time = {ours.step_s / reference.step_s:.3f} (speed-up "
+                     f"{reference.step_s / ours.step_s:.2f}x){memory}; each round: {rounds}")
+    return lines
 
 
 def main() -> None:
@@ -273,25 +328,22 @@ def main() -> None:
     model.decoder.to("cpu")  # no step runs it: its memory is not the steps'
     peak = peak_tflops(device, args.peak_tflops)
     print(device_line(device, dtype) + f"  (trained weights fp32{', bf16 autocast' if gpu else ''})")
-    print(f"preset {args.preset}, batch {args.batch}, {args.steps} timed steps each; train layout "
-          f"{model.config.train_layout}; encoder {model.clip_encoder.config.image_size}px; peak "
-          f"{peak or 'n/a'} TFLOP/s")
+    print(f"preset {args.preset}, batch {args.batch}, {args.rounds} round(s) of {args.steps} timed steps each; "
+          f"train layout {model.config.train_layout}; encoder {model.clip_encoder.config.image_size}px; peak "
+          f"{peak or 'n/a'} TFLOP/s", flush=True)
 
     items = image_items(model, args.batch)
     with torch.no_grad():
         cached = cached_target_items(model, items)
+    variants = [Variant("b", "original's step", items, lambda: original_backbone(model)),
+                Variant("c", "trainer, targets on the fly", items),
+                Variant("a", "trainer, cached targets", cached)]
     with tempfile.TemporaryDirectory() as out_dir:
         config = train_config(args.preset, args.batch, device, out_dir)
-        # the towers first: the cached run moves the encoder off the device, as the stage does
-        original = run("b", "original's step", model, items, config, device, args.steps,
-                       lambda: original_backbone(model))
-        on_the_fly = run("c", "trainer, targets on the fly", model, items, config, device, args.steps)
-        ours = run("a", "trainer, cached targets", model, cached, config, device, args.steps)
-    results = [r for r in (ours, on_the_fly, original) if r is not None]
-    table(results, peak, device)
-    for reference in (original, on_the_fly):
-        if ours is not None and reference is not None:
-            print(ratio_line(ours, reference))
+        results = alternate(variants, model, config, device, args.steps, args.rounds)
+    table([combined(results[k]) for k in "acb" if k in results], peak, device)
+    for line in ratio_lines(results):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def run_train_real(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_train_real_reports_the_three_steps_at_debug_size():
-    out = run_train_real("--preset", "debug", "--steps", "1", "--device", "cpu")
+    out = run_train_real("--preset", "debug", "--steps", "1", "--rounds", "1", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     for row in ("(a) trainer, cached targets", "(c) trainer, targets on the fly", "(b) original's step"):
         line = next((x for x in out.stdout.splitlines() if x.startswith(row)), None)
