@@ -256,7 +256,8 @@ def test_a_folder_of_the_hub_cache_reads_its_blobs(sharded, tmp_path):
 
 def train_config(out: Path, **kw) -> TrainConfig:
     base = dict(stage="generation", init="random:debug", out_dir=str(out), steps=3, batch_size=2, lr=1e-3,
-                warmup_steps=1, checkpoint_every=1, progress=False, device="cpu", ema_decay=0.9)
+                warmup_steps=1, checkpoint_every=1, progress=False, device="cpu", ema_decay=0.9,
+                tensorboard=False)
     return TrainConfig(**{**base, **kw})
 
 

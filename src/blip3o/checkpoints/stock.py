@@ -35,6 +35,7 @@ _PREFIXES = (
     ("lm_head.", "backbone.model.lm_head."),
 )
 PLACEHOLDER_SEED = 0  # the random stand-ins for the parts a stock folder lacks are the same at every load
+FRESH_PARTS = ("queries", "dit", "clip_encoder", "decoder")  # the parts a stock folder lacks, in drawing order
 
 
 def is_stock_config(raw: dict) -> bool:
@@ -81,30 +82,38 @@ def stock_folder(directory: Path, raw: dict) -> ModelFolder:
     config = stock_config(raw, shapes, where)
 
     def fill(model: nn.Module) -> None:
-        state = model.state_dict()
-        expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        tied = frozenset(set(state) - set(expected))  # a tied lm_head may be stored or not
-        others = frozenset(k for k in state if not k.startswith("backbone."))
-        tensors = ((ours, t) for name, t in iter_tensors(directory)
-                   if (ours := stock_key(name)) is not None and ours not in tied)
-        load_into(model, tensors, where=where, allow_missing=tied | others)
-        model.backbone.model.tie_weights()
-        _fill_placeholders(model)
+        fill_backbone(model, directory)
+        fill_fresh(model, FRESH_PARTS, seed=PLACEHOLDER_SEED)
 
     return ModelFolder(config, directory, fill)
 
 
-def _fill_placeholders(model: nn.Module) -> None:
-    """Random queries, DiT, encoder and decoder (seeded: every load gives the same), in place of the meta ones,
-    built as `Blip3o.__init__` builds them."""
+def fill_backbone(model: nn.Module, directory: Path) -> None:
+    """The stock folder's backbone weights into a model built on meta with its backbone config; the other
+    parts stay as they are."""
+    state = model.state_dict()
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tied = frozenset(set(state) - set(expected))  # a tied lm_head may be stored or not
+    others = frozenset(k for k in state if not k.startswith("backbone."))
+    tensors = ((ours, t) for name, t in iter_tensors(directory)
+               if (ours := stock_key(name)) is not None and ours not in tied)
+    load_into(model, tensors, where=str(directory), allow_missing=tied | others)
+    model.backbone.model.tie_weights()
+
+
+def fill_fresh(model: nn.Module, parts: tuple[str, ...], *, seed: int) -> None:
+    """Random `parts` (of FRESH_PARTS, drawn in that order from `seed`: every load and every process gives the
+    same), in place of the meta ones, built as `Blip3o.__init__` builds them."""
     from blip3o.clip_encoder import build_clip_encoder
     from blip3o.decoder import build_decoder
     from blip3o.dit import DiT
 
     c = model.config
+    build = {"queries": lambda: nn.Parameter(torch.randn(1, c.num_queries, c.backbone.hidden_size) * c.query_init_std),
+             "dit": lambda: DiT(c.dit), "clip_encoder": lambda: build_clip_encoder(c.clip_encoder),
+             "decoder": lambda: build_decoder(c.decoder)}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(PLACEHOLDER_SEED)
-        model.queries = nn.Parameter(torch.randn(1, c.num_queries, c.backbone.hidden_size) * c.query_init_std)
-        model.dit = DiT(c.dit)
-        model.clip_encoder = build_clip_encoder(c.clip_encoder)
-        model.decoder = build_decoder(c.decoder)
+        torch.manual_seed(seed)
+        for part in FRESH_PARTS:
+            if part in parts:
+                setattr(model, part, build[part]())

@@ -37,12 +37,12 @@ from blip3o.distributed import World, all_gather, all_mean, barrier, init_world,
 from blip3o.files import write_text
 from blip3o.model import Blip3o
 from blip3o.train.data import StreamedItems, default_workers
+from blip3o.train.logs import METRICS_NAME, TrainLog, summed
 from blip3o.train.stages import STAGES, Stage
 
 STATE_NAME = "trainer_state.pt"
-METRICS_NAME = "metrics.jsonl"  # in out_dir: one JSON line per log step
 # fields that may change between a run and its resume without changing what is computed
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress"}
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress", "tensorboard"}
 PRECISIONS = ("auto", "fp32", "bf16")  # TrainConfig.precision
 # TrainConfig.export_dtype -> the dtype of the exported weights; None: each parameter's dtype at init
 EXPORT_DTYPES = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +59,11 @@ class TrainConfig:
     # what the stage starts from: "random:PRESET" (the preset's architecture, fresh random weights), "PRESET"
     # (the trained weights the package ships for it, as Blip3o.from_preset) or a model folder
     init: str = "random:nano"
+    # the generation stage started from a stock Qwen2.5-VL folder (init): where its fresh queries and DiT take
+    # their size and its CLIP encoder and decoder come from. A BLIP3-o model folder (its encoder and decoder
+    # weights: the CLIP-target caches made with it train the model) or a preset (random encoder and decoder, no
+    # target to train on); empty: the BLIP3-o preset of the Qwen2.5-VL's size (7B: blip3o-8b, 3B: blip3o-4b)
+    generation_from: str = ""
     out_dir: str = "runs/stage"  # gets checkpoint/ (resumable state) and model/ (the trained Blip3o)
     # data spec entries (blip3o.data.spec: shards, JSONL, image folders, LLaVA, each with an optional ::WEIGHT),
     # streamed when the Trainer is given no in-memory dataset
@@ -83,6 +88,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     progress: bool = True
+    # the log figures also go to out_dir/tensorboard as TensorBoard scalars (when the tensorboard package is
+    # importable); metrics.jsonl is written either way
+    tensorboard: bool = True
     stage_options: dict = field(default_factory=dict)  # the stage's options (blip3o.train.stages)
 
     def __post_init__(self) -> None:
@@ -177,11 +185,18 @@ def fp32_master_weights(params: list[torch.nn.Parameter]) -> list[torch.nn.Param
     return params
 
 
-def load_init(init: str, device: torch.device) -> Blip3o:
+def load_init(init: str, device: torch.device, *, stage: str = "", generation_from: str = "") -> Blip3o:
     """The model a stage starts from (TrainConfig.init): "random:PRESET", a model folder, or a preset's shipped
-    weights; a value that names nothing is refused."""
+    weights; for the generation stage a stock Qwen2.5-VL folder with the parts `generation_from` gives
+    (`blip3o.checkpoints.stock_start`). A value that names nothing is refused."""
+    from blip3o.checkpoints.stock_start import is_stock_folder, stock_generation_start
     from blip3o.presets import PRESETS, preset_weights
 
+    if stage == "generation" and is_stock_folder(init):
+        return stock_generation_start(init, generation_from).to(device)
+    if generation_from:
+        raise ValueError(f"generation_from {generation_from!r} applies to the generation stage started from a stock "
+                         f"Qwen2.5-VL folder; init {init!r} of the {stage or 'given'} stage is not one")
     if init.startswith("random:") and init.removeprefix("random:") in PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same random weights on every process
@@ -236,15 +251,6 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line to `path` and flush it to disk: a crash leaves whole lines (at most the last one cut)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def keep_metrics_to(path: Path, step: int) -> None:
     """Drop the lines of metrics.jsonl past `step` (and a line a crash cut): the file then tells the run a resume
     from `step` continues."""
@@ -279,7 +285,8 @@ class Trainer:
                              f"x grad_accum {config.grad_accum} micro-batches")
         self.dataset = dataset
         self.stream = self._stream() if dataset is None else None
-        self.model = model if model is not None else load_init(config.init, self.device)
+        self.model = model if model is not None else load_init(config.init, self.device, stage=config.stage,
+                                                               generation_from=config.generation_from)
         self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
         self.named_params = self.stage.trainable(self.model)
         self.init_dtypes = {n: p.dtype for n, p in self.named_params}  # what export_dtype "same" writes
@@ -296,6 +303,7 @@ class Trainer:
         self.seconds = 0.0  # wall time spent in the training loop, over every run of it (resumes included)
         self.resumed_seconds = 0.0  # the part of it that earlier runs spent (from the checkpoint)
         self.out = Path(config.out_dir)
+        self.logs: TrainLog | None = None  # rank 0's metrics.jsonl and TensorBoard writer, from `fit` on
 
     def _stream(self) -> StreamedItems:
         """This rank's stream of config.data, a micro-batch at a time (the spec is checked here, before the
@@ -447,6 +455,7 @@ class Trainer:
         resumed = self.resume()
         if self.world.is_main:
             print(self.describe() + (f"; resumed at step {self.step}" if resumed else ""), flush=True)
+            self.logs = TrainLog(self.out, tensorboard=self.config.tensorboard, resumed_at=self.step)
         show = self.config.progress and self.world.is_main
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not show, desc=self.config.stage,
                    dynamic_ncols=True)
@@ -461,6 +470,8 @@ class Trainer:
             if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
                 self.save_checkpoint()
         bar.close()
+        if self.logs is not None:
+            self.logs.close()
         self.save_checkpoint()
         return self.export()
 
@@ -474,17 +485,21 @@ class Trainer:
         return dict(sorted(total.items()))
 
     def log(self, bar: tqdm, loss: float, rate: float) -> None:
-        """One log step: the progress bar's figures, and a line of out_dir/metrics.jsonl (rank 0)."""
-        skipped, lr = self.skipped(), self.scheduler.get_last_lr()[0]
+        """One log step: the progress bar's figures, and a line of out_dir/metrics.jsonl and TensorBoard's
+        scalars (rank 0). `counts`: what the stage counted so far over every rank (understanding: conversations
+        cut or skipped by max_length)."""
+        skipped, counts, lr = self.skipped(), summed(self.stage.counts, self.world), self.scheduler.get_last_lr()[0]
         if not self.world.is_main:
             return
-        bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{rate:.1f}", lr=f"{lr:.2e}", skipped=sum(skipped.values()))
-        line = {"step": self.step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped}
-        append_line(self.out / METRICS_NAME, json.dumps(line))
+        bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{rate:.1f}", lr=f"{lr:.2e}", skipped=sum(skipped.values()),
+                        **counts)
+        self.logs.write({"step": self.step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped,
+                         "counts": counts})
         if not self.config.progress:
             reasons = ", ".join(f"{r} {n}" for r, n in skipped.items()) or "none"
+            counted = "; " + ", ".join(f"{name} {n}" for name, n in counts.items()) if counts else ""
             print(f"step {self.step}/{self.config.steps}: loss {loss:.4f}, lr {lr:.2e}, {rate:.1f} samples/s, "
-                  f"skipped: {reasons}", flush=True)
+                  f"skipped: {reasons}{counted}", flush=True)
 
     def export(self) -> Path:
         """Write the trained Blip3o (EMA weights where kept) to out_dir/model."""

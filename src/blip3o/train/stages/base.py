@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,9 @@ class Stage:
         self.model = model
         self.options, parsed = self.parse_options(options or {})
         self.auxiliaries: list[Auxiliary] = [a(model, o) for a, o in parsed if a.switched_on(o)]
+        # events the stage counts while it collates, by name (understanding: conversations cut or skipped); the
+        # trainer logs their sums over every process
+        self.counts: Counter[str] = Counter()
 
     @classmethod
     def parse_options(cls, options: dict) -> tuple[StageOptions, list[tuple[type[Auxiliary], StageOptions]]]:

@@ -15,7 +15,6 @@ the base weights when the model is exported.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +73,6 @@ class UnderstandingStage(Stage):
 
     def __init__(self, model, options: dict | None = None) -> None:
         super().__init__(model, options)
-        self.counts: Counter[str] = Counter()
         self.lora = None  # peft's LoraModel over the language model, once `trainable` added the adapters
 
     def trainable(self, model):
