@@ -76,3 +76,12 @@ def shutdown(world: World) -> None:
     """Leave the process group `init_world` joined."""
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast(value: object, world: World) -> object:
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if world.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

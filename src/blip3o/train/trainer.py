@@ -1,5 +1,6 @@
 """One trainer for every stage: AdamW, warm-up + cosine, clipping, gradient accumulation, EMA, fp32 master
-weights, exact resume, torchrun (one GPU per process, DDP over the trained parameters).
+weights, exact resume, torchrun (one GPU per process; DDP over the trained parameters, or FSDP2 sharding them:
+blip3o.train.parallel).
 
 Determinism is by construction: global item i of the run is `dataset[i]` and every random draw made
 for it comes from a generator keyed by (seed, i, stream) (blip3o.train.streams). So the same global
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -38,15 +40,27 @@ from blip3o.files import write_text
 from blip3o.model import Blip3o
 from blip3o.train.data import StreamedItems, default_workers
 from blip3o.train.logs import METRICS_NAME, TrainLog, summed
+from blip3o.train.parallel import (
+    PARALLELS,
+    TrainedParams,
+    average_replicated_grads,
+    clip_grad_norm,
+    foreach_lerp_,
+    full_tensor,
+    optimizer_groups,
+    parallelize,
+)
 from blip3o.train.stages import STAGES, Stage
 
 STATE_NAME = "trainer_state.pt"
 # fields that may change between a run and its resume without changing what is computed
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress", "tensorboard"}
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "progress", "tensorboard", "activation_checkpointing"}
 PRECISIONS = ("auto", "fp32", "bf16")  # TrainConfig.precision
 # TrainConfig.export_dtype -> the dtype of the exported weights; None: each parameter's dtype at init
 EXPORT_DTYPES = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_KEYS = ("step", "seconds", "params", "ema", "optimizer", "scheduler", "rng", "identity")  # of trainer_state.pt
+# of an fsdp run's trainer_state.pt: its parameters, AdamW state and EMA are in the checkpoint's shards/
+SHARDED_STATE_KEYS = ("step", "seconds", "scheduler", "rng", "identity")
 
 
 @dataclass
@@ -92,6 +106,11 @@ class TrainConfig:
     # importable); metrics.jsonl is written either way
     tensorboard: bool = True
     stage_options: dict = field(default_factory=dict)  # the stage's options (blip3o.train.stages)
+    # ddp (every process holds the trained parts whole) | fsdp (FSDP2 shards them, their AdamW state and EMA over
+    # the processes; its checkpoints resume at any number of processes): blip3o.train.parallel
+    parallel: str = "ddp"
+    # recompute each repeated block's activations in backward: less memory, about one more forward pass a step
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_fields(type(self), field_values(self), bounds=TRAIN_BOUNDS, error=ValueError)
@@ -99,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype {self.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel {self.parallel!r} is not one of {', '.join(PARALLELS)}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -232,10 +253,10 @@ def set_global_rng_state(state: dict) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
 
 
-def load_state(path: Path) -> dict:
+def load_state(path: Path, keys: tuple[str, ...] = STATE_KEYS) -> dict:
     """A trainer_state.pt, read with weights_only=True: tensors, numbers, strings, lists and dicts only, so a
-    crafted file cannot run code; one that is not a regular file, holds anything else or lacks a part of the
-    state is refused with a checkpoints.CheckpointError."""
+    crafted file cannot run code; one that is not a regular file, holds anything else or lacks one of `keys`
+    is refused with a checkpoints.CheckpointError."""
     checkpoints.regular_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -244,7 +265,7 @@ def load_state(path: Path) -> dict:
         raise checkpoints.CheckpointError(
             f"refusing to load {path}: it holds objects a trainer checkpoint never holds (only tensors, numbers, "
             f"strings, lists and dicts are read): {reason}. Delete it or use another out_dir") from None
-    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
     if missing:
         raise checkpoints.CheckpointError(f"{path} is not a trainer checkpoint: it lacks {', '.join(missing)}. "
                                           "Delete it or use another out_dir")
@@ -290,11 +311,17 @@ class Trainer:
         self.stage: Stage = STAGES[config.stage](self.model, config.stage_options)
         self.named_params = self.stage.trainable(self.model)
         self.init_dtypes = {n: p.dtype for n, p in self.named_params}  # what export_dtype "same" writes
-        self.params = fp32_master_weights([p for _, p in self.named_params])
-        self.ddp = self._data_parallel()
+        fp32_master_weights([p for _, p in self.named_params])
+        self.sharded = parallelize(self.model, self.stage, self.world, config.parallel, config.activation_checkpointing)
+        live = dict(self.model.named_parameters())  # FSDP puts new (DTensor) parameters in place of those it shards
+        self.named_params = [(n, live.get(n, p)) for n, p in self.named_params]
+        self.params = [p for _, p in self.named_params]
+        self.ddp = self._data_parallel() if config.parallel == "ddp" else None
+        self.state_holder = TrainedParams(self.named_params)  # the keys of an fsdp checkpoint's shards
         # foreach: one call per op over all tensors (torch picks it on CUDA only; on a CPU the per-tensor loop
         # costs 13 to 21 ms of a step); the same update up to rounding
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
+        groups = optimizer_groups(self.named_params, self.model, self.stage, config.parallel)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio))
@@ -333,7 +360,7 @@ class Trainer:
         frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
         parts = ", ".join(self.stage.trains)
         return (f"stage {self.config.stage}: trains {trained:,} parameters ({parts}); "
-                f"{frozen:,} frozen; {self.world.size} process(es) on {self.device}")
+                f"{frozen:,} frozen; {self.world.size} process(es) on {self.device} ({self.config.parallel})")
 
     def _comparable(self) -> dict:
         cfg = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUMABLE_CHANGES}
@@ -352,14 +379,36 @@ class Trainer:
             "identity": self._comparable(),
         }
 
+    def sharded_state(self) -> dict:
+        """An fsdp run's parameters, AdamW state and EMA, as tensors each rank holds its shards of (whole ones
+        on one process): what checkpoint/shards/ holds."""
+        params, optimizer = get_state_dict(self.state_holder, self.optimizer)
+        ema = {} if self.ema is None else {n.replace(".", "/"): t for n, t in self.ema.items()}
+        return {"params": params, "optimizer": optimizer, "ema": ema}
+
     def save_checkpoint(self) -> None:
         """Rank 0 writes checkpoint/ (`blip3o.checkpoints.resumable`: a crash at any moment leaves a complete
-        one) with every rank's data position; the others wait, so all resume from the same step."""
+        one) with every rank's data position; the others wait, so all resume from the same step. Under fsdp
+        every rank first writes its shards of the parameters, AdamW state and EMA into it."""
         data = all_gather(self.stream.state_dict(), self.world) if self.stream is not None else None
+        if self.config.parallel == "fsdp":
+            self._save_sharded(data)
+            return
         if self.world.is_main:
             state = {**self.state_dict(), "data": data}
             resumable.save(self.out, self.step, lambda tmp: torch.save(state, tmp / STATE_NAME))
         barrier(self.world)
+
+    def _save_sharded(self, data: list | None) -> None:
+        """An fsdp run's checkpoint: every rank's shards in shards/, rank 0's trainer_state.pt beside them."""
+        rest = {k: v for k, v in self.state_dict().items() if k in SHARDED_STATE_KEYS} if self.world.is_main else {}
+
+        def fill(tmp: Path) -> None:
+            resumable.save_shards(self.sharded_state(), tmp / resumable.SHARDS)
+            if self.world.is_main:
+                torch.save({**rest, "data": data}, tmp / STATE_NAME)
+
+        resumable.save_shared(self.out, self.step, fill, self.world)
 
     def resume(self) -> bool:
         """Continue from out_dir/checkpoint if there is one, after rank 0 recovered the newest complete checkpoint
@@ -372,7 +421,7 @@ class Trainer:
         if not os.path.lexists(folder):
             return False
         path = folder / STATE_NAME
-        state = load_state(path)
+        state = load_state(path, SHARDED_STATE_KEYS if self.config.parallel == "fsdp" else STATE_KEYS)
         mine, theirs = self._comparable(), state["identity"]
         if mine != theirs:
             diff = [f"{part}.{k}: checkpoint {theirs[part].get(k)!r} vs now {mine[part].get(k)!r}"
@@ -380,12 +429,10 @@ class Trainer:
                     if mine[part].get(k) != theirs[part].get(k)]
             raise checkpoints.CheckpointError(f"refusing to resume {path}: it was written for a different config "
                                               f"({'; '.join(diff)}); use another out_dir or restore the config")
-        with torch.no_grad():
-            for n, p in self.named_params:
-                p.copy_(state["params"][n])
-        if self.ema is not None:
-            self.ema = {n: t.to(self.device) for n, t in state["ema"].items()}
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.parallel == "fsdp":
+            self._load_shards(folder / resumable.SHARDS)
+        else:
+            self._load_whole(state)
         self.scheduler.load_state_dict(state["scheduler"])
         set_global_rng_state(state["rng"])
         self.step = state["step"]
@@ -394,6 +441,26 @@ class Trainer:
         if self.world.is_main:
             keep_metrics_to(self.out / METRICS_NAME, self.step)
         return True
+
+    def _load_whole(self, state: dict) -> None:
+        """Parameters, EMA and AdamW state from a trainer_state.pt."""
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(state["params"][n])
+        if self.ema is not None:
+            self.ema = {n: t.to(self.device) for n, t in state["ema"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_shards(self, folder: Path) -> None:
+        """Parameters, EMA and AdamW state from checkpoint/shards/, resharded to this run's processes."""
+        state = self.sharded_state()
+        resumable.load_shards(state, folder)
+        set_state_dict(self.state_holder, self.optimizer, model_state_dict=state["params"],
+                       optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, t in self.ema.items():
+                    t.copy_(state["ema"][n.replace(".", "/")])
 
     def _resume_data(self, data: list | None, path: Path) -> None:
         """Put this rank's stream where the checkpoint left it."""
@@ -429,6 +496,8 @@ class Trainer:
         batch = self.stage.collate(self.local_items(indices), indices, self.config.seed, self.device)
         dtype = autocast_dtype(self.config.precision, self.device)
         last = micro == self.config.grad_accum - 1
+        for part in self.sharded:  # FSDP reduce-scatters on the last one
+            part.set_requires_gradient_sync(last)
         with nullcontext() if last or self.ddp is None else self.ddp.no_sync():  # DDP reduces on the last one
             with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = self.ddp(batch) if self.ddp is not None else self.stage.loss(batch)
@@ -438,15 +507,19 @@ class Trainer:
     def train_step(self) -> float:
         """One optimiser step over grad_accum micro-batches; returns this process's mean loss."""
         loss = sum(self.micro_loss(micro) for micro in range(self.config.grad_accum)) / self.config.grad_accum
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        if self.config.parallel == "fsdp":
+            average_replicated_grads(self.params, self.world)
+            clip_grad_norm(self.params, self.config.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             decay = ema_decay(self.config.ema_decay, self.step)
             with torch.no_grad():
-                torch._foreach_lerp_([self.ema[n] for n, _ in self.named_params],
-                                     [p.detach() for _, p in self.named_params], 1 - decay)
+                foreach_lerp_([self.ema[n] for n, _ in self.named_params],
+                              [p.detach() for _, p in self.named_params], 1 - decay)
         self.step += 1
         return loss
 
@@ -504,12 +577,31 @@ class Trainer:
     def export(self) -> Path:
         """Write the trained Blip3o (EMA weights where kept) to out_dir/model."""
         target = self.out / "model"
-        if self.world.is_main:
+        if self.sharded:
+            self._export_gathered(target)
+        elif self.world.is_main:
             with torch.no_grad(), self.exported_weights():
                 self.stage.before_export()  # LoRA adapters, say, merge into the weights
                 self.model.save_pretrained(target)
         barrier(self.world)
         return target
+
+    def _export_gathered(self, target: Path) -> None:
+        """export of an fsdp run: every rank gathers each sharded weight whole (EMA where kept, in
+        export_dtype), rank 0 writes them."""
+        dtype, trained = EXPORT_DTYPES[self.config.export_dtype], dict(self.named_params)
+        weights = {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                source = self.ema[name] if self.ema is not None and name in trained else p.detach()
+                weights[name] = full_tensor(source).to(dtype or self.init_dtypes.get(name, p.dtype))
+        if not self.world.is_main:
+            return
+        hook = self.model.register_state_dict_post_hook(lambda module, state, prefix, meta: state.update(weights))
+        try:
+            self.model.save_pretrained(target)
+        finally:
+            hook.remove()
 
     @contextmanager
     def exported_weights(self) -> Iterator[None]:
