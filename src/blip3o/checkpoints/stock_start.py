@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
+from blip3o.backbone import BackboneConfig
 from blip3o.checkpoints import CONFIG_NAME, CheckpointError, read_json
 from blip3o.checkpoints.folders import open_folder
+from blip3o.checkpoints.limits import check_parameters
 from blip3o.checkpoints.stock import FRESH_PARTS, fill_backbone, fill_fresh, is_stock_config
+from blip3o.config import Blip3oConfig
 from blip3o.model import Blip3o
 from blip3o.presets import PRESETS, get_preset
 
@@ -54,6 +57,7 @@ def stock_generation_start(stock_dir: str | Path, generation_from: str = "") -> 
         extra={"converted_from": "stock Qwen2.5-VL", "generation_from": source})
     with torch.device("meta"):
         model = Blip3o(config, tokenizer_dir=stock.tokenizer_dir)
+    check_parameters(model.num_parameters()["total"], where=str(stock_dir))  # before a weight is read
     fill_backbone(model, Path(stock_dir))
     if towers is None:
         fill_fresh(model, FRESH_PARTS, seed=FRESH_SEED)
@@ -64,7 +68,7 @@ def stock_generation_start(stock_dir: str | Path, generation_from: str = "") -> 
     return model
 
 
-def default_generation_from(backbone) -> str:
+def default_generation_from(backbone: BackboneConfig) -> str:
     """The BLIP3-o preset whose backbone has `backbone`'s width and depth; a ValueError asking for
     generation_from when none has."""
     for name in SIZE_PRESETS:
@@ -78,7 +82,7 @@ def default_generation_from(backbone) -> str:
                      "BLIP3-o model folder or a preset name")
 
 
-def _source(generation_from: str) -> tuple:
+def _source(generation_from: str) -> tuple[Blip3oConfig, Blip3o | None]:
     """(the config whose queries, DiT, encoder and decoder the start takes, the loaded model whose encoder and
     decoder it takes or None for a preset)."""
     if generation_from in PRESETS:
