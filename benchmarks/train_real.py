@@ -11,9 +11,15 @@ Three steps over the same batch, on the same model and device, in one process:
                                   gradients (its training script's `enable_input_require_grads`, which gradient
                                   checkpointing asks for), so that autograd records the whole backbone
 
+A preset that trains on the original's sequence (`train_layout` "closed_turn": blip3o-4b, blip3o-8b) runs
+it in one pass in the trainer too, so there (b) and (c) differ only in the input embeddings' gradients; on
+the generation prompt's layout (nano, debug) the trainer differentiates the query positions only.
+
 Every step is the whole `train_step`: forward, backward into the queries and the DiT, gradient clipping,
 AdamW, EMA. The trained weights are fp32 under bf16 autocast on CUDA, as the trainer keeps them. The
-decoder, which none of them runs, stays on the CPU.
+decoder, which none of them runs, stays on the CPU. Each step gets a fresh Trainer (its own AdamW and EMA)
+and runs two untimed steps, then `--steps` timed ones (median); the three take turns for `--rounds` rounds,
+so that a drift of the machine's speed hits all of them alike.
 
 FLOPs: counted with torch.utils.flop_counter.FlopCounterMode on one step of each at the benchmark's batch
 (forward and backward; SDPA through its math kernel for the count, so that every attention is counted as
@@ -22,8 +28,8 @@ its matmuls). MFU = FLOPs of a step / (step time x the card's dense bf16 peak: H
 memory allocated during the timed steps (CUDA), or the process's peak resident memory during them (CPU,
 after freed memory is handed back).
 
-    python benchmarks/train_real.py                         # CUDA: blip3o-8b, batch 16; CPU: nano, batch 32
-    python benchmarks/train_real.py --preset debug --steps 1    # CPU smoke, seconds
+    python benchmarks/train_real.py         # CUDA: blip3o-8b, batch 16, 1 round; CPU: nano, batch 32, 3 rounds
+    python benchmarks/train_real.py --preset debug --steps 1 --rounds 1     # CPU smoke, seconds
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ def parse() -> argparse.Namespace:
                     help="the model's weights; default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--batch", type=int, default=None,
                     help="default: 16 on CUDA; on a CPU the nano recipe's 32 (nano), else 4")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps of each a round (after two untimed)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps of each run (after two untimed)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds, each step measured once a round in turn (default: 1 on CUDA, 3 on a CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by name)")
@@ -272,8 +278,9 @@ def alternate(variants: list[Variant], model: Blip3o, config: TrainConfig, devic
             result = run(v, model, config, device, steps, count=not results[v.key])
             if result is None:
                 failed.add(v.key)
-            else:
-                results[v.key].append(result)
+                continue
+            results[v.key].append(result)
+            print(f"  round {len(results[v.key])}: ({v.key}) {result.step_s * 1e3:.1f} ms a step", flush=True)
     return {k: r for k, r in results.items() if r}
 
 
