@@ -57,13 +57,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from _common import PROMPT, build_model, device_line, peak_tflops, resolve, sync
 from blip3o.data.targets import encoder_identity
 from blip3o.model import Blip3o
+from blip3o.presets import PRESETS
 from blip3o.train.recipe import NANO_STAGES
 from blip3o.train.trainer import TrainConfig, Trainer
 
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, help="default: blip3o-8b on CUDA, nano on a CPU (debug: smoke)")
+    ap.add_argument("--preset", default=None, choices=list(PRESETS),
+                    help="default: blip3o-8b on CUDA, nano on a CPU (debug: smoke)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="the model's weights; default: bfloat16 on CUDA, float32 on CPU")
@@ -74,7 +76,10 @@ def parse() -> argparse.Namespace:
                     help="rounds, each step measured once a round in turn (default: 1 on CUDA, 3 on a CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by name)")
     args = ap.parse_args()
-    gpu = torch.device(args.device).type == "cuda"
+    try:
+        gpu = torch.device(args.device).type == "cuda"
+    except RuntimeError:
+        ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1)")
     args.preset = args.preset or ("blip3o-8b" if gpu else "nano")
     if args.batch is None:
         args.batch = 16 if gpu else 32 if args.preset == "nano" else 4

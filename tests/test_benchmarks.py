@@ -32,4 +32,11 @@ def test_train_real_reports_the_three_steps_at_debug_size():
 def test_train_real_refuses_a_zero_step_count():
     out = run_train_real("--preset", "debug", "--steps", "0", "--device", "cpu")
     assert out.returncode == 2
-    assert "--steps must be at least 1" in out.stderr
+    assert "--steps must be at least 1, got 0" in out.stderr
+
+
+def test_train_real_refuses_an_unknown_preset_and_device():
+    out = run_train_real("--preset", "huge")
+    assert out.returncode == 2 and "--preset: invalid choice: 'huge'" in out.stderr
+    out = run_train_real("--device", "tpu0")
+    assert out.returncode == 2 and "--device 'tpu0' is not a torch device" in out.stderr
