@@ -1,10 +1,13 @@
 """The training-step benchmark runs end to end at the debug size and refuses bad flags."""
 
+import importlib
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "USE_FLAX": "0"}
@@ -29,14 +32,17 @@ def test_train_real_reports_the_three_steps_at_debug_size():
     assert "MFU: not defined" in out.stdout, out.stdout
 
 
-def test_train_real_refuses_a_zero_step_count():
-    out = run_train_real("--preset", "debug", "--steps", "0", "--device", "cpu")
-    assert out.returncode == 2
-    assert "--steps must be at least 1, got 0" in out.stderr
-
-
-def test_train_real_refuses_an_unknown_preset_and_device():
-    out = run_train_real("--preset", "huge")
-    assert out.returncode == 2 and "--preset: invalid choice: 'huge'" in out.stderr
-    out = run_train_real("--device", "tpu0")
-    assert out.returncode == 2 and "--device 'tpu0' is not a torch device" in out.stderr
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--batch", "-2"], "--batch must be at least 1, got -2"),
+    (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
+    (["--device", "tpu0"], "--device 'tpu0' is not a torch device"),
+])
+def test_train_real_refuses_bad_flags(argv, message, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["train_real.py", *argv])
+    train_real = importlib.import_module("train_real")
+    with pytest.raises(SystemExit) as exit_info:
+        train_real.parse()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
