@@ -9,7 +9,10 @@ Three steps over the same batch, on the same model and device, in one process:
     (b) original's step           (c), run the original's way (BLIP3-o's training forward): one backbone pass
                                   over the whole prompt + queries sequence, and the input embeddings requiring
                                   gradients (its training script's `enable_input_require_grads`, which gradient
-                                  checkpointing asks for), so that autograd records the whole backbone
+                                  checkpointing asks for), so that autograd records the whole backbone.
+                                  The original also recomputes the backbone's forward in the backward (gradient
+                                  checkpointing) and computes the LM head's logits over the whole sequence for a
+                                  text loss: (b) leaves both out, a lower bound of the original's step
 
 A preset that trains on the original's sequence (`train_layout` "closed_turn": blip3o-4b, blip3o-8b) runs
 it in one pass in the trainer too, so there (b) and (c) differ only in the input embeddings' gradients; on
