@@ -41,9 +41,10 @@ bench() {  # name, seconds, script arguments...
   echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 # ONLY picks benchmarks (to rerun some); EXTRA_GENERATION adds options, e.g. "--sections dit --compile"
-ONLY=${ONLY:-generation,understanding,train_stage2}
+ONLY=${ONLY:-generation,understanding,train_stage2,train_real}
 [[ ,$ONLY, == *,train_stage2,* ]] && bench train_stage2 ${TRAIN_LIMIT:-120} benchmarks/train_stage2.py --preset "$PRESET"
 [[ ,$ONLY, == *,generation,* ]] && bench generation ${GENERATION_LIMIT:-300} benchmarks/generation.py \
   --preset "$PRESET" ${EXTRA_GENERATION:-}
 [[ ,$ONLY, == *,understanding,* ]] && bench understanding 150 benchmarks/understanding.py --preset "$PRESET"
+[[ ,$ONLY, == *,train_real,* ]] && bench train_real ${TRAIN_REAL_LIMIT:-240} benchmarks/train_real.py --preset "$PRESET"
 true
