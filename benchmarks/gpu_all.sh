@@ -2,7 +2,7 @@
 # Every benchmark at the official 8B config on one GPU; logs (and an env.txt) under $OUT.
 #
 #   Beforehand, where there is network:  pip download --no-deps -d .whl diffusers==0.32.2 transformers==5.24.0
-#   On the GPU machine:                   bash benchmarks/gpu_all.sh       (~8 minutes; see docs/benchmarks.md)
+#   On the GPU machine:                   bash benchmarks/gpu_all.sh       (at most 14 minutes: the limits below)
 #
 # A machine with torch and transformers but no diffusers (and no network) gets the wheels in .whl/, installed
 # to /tmp/site with --no-deps. The wheel's transformers (the version the CPU tests pass with) is used if blip3o
