@@ -21,9 +21,10 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import webdataset as wds
 from PIL import Image
@@ -50,6 +51,7 @@ SHARD_NAME = "shapes-{:06d}.tar"
 IMAGE_KEYS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 MAX_ERRORS_KEPT = 20  # ReadStats keeps the first messages only
 PROMPT_FIRST = 0.5  # share of examples whose scene is drawn for a random prompt
+T = TypeVar("T")
 
 
 def tag_weights_of(weights: dict[str, float] | None) -> list[float] | None:
@@ -215,13 +217,17 @@ def shard_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[st
 
 
 def iter_examples(
-    urls: str | os.PathLike | Iterable[str | os.PathLike], *, stats: ReadStats | None = None
-) -> Iterator[tuple[Image.Image, dict]]:
+    urls: str | os.PathLike | Iterable[str | os.PathLike], *, stats: ReadStats | None = None,
+    decode: Callable[[dict], T] | None = None,
+) -> Iterator[T]:
     """Yield (RGB PIL image, metadata) from webdataset shards, in order, skipping broken data.
 
     Metadata is the example's json (a dict), plus `text` from a `txt` member, plus `__key__`
     and `__url__`. Pass a `ReadStats` to learn how many examples and shards were skipped.
+    `decode` turns one sample's members (suffix -> bytes) into what is yielded, raising if the
+    sample is broken (default `decode_example`; `edits.decode_edit` reads edit samples).
     """
+    decode = decode if decode is not None else decode_example
     stats = stats if stats is not None else ReadStats()
     for url in shard_urls(urls):
         failures: list[Exception] = []
@@ -235,7 +241,7 @@ def iter_examples(
             members = tar_file_expander(iter(opened), handler=keep_going)
             for raw in group_by_keys(members, handler=keep_going):
                 try:
-                    example = decode_example(raw)
+                    example = decode(raw)
                 except Exception as exn:  # a broken example must not stop a training run
                     stats.bad_examples += 1
                     stats._note(f"{url}: example {raw.get('__key__')!r}: {exn}")
