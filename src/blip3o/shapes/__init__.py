@@ -15,6 +15,7 @@ A 64x64 image on a light grey background holds 1 to 4 non-overlapping objects, e
 | `prompts.py`   | the six GenEval families, free descriptions, `check`                |
 | `questions.py` | the six question types, the caption request, `score_answer`         |
 | `data.py`      | shard writing and robust shard reading                              |
+| `edits.py`     | edit triplets, the instruction grammar, `score_edit`, edit shards   |
 """
 
 from .data import (
@@ -26,6 +27,20 @@ from .data import (
     write_shards,
 )
 from .detect import DetectedObj, classify, detect, palette_index
+from .edits import (
+    EDIT_TYPES,
+    Edit,
+    EditScore,
+    EditTriplet,
+    edit_scores,
+    held_out_edit,
+    iter_edits,
+    make_edit,
+    parse_instruction,
+    score_edit,
+    write_edit_file,
+    write_edit_shards,
+)
 from .prompts import (
     TAGS,
     Group,
@@ -84,6 +99,18 @@ from .world import (
 )
 
 __all__ = [
+    "EDIT_TYPES",
+    "Edit",
+    "EditScore",
+    "EditTriplet",
+    "edit_scores",
+    "held_out_edit",
+    "iter_edits",
+    "make_edit",
+    "parse_instruction",
+    "score_edit",
+    "write_edit_file",
+    "write_edit_shards",
     "ANTIALIASED",
     "BACKGROUND",
     "CAPTION",
