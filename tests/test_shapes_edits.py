@@ -258,3 +258,15 @@ def test_the_held_out_edit_file(tmp_path):
     held_out = held_out_edit("move", 1)
     assert held_out.meta["rasteriser"] not in RASTERISERS and held_out.meta["source"] == scenes[7]["source"]
     assert score_edit(Scene.from_dict(scenes[7]["source"]), scenes[7]["instruction"], held_out.target).passed
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(type="add", shape="circle", shape2="circle", color="red", rel="above"), "two different shapes"),
+    (dict(type="move", shape="circle"), r"move takes \['rel', 'shape2'\]"),
+    (dict(type="count", shape="circle", n=5), "two to four"),
+    (dict(type="recolor", shape="circle", color="pink"), "unknown color 'pink'"),
+    (dict(type="resize", shape="circle"), "unknown edit type 'resize'"),
+])
+def test_an_edit_the_spec_forbids_is_refused_naming_what_is_wrong(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Edit(**fields)

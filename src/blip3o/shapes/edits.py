@@ -110,12 +110,12 @@ class Edit:
             raise ValueError(f"unknown edit type {self.type!r}; expected one of {EDIT_TYPES}")
         given = {k for k in ("shape2", "color", "rel", "n") if getattr(self, k) is not None}
         if given != _FIELDS[self.type]:
-            raise ValueError(f"a {self.type} edit takes {sorted(_FIELDS[self.type])}, got {sorted(given)}")
+            raise ValueError(f"{self.type} takes {sorted(_FIELDS[self.type])} beside shape, got {sorted(given)}")
         for shape in filter(None, (self.shape, self.shape2)):
             if shape not in SHAPES:
                 raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
         if self.shape == self.shape2:
-            raise ValueError(f"a {self.type} edit names two different shapes, got {self.shape} twice")
+            raise ValueError(f"{self.type} names two different shapes, got {self.shape} twice")
         if self.color is not None and self.color not in COLORS:
             raise ValueError(f"unknown color {self.color!r}; expected one of {COLORS}")
         if self.rel is not None and self.rel not in RELATIONS:
@@ -133,11 +133,11 @@ class Edit:
         """The shapes the instruction names."""
         return tuple(s for s in (self.shape, self.shape2) if s is not None)
 
-    def asked(self, shape: str) -> int:
-        """How many objects of a named `shape` the edited image is asked to hold."""
-        if self.type == "remove":
-            return 0
-        return self.n if self.type == "count" else 1
+    @property
+    def asked(self) -> dict[str, int]:
+        """How many objects of each named shape the edited image is asked to hold."""
+        wanted = 0 if self.type == "remove" else self.n if self.type == "count" else 1
+        return dict.fromkeys(self.shapes, wanted)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -344,7 +344,7 @@ def preserved(edit: Edit, source: Sequence[Boxed], edited: Sequence[Boxed]) -> b
         return False
     if not any(all(map(unchanged, kept, order)) for order in itertools.permutations(now)):
         return False
-    return all(len(_of(edited, s)) <= max(len(_of(source, s)), edit.asked(s)) for s in edit.shapes)
+    return all(len(_of(edited, s)) <= max(len(_of(source, s)), edit.asked[s]) for s in edit.shapes)
 
 
 def score_edit(source: Scene | Sequence[Boxed], instruction: str | Edit,
