@@ -48,6 +48,7 @@ from .world import (
     BORDER,
     COLORS,
     IMAGE_SIZE,
+    MAX_OBJECTS,
     MAX_SIZE,
     MIN_GAP,
     MIN_SIZE,
@@ -236,8 +237,8 @@ def source_errors(edit: Edit, source: Sequence[Boxed]) -> list[str]:
         count = len(_of(source, edit.shape))
         if count == 0 or len(colors) > 1 or count == edit.n:
             errors.append(f"count needs at least one {edit.shape}, all one colour, and not {edit.n} of them")
-        if edit.n + len(source) - count > 4:
-            errors.append(f"{edit.n} {plural(edit.shape)} and the other objects make more than 4 objects")
+        if edit.n + len(source) - count > MAX_OBJECTS:
+            errors.append(f"{edit.n} {plural(edit.shape)} and the other objects make more than {MAX_OBJECTS} objects")
         return errors
     named = [edit.shape2] if edit.type == "add" else list(edit.shapes)
     errors += [f"the source holds {len(_of(source, s))} {plural(s)}; the edit names one" for s in named
@@ -479,7 +480,7 @@ def _draw_count(rng: random.Random) -> tuple[Scene, Edit, Scene] | None:
     shape, color = rng.choice(SHAPES), rng.choice(COLORS)
     have = rng.randint(1, MAX_SOURCE_OBJECTS)
     extra = rng.randint(0, MAX_SOURCE_OBJECTS - have)
-    n = rng.choice([v for v in COUNT_RANGE if v != have and v + extra <= 4])
+    n = rng.choice([v for v in COUNT_RANGE if v != have and v + extra <= MAX_OBJECTS])
     specs = [ObjSpec(shape, color)] * have + [ObjSpec(rng.choice([s for s in SHAPES if s != shape]))
                                               for _ in range(extra)]
     source = sample_scene(rng, have + extra, objects=specs)
