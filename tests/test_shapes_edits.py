@@ -270,3 +270,13 @@ def test_the_held_out_edit_file(tmp_path):
 def test_an_edit_the_spec_forbids_is_refused_naming_what_is_wrong(fields, message):
     with pytest.raises(ValueError, match=message):
         Edit(**fields)
+
+
+@pytest.mark.parametrize("edit_type", EDIT_TYPES)
+def test_held_out_targets_pass_read_from_both_images(edit_type):
+    for i in range(50):
+        triplet = held_out_edit(edit_type, i)
+        assert triplet.meta["rasteriser"] == HELD_OUT_RASTERISERS[0]
+        assert triplet.instruction == triplet.meta["canonical"]
+        assert score_edit(detect(triplet.source), triplet.instruction, triplet.target).passed, triplet.meta
+        assert not score_edit(detect(triplet.source), triplet.instruction, triplet.source).change, triplet.meta
