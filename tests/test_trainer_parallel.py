@@ -75,6 +75,19 @@ def test_fsdp_on_two_processes_matches_one_and_its_checkpoint_resumes_at_one_and
     assert_same_weights(torchrun(config(tmp_path, "half", steps=4), 2), straight)
 
 
+def test_fsdp_shards_the_backbone_the_understanding_stage_trains(tmp_path):
+    """The understanding stage calls the backbone's body and its vocabulary projection apart: each is a unit."""
+    one = Trainer(config(tmp_path, "one", stage="understanding", parallel="ddp", steps=2), DATA)
+    before = {k: v.clone() for k, v in one.model.backbone.state_dict().items()}
+    one.fit()
+    two = torchrun(config(tmp_path, "two", stage="understanding", steps=2), 2)
+    assert any(not torch.equal(before[k], v) for k, v in one.model.backbone.state_dict().items())
+    mine = Blip3o.from_pretrained(tmp_path / "one" / "model").backbone.state_dict()  # EMA weights, as exported
+    theirs = two.backbone.state_dict()
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_activation_checkpointing_keeps_the_loss_and_gradients(tmp_path):
     results = []
     for checkpointing in (False, True):

@@ -23,23 +23,24 @@ from blip3o.model import Blip3o
 from blip3o.train.stages import Stage
 
 PARALLELS = ("ddp", "fsdp")  # TrainConfig.parallel
-# The module of a part whose forward the stages call, where it is not the part: the backbone's stages call the
-# Qwen2.5-VL model it wraps (which holds every parameter of the backbone)
-ROOTS = {"backbone": "model"}
+# The modules of a part FSDP shards after its blocks, where they are not the part alone: the understanding stage
+# calls the backbone's Qwen2.5-VL body and its vocabulary projection apart, so each is a unit; the last one listed
+# is the part's root (the Qwen2.5-VL model, which holds every parameter of the backbone)
+UNITS = {"backbone": ("model.model", "model.lm_head", "model")}
 # Methods the model calls instead of `forward` (`DiT.loss`, the encoders' `encode`, a DiT block's
 # `cross_key_value` and its norm's `modulation`): FSDP gathers a unit's parameters around them as around `forward`.
 # A module inside a block that has one is a unit of its own, so that its parameters are gathered where it runs.
 ENTRY_METHODS = ("loss", "encode", "embed", "cross_key_value", "modulation")
 
 
-def trained_parts(model: Blip3o, stage: Stage) -> dict[str, nn.Module]:
-    """The modules `stage` trains, by name, each as the module whose forward the stage calls (a trained bare
-    parameter, the queries, is no module and is left out)."""
+def trained_parts(model: Blip3o, stage: Stage) -> dict[str, list[nn.Module]]:
+    """The modules `stage` trains, by name, each as the units FSDP shards after its blocks (its root last; a
+    trained bare parameter, the queries, is no module and is left out)."""
     parts = {}
     for name in stage.trains:
         part = getattr(model, name)
         if isinstance(part, nn.Module):
-            parts[name] = getattr(part, ROOTS[name]) if name in ROOTS else part
+            parts[name] = [part.get_submodule(path) for path in UNITS[name]] if name in UNITS else [part]
     return parts
 
 
@@ -59,26 +60,33 @@ def repeated_blocks(module: nn.Module) -> list[nn.Module]:
 def checkpoint_activations(model: Blip3o, stage: Stage) -> None:
     """Recompute each repeated block's activations during backward instead of keeping them (the same loss and
     gradients, less memory, about one more forward pass). The parameter names do not change."""
-    for part in trained_parts(model, stage).values():
-        for block in repeated_blocks(part):
+    for *_, root in trained_parts(model, stage).values():
+        for block in repeated_blocks(root):
             checkpoint(block)
 
 
 def shard(model: Blip3o, stage: Stage, world: World) -> list[FSDPModule]:
-    """FSDP2 over the trained parts: each repeated block, then the part; returns the parts (each an FSDPModule).
-    A stage that merges adapters into the weights at export is refused: its merge reads whole weights."""
-    if type(stage).before_export is not Stage.before_export:
-        raise ValueError(f"parallel fsdp: the {stage.name} stage with these options merges adapters into the "
+    """FSDP2 over the trained parts: each repeated block, then the part (`UNITS`); returns the parts
+    (each an FSDPModule).
+    A stage that trains LoRA adapters is refused: it merges them into whole weights at export."""
+    if getattr(stage, "lora", None) is not None:
+        raise ValueError(f"parallel fsdp: the {stage.name} stage with lora_rank > 0 merges its adapters into the "
                          "weights at export; train it with parallel ddp")
     mesh = dist.device_mesh.init_device_mesh(model.device.type, (world.size,))
     roots = []
-    for part in trained_parts(model, stage).values():
-        for block in repeated_blocks(part):
+    for *units, root in trained_parts(model, stage).values():
+        shared = {id(p) for unit in units for p in unit.parameters()}
+        if len(shared) < sum(1 for unit in units for _ in unit.parameters()):
+            raise ValueError("parallel fsdp: the backbone's vocabulary projection shares its weight with the token "
+                             "embedding (tie_word_embeddings); train it with parallel ddp")
+        for block in repeated_blocks(root):
             for inner in block.modules():
                 if inner is not block and entry_methods(inner):
                     shard_unit(inner, mesh)
             shard_unit(block, mesh)
-        roots.append(shard_unit(part, mesh))
+        for unit in units:
+            shard_unit(unit, mesh)
+        roots.append(shard_unit(root, mesh))
     return roots
 
 
