@@ -401,12 +401,13 @@ class Trainer:
 
     def _save_sharded(self, data: list | None) -> None:
         """An fsdp run's checkpoint: every rank's shards in shards/, rank 0's trainer_state.pt beside them."""
-        rest = {k: v for k, v in self.state_dict().items() if k in SHARDED_STATE_KEYS} if self.world.is_main else {}
+        rest = {"step": self.step, "seconds": self.seconds, "scheduler": self.scheduler.state_dict(),
+                "rng": global_rng_state(), "identity": self._comparable(), "data": data}
 
         def fill(tmp: Path) -> None:
             resumable.save_shards(self.sharded_state(), tmp / resumable.SHARDS)
             if self.world.is_main:
-                torch.save({**rest, "data": data}, tmp / STATE_NAME)
+                torch.save(rest, tmp / STATE_NAME)
 
         resumable.save_shared(self.out, self.step, fill, self.world)
 
