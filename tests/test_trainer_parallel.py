@@ -132,6 +132,18 @@ def test_crafted_shard_metadata_is_refused_and_runs_nothing(tmp_path):
         Trainer(config(tmp_path, "run", steps=3), DATA).fit()
 
 
+def test_a_crafted_shard_entry_is_refused_and_runs_nothing(tmp_path):
+    """Numbers and strings in the shards (the optimizer's hyper-parameters) are read as weights_only reads them."""
+    marker, folder = tmp_path / "ran", tmp_path / "shards"
+    resumable.save_shards({"lr": 0.5, "payload": Payload(marker)}, folder)
+    state = {"lr": 0.0}
+    resumable.load_shards(state, folder)
+    assert state == {"lr": 0.5}
+    with pytest.raises(CheckpointError, match=f"refusing to load {folder}: entry payload holds objects"):
+        resumable.load_shards({"payload": None}, folder)
+    assert not marker.exists()
+
+
 def test_parallel_is_checked():
     with pytest.raises(ValueError, match="parallel 'zero3' is not one of ddp, fsdp"):
         TrainConfig(stage="generation", parallel="zero3")

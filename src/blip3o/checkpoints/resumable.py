@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from blip3o.checkpoints import CheckpointError, read_json
@@ -206,7 +207,12 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
     read by torch.load(weights_only=True), not unrestricted unpickling."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        loaded = torch.load(value, weights_only=True)
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"entry {read_item.dest_index.fqn} holds objects a checkpoint never holds (only "
+                                  f"tensors, numbers, strings, lists and dicts are read): {reason}") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
@@ -239,4 +245,12 @@ def load_shards(state: dict, folder: Path) -> None:
     reshards) in place from `folder`, reading nothing that could run code (refused metadata raises a
     CheckpointError). All ranks call it."""
     read_metadata(folder / ".metadata")  # refused here, named; torch's loader would wrap the error
-    dcp.load(state, storage_reader=SafeReader(folder), planner=SafeLoadPlanner(), no_dist=not dist.is_initialized())
+    try:
+        dcp.load(state, storage_reader=SafeReader(folder), planner=SafeLoadPlanner(),
+                 no_dist=not dist.is_initialized())
+    except CheckpointException as e:
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
+        if refused:
+            raise CheckpointError(f"refusing to load {folder}: {refused[0]}. Delete the checkpoint or use another "
+                                  "out_dir") from None
+        raise
