@@ -37,7 +37,9 @@ import pathlib
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -234,10 +236,19 @@ def read_metadata(path: Path) -> dcp_metadata.Metadata:
     return metadata
 
 
+@contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """Without torch's warning that a single process saves or loads: one process is a run this module expects."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_shards(state: dict, folder: Path) -> None:
     """Write `state` (nested dicts of tensors, DTensors and numbers) to `folder` with torch.distributed.checkpoint:
     every rank its own shards, rank 0 the metadata. All ranks call it."""
-    dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    with single_process_quiet():
+        dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
 def load_shards(state: dict, folder: Path) -> None:
@@ -246,8 +257,9 @@ def load_shards(state: dict, folder: Path) -> None:
     CheckpointError). All ranks call it."""
     read_metadata(folder / ".metadata")  # refused here, named; torch's loader would wrap the error
     try:
-        dcp.load(state, storage_reader=SafeReader(folder), planner=SafeLoadPlanner(),
-                 no_dist=not dist.is_initialized())
+        with single_process_quiet():
+            dcp.load(state, storage_reader=SafeReader(folder), planner=SafeLoadPlanner(),
+                     no_dist=not dist.is_initialized())
     except CheckpointException as e:
         refused = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
         if refused:
