@@ -232,6 +232,17 @@ def test_resume_with_another_config_is_refused(tmp_path):
     Trainer(config(tmp_path, steps=3), DATA).fit()  # more steps of the same run is fine
 
 
+def test_a_train_field_the_checkpoint_lacks_resumes_at_its_default_only():
+    from blip3o.train.trainer import config_changes
+
+    saved = {"train": {"lr": 3e-4}, "model": {"width": 8}}
+    assert config_changes({"train": {"lr": 3e-4, "parallel": "ddp"}, "model": {"width": 8}}, saved) == []
+    assert config_changes({"train": {"lr": 3e-4, "parallel": "fsdp"}, "model": {"width": 8}}, saved) == [
+        "train.parallel: checkpoint None vs now 'fsdp'"]
+    assert config_changes({"train": {"lr": 3e-4}, "model": {"width": 8, "depth": 2}}, saved) == [
+        "model.depth: checkpoint None vs now 2"]
+
+
 def test_config_files_are_checked_naming_the_file(tmp_path):
     path = tmp_path / "gen.json"
     for raw, match in [({"stage": "generation", "stage_options": {"draws": 4}},

@@ -287,6 +287,22 @@ def keep_metrics_to(path: Path, step: int) -> None:
     write_text(path, "".join(f"{line}\n" for line in kept))
 
 
+def config_changes(mine: dict, theirs: dict) -> list[str]:
+    """What differs between this run's identity (`Trainer._comparable`) and a checkpoint's, one "part.field:
+    checkpoint X vs now Y" each. A train field the checkpoint lacks (one its writer's TrainConfig did not have)
+    differs only where this run sets it away from its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    diff = []
+    for part in mine:
+        ours, saved = mine[part], theirs.get(part, {})
+        for k in sorted(set(ours) | set(saved)):
+            if part == "train" and k not in saved and k in defaults and ours[k] == defaults[k]:
+                continue
+            if ours.get(k) != saved.get(k):
+                diff.append(f"{part}.{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}")
+    return diff
+
+
 class Trainer:
     """Runs one stage: `fit()` trains to config.steps (resuming out_dir/checkpoint when it exists) and writes
     out_dir/model. `dataset[i]` gives global item i ({"image": PIL, "json": dict}); with no dataset, each rank
@@ -423,11 +439,8 @@ class Trainer:
             return False
         path = folder / STATE_NAME
         state = load_state(path, SHARDED_STATE_KEYS if self.config.parallel == "fsdp" else STATE_KEYS)
-        mine, theirs = self._comparable(), state["identity"]
-        if mine != theirs:
-            diff = [f"{part}.{k}: checkpoint {theirs[part].get(k)!r} vs now {mine[part].get(k)!r}"
-                    for part in mine for k in sorted(set(mine[part]) | set(theirs[part]))
-                    if mine[part].get(k) != theirs[part].get(k)]
+        diff = config_changes(self._comparable(), state["identity"])
+        if diff:
             raise checkpoints.CheckpointError(f"refusing to resume {path}: it was written for a different config "
                                               f"({'; '.join(diff)}); use another out_dir or restore the config")
         if self.config.parallel == "fsdp":
