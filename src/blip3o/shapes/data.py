@@ -182,12 +182,12 @@ def _write_shard(path: Path, seed: int, indices: range, options: dict) -> None:
             png = io.BytesIO()
             image.save(png, format="PNG")
             key = f"{index:09d}"
-            _add(tar, f"{key}.png", png.getvalue())
-            _add(tar, f"{key}.json", json.dumps(meta, separators=(",", ":")).encode())
+            add_member(tar, f"{key}.png", png.getvalue())
+            add_member(tar, f"{key}.json", json.dumps(meta, separators=(",", ":")).encode())
     os.replace(tmp, path)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)  # mtime, owner etc. stay 0: the bytes depend on the content only
     info.size, info.mode = len(data), 0o644
     tar.addfile(info, io.BytesIO(data))

@@ -40,7 +40,7 @@ from PIL import Image
 from blip3o.files import atomic_folder, save_image, write_text
 from blip3o.images import admit_image
 
-from .data import ReadStats, _add, iter_examples
+from .data import ReadStats, add_member, iter_examples
 from .detect import detect
 from .evaluate import EVAL_SEED, HELD_OUT_RASTERISER, held_out_random
 from .render import choose_rasteriser, render
@@ -56,6 +56,7 @@ from .world import (
     POSITION_MARGIN,
     RELATIONS,
     SHAPES,
+    Located,
     Obj,
     ObjSpec,
     Scene,
@@ -76,17 +77,8 @@ EDIT_SHARD_NAME = "edits-{:06d}.tar"
 EDIT_FILE, EDIT_SCENES = "edits.jsonl", "scenes.jsonl"  # the evaluation folder's edit file and its scenes
 
 
-class Boxed(Protocol):
+class Boxed(Located, Protocol):
     """A source or edited object: a scene `Obj` or a `DetectedObj` (both have these)."""
-
-    shape: str
-    color: str
-
-    @property
-    def cx(self) -> float: ...
-
-    @property
-    def cy(self) -> float: ...
 
     @property
     def box(self) -> tuple[int, int, int, int]: ...
@@ -584,9 +576,9 @@ def _add_edit(tar: tarfile.TarFile, key: str, triplet: EditTriplet) -> None:
     for name, image in (("src", triplet.source), ("tgt", triplet.target)):
         png = io.BytesIO()
         image.save(png, format="PNG")
-        _add(tar, f"{key}.{name}.png", png.getvalue())
-    _add(tar, f"{key}.txt", triplet.instruction.encode())
-    _add(tar, f"{key}.json", json.dumps(triplet.meta, separators=(",", ":")).encode())
+        add_member(tar, f"{key}.{name}.png", png.getvalue())
+    add_member(tar, f"{key}.txt", triplet.instruction.encode())
+    add_member(tar, f"{key}.json", json.dumps(triplet.meta, separators=(",", ":")).encode())
 
 
 def decode_edit(raw: dict) -> EditTriplet:
