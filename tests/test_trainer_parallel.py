@@ -75,6 +75,18 @@ def test_fsdp_on_two_processes_matches_one_and_its_checkpoint_resumes_at_one_and
     assert_same_weights(torchrun(config(tmp_path, "half", steps=4), 2), straight)
 
 
+def test_fsdp_accumulates_micro_batches_and_exports_in_the_dtype_asked(tmp_path):
+    """2 processes x 2 micro-batches under fsdp take the steps of 1 process on the whole batch; the gathered
+    export is written in bf16."""
+    Trainer(config(tmp_path, "one", parallel="ddp", export_dtype="bf16"), DATA).fit()
+    one = Blip3o.from_pretrained(tmp_path / "one" / "model")
+    two = torchrun(config(tmp_path, "two", grad_accum=2, export_dtype="bf16"), 2)
+    wa, wb = weights(two), weights(one)
+    assert wa.keys() == wb.keys() and {t.dtype for t in wa.values()} == {torch.bfloat16}
+    for k in wa:  # one bf16 step apart at most: both round the same fp32 weights up to float noise
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), atol=1e-5, rtol=8e-3, msg=k)
+
+
 def test_fsdp_shards_the_backbone_the_understanding_stage_trains(tmp_path):
     """The understanding stage calls the backbone's body and its vocabulary projection apart: each is a unit."""
     one = Trainer(config(tmp_path, "one", stage="understanding", parallel="ddp", steps=2), DATA)
