@@ -1,4 +1,4 @@
-"""The training-step benchmark runs end to end at the debug size and refuses bad flags."""
+"""The benchmarks run end to end at small sizes and refuse bad flags."""
 
 import importlib
 import os
@@ -46,3 +46,15 @@ def test_train_real_refuses_bad_flags(argv, message, monkeypatch, capsys):
         train_real.parse()
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cpu_generate_reports_images_per_second_against_a_revision():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_generate.py"), "--batches", "1",
+                          "--repeats", "1", "--rounds", "1", "--against", "HEAD"], capture_output=True, text=True,
+                         env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("batch   1:"))
+    ours, theirs = (float(v) for v in re.findall(r"([0-9.]+) images/s", line))
+    ratio = float(line.rsplit("ratio=", 1)[1])
+    assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, abs=2e-3), line
+    assert out.stdout.splitlines()[-1] == f"ratio={ratio:.3f}"
