@@ -40,6 +40,12 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded as asked; the message says what and where."""
 
 
+def unpickling_reason(error: Exception) -> str:
+    """The line of an unpickling error that names what was refused (torch's weights_only errors end with it)."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop later names of tensors that share storage (tied weights); safetensors refuses aliases."""
     seen: set[tuple] = set()

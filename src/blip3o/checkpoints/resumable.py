@@ -50,7 +50,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-from blip3o.checkpoints import CheckpointError, read_json
+from blip3o.checkpoints import CheckpointError, read_json, unpickling_reason
 from blip3o.checkpoints.atomic import remove, swap_in, sync_file, sync_folder, sync_tree
 from blip3o.distributed import World, barrier, broadcast
 
@@ -63,14 +63,7 @@ SHARDS = "shards"  # the torch.distributed.checkpoint folder inside a checkpoint
 def save(out_dir: str | Path, step: int, fill: Callable[[Path], None]) -> Path:
     """Write OUT/checkpoint/ for `step`: `fill(folder)` writes the state into a temporary folder, which becomes
     the checkpoint once complete (see the module docstring). An error in `fill` removes the temporary."""
-    out = Path(out_dir)
-    tmp = make_temporary(out)
-    try:
-        fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return complete(out, tmp, step)
+    return save_shared(out_dir, step, fill, World())
 
 
 def save_shared(out_dir: str | Path, step: int, fill: Callable[[Path], None], world: World) -> Path:
@@ -212,9 +205,9 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"entry {read_item.dest_index.fqn} holds objects a checkpoint never holds (only "
-                                  f"tensors, numbers, strings, lists and dicts are read): {reason}") from None
+                                  f"tensors, numbers, strings, lists and dicts are read): {unpickling_reason(e)}"
+                                  ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:

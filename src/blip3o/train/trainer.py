@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -261,10 +260,10 @@ def load_state(path: Path, keys: tuple[str, ...] = STATE_KEYS) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise checkpoints.CheckpointError(
             f"refusing to load {path}: it holds objects a trainer checkpoint never holds (only tensors, numbers, "
-            f"strings, lists and dicts are read): {reason}. Delete it or use another out_dir") from None
+            f"strings, lists and dicts are read): {checkpoints.unpickling_reason(e)}. Delete it or use another "
+            "out_dir") from None
     missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
     if missing:
         raise checkpoints.CheckpointError(f"{path} is not a trainer checkpoint: it lacks {', '.join(missing)}. "
@@ -564,12 +563,7 @@ class Trainer:
 
     def skipped(self) -> dict[str, int]:
         """Samples the stream skipped so far, by reason, over every rank (empty for an in-memory dataset)."""
-        if self.stream is None:
-            return {}
-        total: Counter = Counter()
-        for counts in all_gather(dict(self.stream.stats.bad), self.world):
-            total.update(counts)
-        return dict(sorted(total.items()))
+        return {} if self.stream is None else summed(self.stream.stats.bad, self.world)
 
     def log(self, bar: tqdm, loss: float, rate: float) -> None:
         """One log step: the progress bar's figures, and a line of out_dir/metrics.jsonl and TensorBoard's
