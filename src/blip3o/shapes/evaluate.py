@@ -30,7 +30,7 @@ from blip3o.images import image_grid
 
 from .data import make_example
 from .detect import detect
-from .prompts import TAGS, Prompt, check, describe, evaluation_prompts, geneval_scores, sample_prompt
+from .prompts import TAGS, Prompt, check, describe, evaluation_prompts, geneval_scores, prompts_of_each_tag
 from .questions import CAPTION, CAPTION_QUESTION, QUESTION_TYPES, Question, ask, score_answer
 from .render import HELD_OUT_RASTERISERS, render
 from .world import Scene, sample_scene
@@ -70,8 +70,7 @@ def held_out_random(seed: int, *stream: str | int) -> random.Random:
 
 def held_out_prompts(per_tag: int, seed: int = EVAL_SEED) -> list[Prompt]:
     """`per_tag` random prompts of each GenEval family, in TAGS order, from the held-out stream `prompts`."""
-    rng = held_out_random(seed, "prompts")
-    return [sample_prompt(rng, tag) for tag in TAGS for _ in range(per_tag)]
+    return prompts_of_each_tag(held_out_random(seed, "prompts"), per_tag)
 
 
 def held_out_items(per_type: int, seed: int = EVAL_SEED) -> list[Item]:

@@ -201,7 +201,11 @@ def sample_prompt(rng: random.Random, tag: str | None = None) -> Prompt:
 
 def evaluation_prompts(per_tag: int, seed: int = 0) -> list[Prompt]:
     """A fixed evaluation set: `per_tag` random prompts of each family, deterministic for `seed`."""
-    rng = random.Random(seed)
+    return prompts_of_each_tag(random.Random(seed), per_tag)
+
+
+def prompts_of_each_tag(rng: random.Random, per_tag: int) -> list[Prompt]:
+    """`per_tag` random prompts of each family drawn from `rng`, in TAGS order."""
     return [sample_prompt(rng, tag) for tag in TAGS for _ in range(per_tag)]
 
 
