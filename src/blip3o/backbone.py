@@ -37,6 +37,8 @@ GENERATION_PROMPT = (
     f"<|im_start|>user\n{GENERATION_REQUEST}{{prompt}}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+# An edit's request: the source image(s) enter the user turn as understanding input, then this and the instruction
+EDIT_REQUEST = "Please edit the image according to the following instruction: "
 IMG_TOKEN = "[IMG]"
 # The original trains generation on the conversation with its assistant message emptied, which the chat template
 # closes, and its collator appends [IMG] and one `<image>` slot per query (`Backbone.training_sequence`).
@@ -356,9 +358,63 @@ class Backbone(nn.Module):
                                               position_ids=positions_from_mask(mask), use_cache=False)
         return out.last_hidden_state[slots].view(len(prompts), queries.shape[1], -1)
 
+    def edit_condition(self, sources: list[list[Image.Image]], instructions: list[str], queries: torch.Tensor, *,
+                       min_pixels: int | None = None, max_pixels: int | None = None) -> torch.Tensor:
+        """Hidden states at the query positions after an edit request: (B, Q, H), gradients reaching `queries`.
+
+        Row b's source images enter as understanding input, where the chat template places images, then the
+        request and the instruction; the assistant turn opens with [IMG] and the queries:
+
+            <|im_start|>user\n(<|vision_start|><|image_pad|>...<|vision_end|>)* EDIT_REQUEST instruction<|im_end|>\n
+            <|im_start|>assistant\n[IMG] q_1 ... q_Q
+
+        The images' tokens take Qwen2.5-VL's 3D positions (`get_rope_index`), as when the model answers about
+        them. `min_pixels`/`max_pixels`: as in `chat`.
+        """
+        instructions = check_prompts(instructions, name="instructions")
+        if not _is_list(sources) or len(sources) != len(instructions):
+            raise ValueError(f"sources must hold one list of images per instruction; got "
+                             f"{len(sources) if _is_list(sources) else type(sources).__name__} for "
+                             f"{len(instructions)} instructions")
+        self._require_generation()
+        queries = _check_queries(queries, self.hidden_size)
+        conversations = []
+        for b, (images, text) in enumerate(zip(sources, instructions, strict=True)):
+            if not _is_list(images) or len(images) == 0:
+                raise ValueError(f"sources[{b}] must be a non-empty list of PIL images")
+            parts = [{"type": "image", "image": image} for image in images]
+            conversations.append([{"role": "user", "content": [*parts, {"type": "text", "text": EDIT_REQUEST + text}]}])
+        texts, images = self._render(conversations)
+        texts = [text + IMG_TOKEN for text in texts]
+        inputs = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
+                                **self._size(min_pixels, max_pixels)).to(self.device)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].long()
+        B, Q = len(texts), queries.shape[1]
+        vl = self.model.model
+        embeds = self.model.get_input_embeddings()(ids)  # (B, P, H)
+        pixels = vl.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        image_slots = (ids == vl.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(image_slots, torch.cat(pixels).to(embeds.dtype))
+        # the queries continue the text: their slots are text positions after [IMG]
+        slot = self.tokenizer.convert_tokens_to_ids(QUERY_SLOT)
+        whole_ids = torch.cat([ids, torch.full((B, Q), slot, dtype=ids.dtype, device=ids.device)], dim=1)
+        whole_mask = torch.cat([mask, torch.ones(B, Q, dtype=mask.dtype, device=mask.device)], dim=1)
+        token_types = inputs.get("mm_token_type_ids")
+        if token_types is not None:
+            token_types = torch.cat([token_types, torch.zeros(B, Q, dtype=token_types.dtype,
+                                                              device=token_types.device)], dim=1)
+        positions, _ = vl.get_rope_index(whole_ids, mm_token_type_ids=token_types,
+                                         image_grid_thw=inputs["image_grid_thw"], attention_mask=whole_mask)
+        return self._queries_read(embeds, queries.to(embeds.dtype).expand(B, -1, -1), whole_mask, positions)
+
     def _hidden_at_queries(self, texts: list[str], queries: torch.Tensor) -> torch.Tensor:
         """texts (B) + [IMG] + queries (1, Q, H) -> final-norm hidden states at the queries (B, Q, H)."""
-        embeds, queries, mask, positions = self.query_sequence(texts, queries)
+        return self._queries_read(*self.query_sequence(texts, queries))
+
+    def _queries_read(self, embeds: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """A sequence's prefix embeddings (B, P, H), then queries (B, Q, H) -> hidden states at the queries: the
+        prefix differentiated only when the backbone trains (`queries_after_prompt`)."""
         frozen = not any(p.requires_grad for p in self.model.model.language_model.parameters())
         if torch.is_grad_enabled() and queries.requires_grad and frozen:
             return self.queries_after_prompt(embeds, queries, mask, positions)

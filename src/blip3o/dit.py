@@ -21,6 +21,7 @@ device; dtype and sharding are applied from outside.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from torch import nn
 from blip3o.flow import PathSample, flow_matching_loss
 
 MIN_T = 0.02  # sample prediction: v = (x_t - x_0) / t divides by at least this
+SOURCE_MODES = ("none", "input", "context", "both")  # DiTConfig.source
 
 
 @dataclass
@@ -63,6 +65,15 @@ class DiTConfig:
     # which lets it refine near-discrete targets instead of re-deriving them. An extra zero-initialised
     # linear embedding; not in the official model (False).
     self_condition: bool = False
+    # Editing (generation conditioned on source images as well as on the text): how the DiT reads the CLIP tokens
+    # of the source image(s). "input": the first source's tokens, through a zero-initialised linear, added to the
+    # patch embedding token by token (the grids align, so what stays in place is copied from where it is);
+    # "context": every source's tokens, projected and tagged by their image's index, appended to the
+    # cross-attention context (any number of sources, no alignment); "both"; "none": the DiT does not edit.
+    # docs/editing.md gives the measurement that chose nano's.
+    source: str = "none"
+    max_sources: int = 4  # source images a "context" DiT tells apart
+
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -72,6 +83,21 @@ class DiTConfig:
             raise ValueError(f"prediction must be 'velocity' or 'sample', got {self.prediction!r}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+        if self.source not in SOURCE_MODES:
+            raise ValueError(f"source must be one of {', '.join(SOURCE_MODES)}, got {self.source!r}")
+
+    @property
+    def edits(self) -> bool:
+        """Whether the DiT reads source images (`source` other than "none")."""
+        return self.source != "none"
+
+    @property
+    def source_input(self) -> bool:
+        return self.source in ("input", "both")
+
+    @property
+    def source_context(self) -> bool:
+        return self.source in ("context", "both")
 
     @property
     def head_dim(self) -> int:
@@ -106,8 +132,9 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # self-conditioning: generation accuracy 0.270 against 0.213 at guidance 7 without it (docs/experiments.md)
     "nano": DiTConfig(in_channels=32, hidden_size=192, num_layers=4, num_heads=4, cond_size=256, multiple_of=64,
                       cross_gate_init=1.0, prediction="sample", self_condition=True),
+    # reads sources both ways, so that the tiny model exercises every editing path
     "debug": DiTConfig(in_channels=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, cond_size=64,
-                       multiple_of=32),
+                       multiple_of=32, source="both"),
 }
 
 
@@ -365,16 +392,29 @@ class NormOut(nn.Module):
 class Condition:
     """Everything of a condition that stays fixed over the sampling steps (computed once)."""
 
-    context: torch.Tensor  # (B, L, D) projected condition
+    context: torch.Tensor  # (B, L, D) projected text condition (what the caption embedding pools)
     mask: torch.Tensor | None  # (B, L) bool, None = all valid
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, kv_heads, L, hd) keys and values
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, kv_heads, L', hd) keys and values
+    # an editing DiT's source: its first image's embedded tokens (B, N, D), added to the patch embedding
+    source: torch.Tensor | None = None
+    # (B, L') bool over the cross-attention keys when they hold more than the text (source tokens), else None
+    cross_mask: torch.Tensor | None = None
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        """The mask of the cross-attention keys: `cross_mask` when the keys hold source tokens, else `mask`."""
+        return self.mask if self.cross_mask is None else self.cross_mask
 
     def select(self, rows: torch.Tensor) -> Condition:
         """The condition of those batch rows (a batch-1 condition, broadcast to any batch, stays as is)."""
         if self.context.shape[0] == 1:
             return self
-        return Condition(self.context[rows], None if self.mask is None else self.mask[rows],
-                         [(k[rows], v[rows]) for k, v in self.cross_kv])
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows]
+
+        return Condition(self.context[rows], pick(self.mask), [(k[rows], v[rows]) for k, v in self.cross_kv],
+                         pick(self.source), pick(self.cross_mask))
 
 
 @dataclass
@@ -406,6 +446,14 @@ class DiT(nn.Module):
         self.patch_embedder.proj = nn.Linear(config.in_channels, d)
         # the previous clean estimate, embedded and added to the patch embedding (zero at init)
         self.self_condition = nn.Linear(config.in_channels, d) if config.self_condition else None
+        # an editing DiT's readers of the source tokens (DiTConfig.source): aligned input (zero at init), and
+        # context tokens with a learned embedding of their image's index
+        self.source_embedder = nn.Linear(config.in_channels, d) if config.source_input else None
+        if config.source_context:
+            self.source_projection = nn.Linear(config.in_channels, d)
+            self.source_index = nn.Parameter(torch.zeros(config.max_sources, d))
+        else:
+            self.source_projection, self.source_index = None, None
         self.time_caption_embed = TimeCaptionEmbed(d, config.time_dim)
         self.layers = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_out = NormOut(d, config.time_dim, config.in_channels)
@@ -413,6 +461,25 @@ class DiT(nn.Module):
         # (Module.to(dtype) would cast a buffer; bf16 angles lose too much).
         self._rope: dict[torch.device, torch.Tensor] = {}
         self.initialize_weights()
+
+    def add_source_readers(self, mode: str) -> DiT:
+        """Make a text-to-image DiT an editing one (`DiTConfig.source` = mode), its new readers initialised as a
+        fresh editing DiT's (the aligned input at zero: at first the DiT generates as before, source or not)."""
+        if self.config.edits:
+            raise ValueError(f"this DiT already reads source images (source {self.config.source!r})")
+        if mode not in SOURCE_MODES[1:]:
+            raise ValueError(f"source must be one of {', '.join(SOURCE_MODES[1:])}, got {mode!r}")
+        weight = self.patch_embedder.proj.weight
+        fresh = DiT(dataclasses.replace(self.config, source=mode, num_layers=0))
+        for name in ("source_embedder", "source_projection", "source_index"):
+            part = getattr(fresh, name)
+            if isinstance(part, nn.Parameter):
+                part = nn.Parameter(part.detach().to(weight.device, weight.dtype))
+            elif part is not None:
+                part = part.to(weight.device, weight.dtype)
+            setattr(self, name, part)
+        self.config.source = mode
+        return self
 
     def fuse_projections(self, enabled: bool = True) -> DiT:
         """Opt-in inference speed-up: run the four input projections of each block and the two SwiGLU
@@ -451,9 +518,18 @@ class DiT(nn.Module):
         nn.init.zeros_(self.norm_out.linear_2.weight)
         if self.self_condition is not None:
             nn.init.zeros_(self.self_condition.weight)
+        if self.source_embedder is not None:
+            nn.init.zeros_(self.source_embedder.weight)
+        if self.source_index is not None:
+            nn.init.normal_(self.source_index, std=0.02)
 
-    def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
-        """cond (B, L, H) backbone hidden states, mask (B, L) -> the step-independent Condition."""
+    def prepare_condition(self, cond: torch.Tensor, mask: torch.Tensor | None = None,
+                          source: torch.Tensor | None = None) -> Condition:
+        """cond (B, L, H) backbone hidden states, mask (B, L) -> the step-independent Condition.
+
+        source (B, K, N, C): the CLIP tokens of K source images per row, for an editing DiT (`DiTConfig.source`);
+        an all-zero image slot (a row with fewer sources, a generation row in a mixed batch) is read as absent.
+        """
         if cond.ndim != 3 or cond.shape[-1] != self.config.cond_size:
             raise ValueError(f"cond must be (B, L, {self.config.cond_size}), got {tuple(cond.shape)}")
         if mask is not None:
@@ -461,7 +537,30 @@ class DiT(nn.Module):
                 raise ValueError(f"mask {tuple(mask.shape)} does not match cond {tuple(cond.shape[:2])}")
             mask = None if bool(mask.all()) else mask.bool()
         context = self.caption_projection(cond)  # (B, L, D)
-        return Condition(context, mask, [block.cross_key_value(context) for block in self.layers])
+        if source is None:
+            return Condition(context, mask, [block.cross_key_value(context) for block in self.layers])
+        self.check_source(source, cond.shape[0])
+        present = source.flatten(2).ne(0).any(-1)  # (B, K) the image slots that hold a source
+        embedded = self.source_embedder(source[:, 0]) * present[:, :1, None] if self.config.source_input else None
+        if not self.config.source_context:
+            return Condition(context, mask, [block.cross_key_value(context) for block in self.layers], embedded)
+        k, n = source.shape[1:3]
+        tagged = self.source_projection(source) + self.source_index[:k, None].to(context.dtype)  # (B, K, N, D)
+        keys = torch.cat([context, tagged.flatten(1, 2)], dim=1)  # (B, L + K N, D)
+        text_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device) if mask is None else mask
+        cross_mask = torch.cat([text_mask, present.repeat_interleave(n, dim=1)], dim=1)
+        return Condition(context, mask, [block.cross_key_value(keys) for block in self.layers], embedded, cross_mask)
+
+    def check_source(self, source: torch.Tensor, batch: int) -> None:
+        """A source batch (B, K, N, C) this DiT reads, or a ValueError saying what does not fit."""
+        c = self.config
+        if not c.edits:
+            raise ValueError("this DiT does not read source images (its config's source is 'none')")
+        if source.ndim != 4 or source.shape[0] != batch or tuple(source.shape[2:]) != (c.num_tokens, c.in_channels):
+            raise ValueError(f"source must be (B={batch}, K, {c.num_tokens}, {c.in_channels}), "
+                             f"got {tuple(source.shape)}")
+        if c.source_context and not 1 <= source.shape[1] <= c.max_sources:
+            raise ValueError(f"this DiT reads 1 to {c.max_sources} source images, got {source.shape[1]}")
 
     # `modulation` keeps the modulations of a whole sampling loop up to this size; beyond it (large batches,
     # whose per-step GEMMs are efficient anyway) each step computes its own
@@ -521,9 +620,11 @@ class DiT(nn.Module):
         if self.self_condition is not None:
             previous = torch.zeros_like(x_t) if x_0_previous is None else x_0_previous.to(x_t.dtype)
             x = x + self.self_condition(previous)
+        if cond.source is not None:
+            x = x + cond.source.to(x.dtype)
         rope = self.rope(x.device)
         for block, kv, m in zip(self.layers, cond.cross_kv, layer_mods, strict=True):
-            x = block(x, m, rope, kv, cond.mask)
+            x = block(x, m, rope, kv, cond.attention_mask)
         return self.norm_out(x, out_scale)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -538,9 +639,10 @@ class DiT(nn.Module):
             raise ValueError(f"t {tuple(t.shape)} and cond batch {cond.shape[0]} must match x_t batch {b}")
         return self.velocity(x_t, t, self.prepare_condition(cond, cond_mask))
 
-    def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, path: PathSample, cond: torch.Tensor, self_condition: torch.Tensor | None = None,
+             source: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss at a path sample, in fp32: the network's own output against its target (the
-        velocity; x_0 with `prediction="sample"`).
+        velocity; x_0 with `prediction="sample"`). source (B, K, N, C): an editing DiT's source tokens.
 
         self_condition (B,) bool, for a self-conditioned DiT: the samples that read the clean estimate of a
         first, gradient-free pass (the others read zeros, as the first sampling step does). None: all zeros.
@@ -548,7 +650,7 @@ class DiT(nn.Module):
         The time embedding reads path.t, the time the noisy input used, never floored: `quantize_timesteps`
         reproduces the original's inference, while its training reads 1000 sigma unrounded.
         """
-        prepared = self.prepare_condition(cond)
+        prepared = self.prepare_condition(cond, source=source)
         previous = None
         if self.self_condition is not None and self_condition is not None and bool(self_condition.any()):
             previous = self.first_pass_estimate(path, prepared, self_condition)

@@ -2,6 +2,9 @@
 
     generate:   prompt -> backbone(prompt, [IMG], queries) -> condition (B, 64, H)
                        -> DiT flow sampling -> CLIP tokens (B, 64, C) -> decoder -> pixels
+    edit:       source image(s) + instruction -> backbone(images, instruction, [IMG], queries) -> condition
+                source image(s) -> clip_encoder -> source tokens (B, K, 64, C)
+                       -> DiT flow sampling reading both -> CLIP tokens -> decoder -> pixels
     understand: image + question -> backbone -> answer
 
 Parts are attributes named after the arrows: `backbone`, `queries`, `dit`, `clip_encoder`,
@@ -35,7 +38,11 @@ from blip3o.images import check_images, tensor_to_pil
 from blip3o.presets import DEFAULT_MODEL, get_preset, preset_weights
 from blip3o.sampling import DiTLoop, run_dit_loop, sample_tokens
 
-__all__ = ["Blip3o", "Blip3oConfig", "seed_generators"]
+__all__ = ["Blip3o", "Blip3oConfig", "CannotEdit", "seed_generators"]
+
+
+class CannotEdit(ValueError):
+    """The model's DiT reads no source image: it generates from text only (`DiTConfig.source` is "none")."""
 
 
 def weights_key(*modules: nn.Module) -> tuple:
@@ -176,16 +183,18 @@ class Blip3o(nn.Module):
     @torch.no_grad()
     def sample_tokens(self, cond: torch.Tensor, *, steps: int | None = None, guidance: float | None = None,
                       generator: Generators = None, sampler: str | None = None,
-                      time_shift: float | None = None) -> torch.Tensor:
+                      time_shift: float | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
         """cond (B, 64, H) -> CLIP tokens (B, 64, C) by flow sampling from noise, with CFG (`blip3o.sampling`).
 
         The unconditional branch is an all-zero condition (as trained with condition dropout); both
-        branches run in one batch and the condition's cross-attention K/V are computed once.
+        branches run in one batch and the condition's cross-attention K/V are computed once. source
+        (B, K, 64, C): an edit's source tokens, read by both branches.
         """
         cfg = self.config
         return sample_tokens(self.dit, cond, steps=steps or cfg.steps, guidance=cfg.guidance if guidance is None
                              else guidance, method=sampler or cfg.sampler, eta=cfg.eta,
-                             time_shift=time_shift or cfg.time_shift, generator=generator, loop=self.dit_loop)
+                             time_shift=time_shift or cfg.time_shift, generator=generator, loop=self.dit_loop,
+                             source=source)
 
     def negative_tokens(self, steps: int | None, guidance: float | None) -> torch.Tensor:
         """The decoder's negative condition (Emu2-Gen style): the tokens generated for the original's empty
@@ -223,21 +232,84 @@ class Blip3o(nn.Module):
         prompts = check_prompts(prompts)
         if self.config.extra.get("world") == "shapes":
             warn_unknown_shapes_words(prompts)
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        if generator is None:
-            generator = seed_generators(seed, len(prompts))
-        elif not isinstance(generator, torch.Generator) and len(generator) != len(prompts):
-            raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts: give one per prompt")
+        generator = request_generators(num_images, seed, generator, len(prompts), "prompts")
         with self._on_device("backbone"):
             cond = self.condition(prompts).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
         with self._on_device("dit"):
             tokens = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator)
+        return self.draw(tokens, steps=steps, guidance=guidance, decoder_steps=decoder_steps,
+                         decoder_guidance=decoder_guidance, size=size, height=height, width=width, generator=generator)
+
+    def draw(self, tokens: torch.Tensor, *, steps: int | None, guidance: float | None, decoder_steps: int | None,
+             decoder_guidance: float | None, size: int | None, height: int | None, width: int | None,
+             generator: Generators) -> list[Image.Image]:
+        """Generated CLIP tokens (B, 64, C) -> B images through the decoder, with the model's decoder negative
+        (`steps` and `guidance`: the DiT's settings that made the tokens, which the empty-prompt negative reads)."""
         negative = self.negative_tokens(steps, guidance) if self.config.decoder_negative == "empty_prompt" else None
         with self._on_device("decoder"):
             pixels = self.decoder.decode(tokens, negative=negative, steps=decoder_steps, guidance=decoder_guidance,
                                          size=size, height=height, width=width, generator=generator)
         return tensor_to_pil(pixels)
+
+    # ------------------------------------------------------------------ editing
+
+    @property
+    def can_edit(self) -> bool:
+        """Whether the model edits images: its DiT reads source images (`DiTConfig.source`) and its backbone
+        conditions generation."""
+        return self.config.dit.edits and self.config.backbone.generates
+
+    def require_editing(self) -> None:
+        if not self.config.backbone.generates:
+            self.backbone._require_generation()
+        if not self.config.dit.edits:
+            raise CannotEdit("this model generates from text only: its DiT reads no source image (config "
+                             "dit.source is 'none'); train the edit stage (`blip3o train edit`) to make it edit")
+
+    def edit_condition(self, sources: Sequence[Sequence[Image.Image]], instructions: Sequence[str]) -> torch.Tensor:
+        """Source images (a list per instruction) + instructions -> the backbone's hidden states at the queries
+        (B, 64, H) (`Backbone.edit_condition`)."""
+        return self.backbone.edit_condition([list(s) for s in sources], list(instructions), self.queries)
+
+    @torch.no_grad()
+    def source_tokens(self, sources: Sequence[Sequence[Image.Image]]) -> torch.Tensor:
+        """Source images, a list per row -> their CLIP tokens (B, K, 64, C), K the most images of a row; a row
+        with fewer images has all-zero slots after its own (which the DiT reads as absent)."""
+        flat = [image for row in sources for image in row]
+        tokens = self.encode_images(flat).to(self.device, self.queries.dtype)  # (sum K_b, 64, C)
+        out = tokens.new_zeros(len(sources), max(map(len, sources)), *tokens.shape[1:])
+        start = 0
+        for b, row in enumerate(sources):
+            out[b, :len(row)] = tokens[start:start + len(row)]
+            start += len(row)
+        return out
+
+    @torch.no_grad()
+    def edit(self, images: Sequence[Image.Image | Sequence[Image.Image]], instructions: Sequence[str], *,
+             num_images: int = 1, steps: int | None = None, guidance: float | None = None,
+             seed: int | Sequence[int] | None = None, decoder_steps: int | None = None,
+             decoder_guidance: float | None = None, size: int | None = None, height: int | None = None,
+             width: int | None = None, generator: Generators = None) -> list[Image.Image]:
+        """Edit images by instructions; returns len(instructions) * num_images PIL images, grouped by instruction.
+
+        `images[i]` is the source of instruction i: one PIL image, or a list of several ("put the shape of the
+        first image in the colour of the second"). The backbone reads the images and the instruction, the DiT the
+        queries' condition and the images' CLIP tokens. Seeds, sizes and guidance as in `generate` (guidance
+        pulls from the source towards the instruction: both branches read the source). A model whose DiT reads
+        no source raises `CannotEdit`.
+        """
+        instructions = check_prompts(instructions, name="instructions")
+        sources = check_sources(images, len(instructions), self.config.dit.max_sources
+                                if self.config.dit.source_context else 1)
+        self.require_editing()
+        generator = request_generators(num_images, seed, generator, len(instructions), "instructions")
+        with self._on_device("backbone"):
+            cond = self.edit_condition(sources, instructions).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
+        source = self.source_tokens(sources).repeat_interleave(num_images, dim=0)  # (B * n, K, 64, C)
+        with self._on_device("dit"):
+            tokens = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator, source=source)
+        return self.draw(tokens, steps=steps, guidance=guidance, decoder_steps=decoder_steps,
+                         decoder_guidance=decoder_guidance, size=size, height=height, width=width, generator=generator)
 
     # ------------------------------------------------------------------ understanding and reconstruction
 
@@ -289,6 +361,34 @@ class Blip3o(nn.Module):
         parts = {name: sum(p.numel() for p in getattr(self, name).parameters())
                  for name in ("backbone", "dit", "clip_encoder", "decoder")}
         return {**parts, "queries": self.queries.numel(), "total": sum(parts.values()) + self.queries.numel()}
+
+
+def request_generators(num_images: int, seed: int | Sequence[int] | None, generator: Generators, rows: int,
+                       what: str) -> Generators:
+    """The generators of a request of `rows` texts (`what`: "prompts"): `generator` checked, else from `seed`."""
+    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    if generator is None:
+        return seed_generators(seed, rows)
+    if not isinstance(generator, torch.Generator) and len(generator) != rows:
+        raise ValueError(f"got {len(generator)} generators for {rows} {what}: give one per {what[:-1]}")
+    return generator
+
+
+def check_sources(images, rows: int, most: int) -> list[list[Image.Image]]:
+    """An edit's source images: one PIL image or a non-empty list of at most `most` per instruction ->
+    a list of lists; a ValueError names the entry that is wrong."""
+    if not isinstance(images, Sequence) or isinstance(images, str) or len(images) != rows:
+        got = len(images) if isinstance(images, Sequence) and not isinstance(images, str) else type(images).__name__
+        raise ValueError(f"images must hold one source (a PIL image or a list of them) per instruction; got {got} "
+                         f"for {rows} instructions")
+    sources = []
+    for i, entry in enumerate(images):
+        row = [entry] if isinstance(entry, Image.Image) else entry
+        if not isinstance(row, Sequence) or isinstance(row, str) or not 1 <= len(row) <= most:
+            raise ValueError(f"images[{i}] must be a PIL image or a list of 1 to {most} PIL images")
+        sources.append(check_images(list(row), name=f"images[{i}]"))
+    return sources
 
 
 def seed_generators(seed: int | Sequence[int] | None, num_prompts: int) -> Generators:

@@ -111,20 +111,25 @@ class DiTLoop(Protocol):
     """How a model runs the DiT's loop: `run_dit_loop`, or a faster runner of the same loop (blip3o.accel)."""
 
     def __call__(self, dit: DiT, cond: torch.Tensor, x_1: torch.Tensor, times: list[float], *, guidance: float,
-                 method: str, eta: float, fresh: torch.Tensor | None) -> torch.Tensor: ...
+                 method: str, eta: float, fresh: torch.Tensor | None,
+                 source: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def dit_velocity(dit: DiT, cond: torch.Tensor, guidance: float, times: list[float],
-                 predict: Callable[..., torch.Tensor] | None = None) -> PairVelocity:
+                 predict: Callable[..., torch.Tensor] | None = None,
+                 source: torch.Tensor | None = None) -> PairVelocity:
     """The DiT as a `PairVelocity` for calls at `times` (`flow.call_times` of the loop), given cond (B, L, H).
 
     The condition's cross-attention K/V and every call's adaLN modulations are computed here, once; with CFG
     (guidance != 1) the unconditional branch is an all-zero condition (as trained with condition dropout).
-    `predict` replaces `dit.velocity` (a compiled copy).
+    `predict` replaces `dit.velocity` (a compiled copy). source (B, K, N, C): an editing DiT's source tokens,
+    read by both branches (guidance then pulls towards the instruction, from the source image).
     """
     predict = predict or dit.velocity
     guided = guidance != 1.0
-    prepared = dit.prepare_condition(torch.cat([torch.zeros_like(cond), cond]) if guided else cond)
+    if guided and source is not None:
+        source = torch.cat([source, source])
+    prepared = dit.prepare_condition(torch.cat([torch.zeros_like(cond), cond]) if guided else cond, source=source)
     modulation = dit.modulation(list(times), prepared)
 
     def velocity(x: torch.Tensor, t: torch.Tensor, call: int, x_0_previous: torch.Tensor | None) -> torch.Tensor:
@@ -138,21 +143,26 @@ def dit_velocity(dit: DiT, cond: torch.Tensor, guidance: float, times: list[floa
 
 def run_dit_loop(dit: DiT, cond: torch.Tensor, x_1: torch.Tensor, times: list[float], *, guidance: float,
                  method: str, eta: float, fresh: torch.Tensor | None,
-                 predict: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
-    """cond (B, L, H), noise x_1 (B, N, C) -> CLIP tokens (B, N, C): `denoise` over the DiT's velocity."""
-    velocity = dit_velocity(dit, cond, guidance, call_times(times, method), predict)
+                 predict: Callable[..., torch.Tensor] | None = None,
+                 source: torch.Tensor | None = None) -> torch.Tensor:
+    """cond (B, L, H), noise x_1 (B, N, C) (and an editing DiT's source tokens (B, K, N, C)) -> CLIP tokens
+    (B, N, C): `denoise` over the DiT's velocity."""
+    velocity = dit_velocity(dit, cond, guidance, call_times(times, method), predict, source)
     return denoise(velocity, x_1, times, method=method, guidance=guidance, eta=eta, fresh=fresh,
                    self_condition=dit.self_condition is not None)
 
 
 def sample_tokens(dit: DiT, cond: torch.Tensor, *, steps: int, guidance: float, method: str = "euler",
                   eta: float = 1.0, time_shift: float = 1.0, generator: Generators = None,
-                  loop: DiTLoop = run_dit_loop) -> torch.Tensor:
+                  loop: DiTLoop = run_dit_loop, source: torch.Tensor | None = None) -> torch.Tensor:
     """cond (B, L, H) -> CLIP tokens (B, 64, C): noise from `generator` (drawn on the CPU, so a seed gives the
-    same tokens on every device), the time grid, then `loop`."""
+    same tokens on every device), the time grid, then `loop`. source (B, K, N, C): an editing DiT's source
+    tokens."""
     check_solver(method)
     c = dit.config
     x_1 = draw_noise((cond.shape[0], c.num_tokens, c.in_channels), generator, cond.device, cond.dtype)
     times = time_grid(steps, time_shift)
     fresh = fresh_noise(method, x_1, len(times) - 1, generator)
-    return loop(dit, cond, x_1, times, guidance=guidance, method=method, eta=eta, fresh=fresh)
+    if source is None:
+        return loop(dit, cond, x_1, times, guidance=guidance, method=method, eta=eta, fresh=fresh)
+    return loop(dit, cond, x_1, times, guidance=guidance, method=method, eta=eta, fresh=fresh, source=source)

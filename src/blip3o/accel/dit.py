@@ -43,12 +43,14 @@ class DiTLoopGraph:
 
     @torch.no_grad()
     def __call__(self, dit: DiT, cond: torch.Tensor, x_1: torch.Tensor, times: list[float], *, guidance: float,
-                 method: str, eta: float, fresh: torch.Tensor | None) -> torch.Tensor:
-        """cond (B, L, H), noise x_1 (B, N, C) -> CLIP tokens (B, N, C); see `sampling.run_dit_loop`."""
+                 method: str, eta: float, fresh: torch.Tensor | None,
+                 source: torch.Tensor | None = None) -> torch.Tensor:
+        """cond (B, L, H), noise x_1 (B, N, C) -> CLIP tokens (B, N, C); see `sampling.run_dit_loop`. An edit's
+        loop (source tokens given) runs eagerly, with the compiled velocity if any."""
         factory = self.graph or (default_graph(cond.device, loop=True) if self.cuda_graph else None)
-        if factory is None:
+        if factory is None or source is not None:
             return run_dit_loop(dit, cond, x_1, times, guidance=guidance, method=method, eta=eta, fresh=fresh,
-                                predict=self.predict)
+                                predict=self.predict, source=source)
         key = _LoopKey(tuple(cond.shape), cond.dtype, cond.device, tuple(times), float(guidance), method, float(eta))
         inputs = (cond, x_1) if fresh is None else (cond, x_1, fresh)
         return self._graph_for(dit, key, factory, inputs)(*inputs)

@@ -80,7 +80,7 @@ MODEL_BOUNDS: dict[str, Bound] = {
     # vocabulary, positions, tokens
     "vocab_size": Bound(1, MAX_VOCAB), "max_position_embeddings": Bound(1, MAX_POSITIONS),
     "mrope_section": Bound(0, MAX_WIDTH, max_len=3),
-    "grid_size": Bound(1, MAX_GRID), "num_queries": Bound(1, MAX_GRID * MAX_GRID),
+    "grid_size": Bound(1, MAX_GRID), "num_queries": Bound(1, MAX_GRID * MAX_GRID), "max_sources": Bound(1, 64),
     # images
     "image_size": SIDE, "default_size": SIDE, "sample_size": SIDE, "window_size": SIDE,
     "window": Bound(0, MAX_SIDE), "patch_size": Bound(1, 1024), "pool": Bound(1, 1024),
