@@ -1,5 +1,31 @@
 """The HTTP face of `Blip3oService`: routes parse the request and delegate; nothing here runs a model.
 
+Images from a chat (`POST /v1/chat/completions`). A request whose `modalities` holds "image" gets an image
+reply instead of text. When the conversation holds an image (a user's upload or an earlier image reply sent
+back as an assistant message), the reply edits the most recent one, with the text of the last user message
+as the instruction; otherwise it draws that text. `seed` makes it reproducible (the service's seed
+semantics); the optional `image` object sets the reply's `size` ("WxH" or "auto"), `steps` and `guidance`.
+Such a request cannot be streamed. Assistant messages may carry image parts, so a reply goes back as it came:
+
+    {"model": "blip3o", "modalities": ["image"], "seed": 7, "image": {"size": "1024x1024"},
+     "messages": [
+       {"role": "user", "content": "a red circle"},
+       {"role": "assistant", "content": [{"type": "image_url",
+                                          "image_url": {"url": "data:image/png;base64,iVBO..."}}]},
+       {"role": "user", "content": "make it blue"}]}
+
+answers
+
+    {"id": "chatcmpl-...", "object": "chat.completion", "created": 1700000000, "model": "blip3o",
+     "choices": [{"index": 0, "finish_reason": "stop", "logprobs": null,
+                  "message": {"role": "assistant", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO..."}}]}}]}
+
+Image edits (`POST /v1/images/edits`) take OpenAI's multipart form: the source as the file `image`, or
+several as files `image[]` (the official client's names), and the fields `prompt`, `model`, `n`, `size`,
+`response_format`, and the extensions `seed`, `steps` and `guidance`; they answer as `/v1/images/generations`.
+A `mask` is refused: this model edits the whole image by its instruction.
+
 Around the routes, from the outside in: `RecordMetrics` counts every answer; `CancelOnDisconnect` stops
 the work of a client that left; `ReadBody` reads each request body whole, within a size limit and a
 deadline, before anything parses it.

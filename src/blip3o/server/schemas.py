@@ -23,6 +23,10 @@ class ImageGenerationRequest(_Body):
     guidance: float | None = None  # extension: DiT classifier-free guidance scale
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """The text fields of an edit's multipart form (`/v1/images/edits`); its source images come as files."""
+
+
 class ImageURL(_Body):
     url: str  # a data URI, a file:// URL or an absolute path (OpenAI's `detail` is ignored: one resolution)
 
@@ -38,6 +42,14 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = None
 
 
+class ChatImageOptions(_Body):
+    """Extension: how a chat request's image reply is made (the `image` field, beside `modalities`)."""
+
+    size: str | None = None  # as ImageGenerationRequest.size
+    steps: int | None = None
+    guidance: float | None = None
+
+
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
@@ -48,3 +60,6 @@ class ChatCompletionRequest(_Body):
     seed: int | None = None
     n: int = 1
     stream: bool = False
+    # ["text"] (or none): a text reply; ["image"] or ["text", "image"]: an image reply (see app.py)
+    modalities: list[Literal["text", "image"]] | None = Field(default=None, min_length=1)
+    image: ChatImageOptions | None = None  # extension: the image reply's size, steps and guidance
