@@ -460,7 +460,7 @@ CHAT_REQUEST_ERRORS = [
     ("too many messages", {"messages": [{"role": "user", "content": "x"}] * 9}, "messages", 400),
     ("too much text", chat_body("x" * 2001), "messages", 400),
     ("too many images", chat_body(chat_image(3)), "messages", 400),
-    ("image from the assistant", {"messages": [{"role": "assistant", "content": chat_image(1)}]},
+    ("image from the system", {"messages": [{"role": "system", "content": chat_image(1)}]},
      "messages[0].content[0]", 400),
     ("image part without image", chat_body([{"type": "image_url"}]), "messages[0].content[0]", 400),
     ("max_tokens zero", chat_body("x", max_tokens=0), "max_tokens", 400),

@@ -42,10 +42,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
-from blip3o.server.errors import APIError, too_large
-from blip3o.server.schemas import ChatCompletionRequest, ImageGenerationRequest
+from blip3o.server.config import ServerConfig
+from blip3o.server.errors import APIError, bad_request, too_large
+from blip3o.server.media import EncodedImage, read_upload
+from blip3o.server.schemas import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest
 from blip3o.server.service import Blip3oService
 
 STATIC = Path(__file__).parent / "static"
@@ -106,6 +110,11 @@ def create_app(service: Blip3oService) -> FastAPI:
     async def images(body: ImageGenerationRequest) -> dict:
         return await service.generate_images(body)
 
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> dict:
+        body, images = await _edit_form(request, c)
+        return await service.edit_images(body, images)
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         if body.stream:
@@ -113,6 +122,48 @@ def create_app(service: Blip3oService) -> FastAPI:
         return await service.chat_completion(body)
 
     return app
+
+
+IMAGE_FIELDS = ("image", "image[]")  # an edit's source files: one `image`, or several `image[]` (the openai client)
+
+
+async def _edit_form(request: Request, config: ServerConfig) -> tuple[ImageEditRequest, list[EncodedImage]]:
+    """An edit's multipart form -> its text fields and its source images (read within the size limit)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        raise APIError(415, f"/v1/images/edits takes a multipart/form-data body (the image as a file), got "
+                            f"{kind or 'no content type'!r}", code="unsupported_media_type")
+    try:
+        async with request.form() as form:
+            return _edit_fields(form), await _edit_images(form, config)
+    except HTTPException as e:  # starlette's refusal of a malformed form
+        raise bad_request(f"the multipart form could not be read: {e.detail}", code="invalid_form") from e
+
+
+def _edit_fields(form: FormData) -> ImageEditRequest:
+    if "mask" in form:
+        raise bad_request("mask is not supported: this model edits the whole image by the prompt; send the image and "
+                          "the prompt alone", "mask", code="mask_not_supported")
+    fields = {name: value for name, value in form.multi_items() if isinstance(value, str)}
+    try:
+        return ImageEditRequest.model_validate(fields)
+    except ValidationError as e:  # rendered as every invalid body is
+        raise RequestValidationError(e.errors()) from e
+
+
+async def _edit_images(form: FormData, config: ServerConfig) -> list[EncodedImage]:
+    parts = [(name, value) for name, value in form.multi_items() if name in IMAGE_FIELDS]
+    if not parts:
+        raise bad_request("the form has no image: send the source image as the file `image` (several as `image[]`)",
+                          "image", code="missing_image")
+    images = []
+    for k, (name, value) in enumerate(parts):
+        param = "image" if len(parts) == 1 else f"image[{k}]"
+        if not isinstance(value, UploadFile):
+            raise bad_request(f"{param} must be a file of the form, not a text field ({name!r})", param,
+                              code="invalid_image")
+        images.append(await read_upload(value, config, param))
+    return images
 
 
 class EventStream(StreamingResponse):

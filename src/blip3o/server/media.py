@@ -1,11 +1,12 @@
-"""Images in and out of the server: data URIs and allowed local files in, base64 PNGs out.
+"""Images in and out of the server: data URIs, uploaded files and allowed local files in, base64 PNGs out.
 
-A request's images arrive as bytes (`image_bytes`: its size in bytes checked, nothing decoded) and are
-sized from their headers (`decoded_bytes`) for the memory budget before anything expands. `open_image`
-decodes them through `blip3o.images.admit_image`, the one door for untrusted images: format, pixel count
-read from the header before decoding (so a decompression bomb never expands), PIL's own limits on text
-and ICC chunks, then the library's checks (mode, smallest side). Its refusals map to OpenAI-shaped errors:
-too large -> 400 `image_too_large`, an unsupported type -> 415, anything undecodable -> 400 `invalid_image`.
+A request's images arrive as bytes (`image_bytes`, `read_upload`: their size in bytes checked, nothing
+decoded) and are sized from their headers (`decoded_bytes`) for the memory budget before anything
+expands. `open_image` decodes them through `blip3o.images.admit_image`, the one door for untrusted
+images: format, pixel count read from the header before decoding (so a decompression bomb never
+expands), PIL's own limits on text and ICC chunks, then the library's checks (mode, smallest side).
+Its refusals map to OpenAI-shaped errors: too large -> 400 `image_too_large`, an unsupported type ->
+415, anything undecodable -> 400 `invalid_image`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,25 @@ import binascii
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from starlette.datastructures import UploadFile
 
 from blip3o.images import ImageRejected, admit_image
 from blip3o.server.config import ServerConfig
 from blip3o.server.errors import APIError, bad_request
 
 BYTES_PER_PIXEL = 4  # PIL holds RGB and RGBA images in 4 bytes a pixel, and the model reads every image as RGB
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A request's image as the request holds it until the worker decodes it (`open_image`)."""
+
+    data: bytes
+    param: str  # where the request carried it, for error messages: messages[0].content[1].image_url, image[1]
 
 
 def image_bytes(url: str, config: ServerConfig, param: str) -> bytes:
@@ -34,6 +45,13 @@ def image_bytes(url: str, config: ServerConfig, param: str) -> bytes:
         raise bad_request("this server fetches nothing from the network; send the image inline as a data URI "
                           "(data:image/png;base64,...)", param, code="unsupported_url")
     return _from_file(url.removeprefix("file://"), config, param)
+
+
+async def read_upload(upload: UploadFile, config: ServerConfig, param: str) -> EncodedImage:
+    """A multipart form's file -> its bytes, read no further than one byte past the size limit."""
+    data = await upload.read(config.max_image_bytes + 1)
+    _check_bytes(len(data), config, param)
+    return EncodedImage(data, param)
 
 
 def decoded_bytes(data: bytes, config: ServerConfig) -> int:

@@ -1,5 +1,5 @@
 """The service behind the routes: it owns the model and the micro-batcher, validates every request
-before it is queued, and turns requests into `Blip3o.generate` / `Blip3o.chat` calls.
+before it is queued, and turns requests into `Blip3o.generate` / `Blip3o.edit` / `Blip3o.chat` calls.
 
 Seed semantics. A request that names a `seed` gets the images of
 `model.generate([prompt], num_images=n, seed=seed, ...)`: what the CLI and the library give for
@@ -11,12 +11,18 @@ decoder whose sampler draws fresh noise at every step and n > 1: there a seeded 
 Requests without a seed ask for fresh randomness and share calls with each other when (steps,
 guidance, size) are equal. Calls hold up to `max_batch_images` images.
 
+Edits (`/v1/images/edits`, and a chat request for an image of a conversation that holds one) follow the
+same semantics with `model.edit([sources], [instruction], num_images=n, seed=seed, ...)` in place of
+`generate`: a seeded edit gets the images of that call, and edits share calls only with edits of the
+same settings and number of source images. A chat request for an image of a conversation without one
+is a generation of its last user message's text (n = 1).
+
 Memory. Each request reserves in the memory budget (`memory.py`) what it will hold at its largest
 before anything is decoded: a chat request its images, encoded and decoded (sized from their headers),
-an image request the images it asks for. A chat request's images are decoded once before queueing, to
-refuse what the model could not read while the client can still be told plainly, and dropped; while
-queued the request holds them encoded, and the worker decodes them again just before the model reads
-them and drops them right after.
+an image request the images it asks for (and an edit its sources, encoded and decoded, too). A request's
+images are decoded once before queueing, to refuse what the model could not read while the client can
+still be told plainly, and dropped; while queued the request holds them encoded, and the worker decodes
+them again just before the model reads them and drops them right after.
 
 Clients that leave. When the route's await is cancelled (the client disconnected, see app.py) or times
 out, a queued job leaves the queue unrun and a running chat stops at its next word.
@@ -42,10 +48,23 @@ from PIL import Image
 from blip3o.server.batcher import MicroBatcher, QueueFull, ShuttingDown
 from blip3o.server.config import ServerConfig
 from blip3o.server.errors import APIError, bad_request
-from blip3o.server.media import BYTES_PER_PIXEL, decoded_bytes, encode_png, image_bytes, open_image
+from blip3o.server.media import (
+    BYTES_PER_PIXEL,
+    EncodedImage,
+    decoded_bytes,
+    encode_png,
+    image_bytes,
+    open_image,
+)
 from blip3o.server.memory import BudgetFull, LargerThanBudget, MemoryBudget, Reservation, return_freed_memory
 from blip3o.server.metrics import Metrics
-from blip3o.server.schemas import ChatCompletionRequest, ChatMessage, ImageGenerationRequest
+from blip3o.server.schemas import (
+    ChatCompletionRequest,
+    ChatImageOptions,
+    ChatMessage,
+    ImageEditRequest,
+    ImageGenerationRequest,
+)
 
 log = logging.getLogger("blip3o.server")
 MAX_SEED = 2**63 - 1
@@ -53,19 +72,13 @@ MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True)
 class GenerationTask:
-    """One image request as the worker runs it: `n` images of `prompt`, from `seed` if given."""
+    """One image request as the worker runs it: `n` images of `prompt`, from `seed` if given; with `sources`,
+    edits of those images by `prompt` (the instruction)."""
 
     prompt: str
     n: int
     seed: int | None
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """A chat image as a request holds it until the worker decodes it."""
-
-    data: bytes
-    param: str  # where the request carried it, for error messages: messages[0].content[1].image_url
+    sources: tuple[EncodedImage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,32 +143,48 @@ class Blip3oService:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "blip3o"}
 
     async def generate_images(self, request: ImageGenerationRequest) -> dict:
-        task, key = self._generation_task(request)
-        height, width = key[3] or (self.model.decoder.default_size,) * 2
-        reservation = self._reserve(task.n * height * width * BYTES_PER_PIXEL)  # the images it makes
-        future = None
-        try:
-            batchable = task.seed is None or task.n == 1 or not self.model.decoder.step_noise
-            future = self._enqueue(key, task, weight=task.n, batchable=batchable)
-            images = await self._result(future)
-            encoded = await asyncio.to_thread(lambda: [encode_png(image) for image in images])
-        finally:  # the worker may still be drawing them for a client that left: held until it is done
-            _release_when_done(reservation, future)
-        if request.response_format == "url":
-            data = [{"url": f"data:image/png;base64,{b64}"} for b64 in encoded]
-        else:
-            data = [{"b64_json": b64} for b64 in encoded]
-        return {"created": int(time.time()), "data": data}
+        encoded = await self._draw_images(*self._generation_task(request))
+        return _images_answer(encoded, request.response_format)
+
+    async def edit_images(self, request: ImageEditRequest, images: Sequence[EncodedImage]) -> dict:
+        """`request.n` edits of `images` (one source or several) by `request.prompt`, as generate_images answers."""
+        encoded = await self._draw_images(*self._generation_task(request, tuple(images)))
+        return _images_answer(encoded, request.response_format)
 
     async def chat_completion(self, request: ChatCompletionRequest) -> dict:
+        if _asks_for_image(request):
+            task, key = await asyncio.to_thread(self._chat_image_task, request)  # base64: off the event loop
+            (b64,) = await self._draw_images(task, key)
+            return self._completion([{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}],
+                                    "stop")
         task, future = await self._queue_chat(request)
         reply: ChatReply = await self._result(future, task.stop)
+        return self._completion(reply.text, reply.finish_reason)
+
+    def _completion(self, content: str | list[dict], finish_reason: str) -> dict:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                         "finish_reason": reply.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish_reason, "logprobs": None}],
         }
+
+    async def _draw_images(self, task: GenerationTask, key: Hashable) -> list[str]:
+        """Run an image task: its memory reserved (the images it makes, and its sources encoded and decoded),
+        its sources checked, queued; its images as base64 PNGs."""
+        height, width = key[3] or (self.model.decoder.default_size,) * 2
+        sources = sum(len(image.data) + decoded_bytes(image.data, self.config) for image in task.sources)
+        reservation = self._reserve(task.n * height * width * BYTES_PER_PIXEL + sources)
+        future = None
+        try:
+            if task.sources:
+                await asyncio.to_thread(self._check_images, task.sources)
+            batchable = task.seed is None or task.n == 1 or not self.model.decoder.step_noise
+            future = self._enqueue(key, task, weight=task.n, batchable=batchable)
+            images = await self._result(future)
+            return await asyncio.to_thread(lambda: [encode_png(image) for image in images])
+        finally:  # the worker may still be drawing them for a client that left: held until it is done
+            _release_when_done(reservation, future)
 
     async def chat_stream(self, request: ChatCompletionRequest) -> ChatStream:
         """The reply as server-sent `chat.completion.chunk` events, token by token as the model writes
@@ -164,6 +193,9 @@ class Blip3oService:
         Validation and queueing happen before this returns, so a bad request or a full queue is a
         plain JSON error with its status; a failure after the stream began arrives as an `error` event.
         """
+        if _asks_for_image(request):
+            raise bad_request('an image reply cannot be streamed; send "stream": false with "modalities": '
+                              '["image"]', "stream")
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         # together the pieces are exactly the reply chat_completion returns (as decoded)
@@ -179,7 +211,7 @@ class Blip3oService:
         task = replace(task, on_text=on_text)
         reservation = self._reserve(task.nbytes)
         try:
-            await asyncio.to_thread(self._check_images, task)
+            await asyncio.to_thread(self._check_images, task.images)
             future = self._enqueue(("chat",), task, batchable=False)
         except BaseException:
             reservation.release()
@@ -187,11 +219,11 @@ class Blip3oService:
         _release_when_done(reservation, future)
         return task, future
 
-    def _check_images(self, task: ChatTask) -> None:
+    def _check_images(self, images: Sequence[EncodedImage]) -> None:
         """Decode each image once and drop it: what the worker could not read is refused before queueing."""
         freed = 0
         try:
-            for image in task.images:
+            for image in images:
                 decoded = open_image(image.data, self.config, image.param)
                 freed += decoded.width * decoded.height * BYTES_PER_PIXEL
                 del decoded
@@ -238,28 +270,59 @@ class Blip3oService:
             raise APIError(404, f"model {model!r} is not served here; this server serves {self.model_id!r} "
                                 "(GET /v1/models)", param=param, code="model_not_found")
 
-    def _generation_task(self, r: ImageGenerationRequest) -> tuple[GenerationTask, Hashable]:
-        c = self.config
+    def _generation_task(self, r: ImageGenerationRequest, sources: tuple[EncodedImage, ...] = ()
+                         ) -> tuple[GenerationTask, Hashable]:
+        """An image request (with `sources`: an edit of them) -> its task and its batching key."""
         self._check_model(r.model)
-        if not r.prompt.strip():
-            raise bad_request("prompt is empty; give it some text", "prompt")
-        _check_text(r.prompt, "prompt")
-        if len(r.prompt) > c.max_prompt_chars:
-            raise bad_request(f"prompt is {len(r.prompt)} characters; the limit is {c.max_prompt_chars}", "prompt",
-                              code="prompt_too_long")
-        if not 1 <= r.n <= c.max_n:
-            raise bad_request(f"n must be between 1 and {c.max_n}, got {r.n}", "n")
-        if r.steps is not None and not 1 <= r.steps <= c.max_steps:
-            raise bad_request(f"steps must be between 1 and {c.max_steps}, got {r.steps}", "steps")
-        if r.guidance is not None and not (math.isfinite(r.guidance) and 0 <= r.guidance <= 100):
-            raise bad_request(f"guidance must be between 0 and 100, got {r.guidance}", "guidance")
-        _check_seed(r.seed)
-        size = self._size(r.size)
-        # seeded requests share calls with seeded ones of the same n (one seed per prompt), unseeded with unseeded
-        group = None if r.seed is None else ("seeded", r.n)
-        return GenerationTask(r.prompt, r.n, r.seed), ("generate", r.steps, r.guidance, size, group)
+        if sources:
+            self._check_editing(len(sources))
+        self._check_prompt(r.prompt, "prompt")
+        if not 1 <= r.n <= self.config.max_n:
+            raise bad_request(f"n must be between 1 and {self.config.max_n}, got {r.n}", "n")
+        return self._image_task(r.prompt, r.n, r.seed, r, sources)
 
-    def _size(self, size: str | None) -> tuple[int, int] | None:
+    def _image_task(self, prompt: str, n: int, seed: int | None, options: ImageGenerationRequest | ChatImageOptions,
+                    sources: tuple[EncodedImage, ...], at: str = "") -> tuple[GenerationTask, Hashable]:
+        """The task of a checked prompt, its settings (`options`' steps, guidance and size, named `at` + field in
+        errors) checked, and its key: requests share a model call only when their keys are equal."""
+        c = self.config
+        if options.steps is not None and not 1 <= options.steps <= c.max_steps:
+            raise bad_request(f"{at}steps must be between 1 and {c.max_steps}, got {options.steps}", f"{at}steps")
+        guidance = options.guidance
+        if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= 100):
+            raise bad_request(f"{at}guidance must be between 0 and 100, got {guidance}", f"{at}guidance")
+        _check_seed(seed)
+        size = self._size(options.size, f"{at}size")
+        # seeded requests share calls with seeded ones of the same n (one seed per prompt), unseeded with unseeded
+        group = None if seed is None else ("seeded", n)
+        kind = "edit" if sources else "generate"
+        return GenerationTask(prompt, n, seed, sources), (kind, options.steps, guidance, size, group, len(sources))
+
+    def _check_prompt(self, prompt: str, param: str) -> None:
+        if not prompt.strip():
+            raise bad_request(f"{param} is empty; give it some text", param)
+        _check_text(prompt, param)
+        if len(prompt) > self.config.max_prompt_chars:
+            raise bad_request(f"{param} is {len(prompt)} characters; the limit is {self.config.max_prompt_chars}",
+                              param, code="prompt_too_long")
+
+    def _check_editing(self, count: int) -> None:
+        """400 unless the model edits, from `count` source images."""
+        try:
+            self.model.require_editing()
+        except ValueError as e:  # CannotEdit, or a backbone that generates nothing
+            raise APIError(400, f"model {self.model_id!r} cannot edit images: {e}", param="model",
+                           code="model_cannot_edit") from e
+        dit = self.model.config.dit
+        most = dit.max_sources if dit.source_context else 1
+        limit = self.config.max_images_per_request
+        if count > limit:
+            raise bad_request(f"{count} images; the limit is {limit} per request", "image", code="too_many_images")
+        if count > most:
+            raise bad_request(f"{count} source images; model {self.model_id!r} edits from at most {most}", "image",
+                              code="too_many_images")
+
+    def _size(self, size: str | None, param: str = "size") -> tuple[int, int] | None:
         """OpenAI's `size`: "WxH" (width x height, e.g. "1536x1024") -> (height, width); "auto" or none ->
         None, the decoder's default square."""
         if size is None or size == "auto":
@@ -267,27 +330,24 @@ class Blip3oService:
         match = re.fullmatch(r"(\d+)x(\d+)", size)
         if not match:
             side = self.model.decoder.default_size
-            raise bad_request(f"size must be 'auto' or 'WxH' (width x height) such as '{side}x{side}', got "
-                              f"{_shown(size)}", "size")
+            raise bad_request(f"{param} must be 'auto' or 'WxH' (width x height) such as '{side}x{side}', got "
+                              f"{_shown(size)}", param)
         limit = self.config.max_pixels
         if any(len(side.lstrip("0")) > len(str(limit)) for side in match.groups()):  # int() refuses 4,300 digits
             raise bad_request(f"size {_shown(size)} has a side of more than {len(str(limit))} digits, beyond this "
-                              f"server's limit of {limit:,} pixels", "size")
+                              f"server's limit of {limit:,} pixels", param)
         width, height = int(match[1]), int(match[2])
         if width * height > limit:
             raise bad_request(f"size {size} is {width * height:,} pixels, more than this server's limit of "
-                              f"{limit:,}", "size")
+                              f"{limit:,}", param)
         try:
             self.model.decoder.check_size(height, width)
         except ValueError as e:
-            raise bad_request(f"size {size}: {e}", "size") from e
+            raise bad_request(f"size {size}: {e}", param) from e
         return height, width
 
     def _chat_task(self, r: ChatCompletionRequest) -> ChatTask:
         c = self.config
-        self._check_model(r.model)
-        if r.n != 1:
-            raise bad_request(f"n must be 1 (one reply per request), got {r.n}", "n")
         max_new = next((v for v in (r.max_completion_tokens, r.max_tokens) if v is not None),
                        min(c.default_max_tokens, c.max_tokens))
         if not 1 <= max_new <= c.max_tokens:
@@ -298,7 +358,37 @@ class Blip3oService:
         top_p = 1.0 if r.top_p is None else r.top_p
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise bad_request(f"top_p must be in (0, 1], got {top_p}", "top_p")
+        task = ChatTask(self._conversation(r), max_new, temperature, top_p, r.seed, nbytes=0)
+        nbytes = sum(len(image.data) + decoded_bytes(image.data, c) for image in task.images)
+        return replace(task, nbytes=nbytes)
+
+    def _chat_image_task(self, r: ChatCompletionRequest) -> tuple[GenerationTask, Hashable]:
+        """A chat request for an image: an edit of the conversation's latest image by the last user message's
+        text, or a generation of that text when the conversation holds no image."""
+        conversation = self._conversation(r)
+        asking = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+        if not asking:
+            raise bad_request("an image reply needs a user message to draw or edit by; the messages hold none",
+                              "messages")
+        content = conversation[asking[-1]]["content"]
+        prompt = content if isinstance(content, str) else "\n".join(p["text"] for p in content if p["type"] == "text")
+        self._check_prompt(prompt, f"messages[{asking[-1]}].content")
+        images = [p["image"] for m in conversation if isinstance(m["content"], list) for p in m["content"]
+                  if p["type"] == "image"]
+        sources = tuple(images[-1:])
+        if sources:
+            self._check_editing(1)
+        return self._image_task(prompt, 1, r.seed, r.image or ChatImageOptions(), sources, at="image.")
+
+    def _conversation(self, r: ChatCompletionRequest) -> list[dict]:
+        """The checked messages of a chat request in `Blip3o.chat`'s format, each image an EncodedImage."""
+        c = self.config
+        self._check_model(r.model)
+        if r.n != 1:
+            raise bad_request(f"n must be 1 (one reply per request), got {r.n}", "n")
         _check_seed(r.seed)
+        if r.image is not None and not _asks_for_image(r):
+            raise bad_request('image options are for image replies: add "image" to modalities', "image")
         if len(r.messages) > c.max_messages:
             raise bad_request(f"{len(r.messages)} messages; the limit is {c.max_messages}", "messages")
         text = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or [])
@@ -310,10 +400,7 @@ class Blip3oService:
         if len(images) > c.max_images_per_request:
             raise bad_request(f"{len(images)} images; the limit is {c.max_images_per_request} per request",
                               "messages", code="too_many_images")
-        conversation = [self._message(m, f"messages[{i}]") for i, m in enumerate(r.messages)]
-        task = ChatTask(conversation, max_new, temperature, top_p, r.seed, nbytes=0)
-        nbytes = sum(len(image.data) + decoded_bytes(image.data, c) for image in task.images)
-        return replace(task, nbytes=nbytes)
+        return [self._message(m, f"messages[{i}]") for i, m in enumerate(r.messages)]
 
     def _message(self, m: ChatMessage, at: str) -> dict:
         role = "system" if m.role == "developer" else m.role
@@ -333,8 +420,8 @@ class Blip3oService:
             else:
                 if part.image_url is None:
                     raise bad_request(f"{where} is an image_url part without `image_url`", where)
-                if role != "user":
-                    raise bad_request(f"{where}: only user messages may carry images", where)
+                if role not in ("user", "assistant"):  # an assistant's: an image reply sent back
+                    raise bad_request(f"{where}: only user and assistant messages may carry images", where)
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
                 param = f"{where}.image_url"
                 parts.append({"type": "image", "image": EncodedImage(image_bytes(url, self.config, param), param)})
@@ -391,9 +478,9 @@ class Blip3oService:
     # ------------------------------------------------------------------ the worker thread
 
     def _run(self, key: Hashable, payloads: Sequence) -> list:
-        if key[0] == "generate":
-            return self._run_generation(key, payloads)
-        return [_capture(self._run_chat, task) for task in payloads]
+        if key[0] == "chat":
+            return [_capture(self._run_chat, task) for task in payloads]
+        return self._run_generation(key, payloads)
 
     def _run_generation(self, key: Hashable, tasks: Sequence[GenerationTask]) -> list:
         try:
@@ -405,17 +492,29 @@ class Blip3oService:
         return [_capture(lambda t: self._generate(key, [t])[0], task) for task in tasks]
 
     def _generate(self, key: Hashable, tasks: Sequence[GenerationTask]) -> list[list[Image.Image]]:
-        _, steps, guidance, size, group = key
+        """One model call for `tasks`: `generate` of their prompts, or `edit` of their sources by them."""
+        kind, steps, guidance, size, group, _ = key
         height, width = size or (None, None)
         settings = dict(steps=steps, guidance=guidance, height=height, width=width)
-        if len(tasks) == 1:  # alone: exactly the library call, so a seed reproduces
-            (t,) = tasks
-            images = self.model.generate([t.prompt], num_images=t.n, seed=t.seed, **settings)
-        elif group is not None:  # seeded, equal n: each prompt's noise from its own seed
-            images = self.model.generate([t.prompt for t in tasks], num_images=tasks[0].n,
-                                         seed=[t.seed for t in tasks], **settings)
-        else:  # unseeded requests share fresh randomness: one prompt per image
-            images = self.model.generate([t.prompt for t in tasks for _ in range(t.n)], **settings)
+        sources = [[open_image(s.data, self.config, s.param) for s in t.sources] for t in tasks]
+        freed = sum(image.width * image.height * BYTES_PER_PIXEL for row in sources for image in row)
+
+        def call(rows: Sequence[int], **options) -> list[Image.Image]:  # rows: the task of each prompt
+            prompts = [tasks[i].prompt for i in rows]
+            if kind == "edit":
+                return self.model.edit([sources[i] for i in rows], prompts, **options, **settings)
+            return self.model.generate(prompts, **options, **settings)
+
+        try:
+            if len(tasks) == 1:  # alone: exactly the library call, so a seed reproduces
+                images = call([0], num_images=tasks[0].n, seed=tasks[0].seed)
+            elif group is not None:  # seeded, equal n: each prompt's noise from its own seed
+                images = call(range(len(tasks)), num_images=tasks[0].n, seed=[t.seed for t in tasks])
+            else:  # unseeded requests share fresh randomness: one prompt per image
+                images = call([i for i, t in enumerate(tasks) for _ in range(t.n)])
+        finally:
+            sources.clear()  # the decoded sources: freed now, not when the batch ends
+            return_freed_memory(freed)
         self.metrics.observe_batch(len(tasks), len(images))
         out, start = [], 0
         for t in tasks:
@@ -487,6 +586,19 @@ def _give_up(future: Future, stop: threading.Event | None) -> None:
         future.cancel()
         if stop is not None:
             stop.set()
+
+
+def _asks_for_image(request: ChatCompletionRequest) -> bool:
+    return "image" in (request.modalities or ())
+
+
+def _images_answer(encoded: Sequence[str], response_format: str | None) -> dict:
+    """OpenAI's images answer of base64 PNGs: each as `b64_json`, or as a data: URL for "url"."""
+    if response_format == "url":
+        data = [{"url": f"data:image/png;base64,{b64}"} for b64 in encoded]
+    else:
+        data = [{"b64_json": b64} for b64 in encoded]
+    return {"created": int(time.time()), "data": data}
 
 
 def _release_when_done(reservation: Reservation, future: Future | None) -> None:
