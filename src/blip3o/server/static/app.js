@@ -5,11 +5,14 @@ const $ = (id) => document.getElementById(id);
 let modelId = null;
 let history = [];       // the chat so far, as OpenAI messages
 let attachment = null;  // a data: URL waiting to be sent with the next question
+let sources = [];       // the images the next edit starts from: {name, url, file} (file only for an upload)
 
+// POSTs `body`, an object as JSON or a FormData as a multipart form; a failure throws the server's message.
 async function api(path, body) {
-  const response = await fetch(path, {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-  });
+  const request = body instanceof FormData
+    ? {method: "POST", body}  // the browser writes the multipart Content-Type with its boundary
+    : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
+  const response = await fetch(path, request);
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error.message; } catch (_) { /* not JSON */ }
@@ -33,29 +36,102 @@ async function loadModel() {
   }
 }
 
-async function generate(event) {
-  event.preventDefault();
-  const body = {prompt: $("prompt").value, n: Number($("num-images").value) || 1, response_format: "b64_json"};
-  if ($("seed").value !== "") body.seed = Number($("seed").value);
-  if ($("size").value.trim() !== "") body.size = $("size").value.trim();  // "WxH", width x height
-  $("generate").disabled = true;
-  status("generate-status", "generating…");
+// n, seed and size as the fields with these ids hold them; seed and size are left out when empty.
+function imageOptions(countId, seedId, sizeId) {
+  const options = {n: Number($(countId).value) || 1};
+  if ($(seedId).value !== "") options.seed = Number($(seedId).value);
+  if ($(sizeId).value.trim() !== "") options.size = $(sizeId).value.trim();  // "WxH", width x height
+  return options;
+}
+
+// One image of an answer, with an Edit button that makes it the image the Edit panel starts from.
+function tile(b64, alt, className) {
+  const img = document.createElement("img");
+  img.src = `data:image/png;base64,${b64}`;
+  img.alt = alt;
+  img.className = className;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "edit-this";
+  button.textContent = "Edit";
+  button.title = "edit this image";
+  button.addEventListener("click", () => pick(img));
+  const figure = document.createElement("figure");
+  figure.append(img, button);
+  return figure;
+}
+
+// Asks `path` for images and shows them in `panel`'s images, timed in its status line.
+async function requestImages(panel, path, body, alt) {
+  const {button, statusId, images, className, busy} = panel;
+  $(button).disabled = true;
+  status(statusId, busy);
   const started = performance.now();
   try {
-    const result = await (await api("/v1/images/generations", body)).json();
-    $("images").replaceChildren(...result.data.map((item, i) => {
-      const img = document.createElement("img");
-      img.src = `data:image/png;base64,${item.b64_json}`;
-      img.alt = `${body.prompt} (${i + 1})`;
-      img.className = "generated";
-      return img;
-    }));
-    status("generate-status", `${result.data.length} image(s) in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+    const result = await (await api(path, body)).json();
+    $(images).replaceChildren(...result.data.map((item, i) => tile(item.b64_json, `${alt} (${i + 1})`, className)));
+    status(statusId, `${result.data.length} image(s) in ${((performance.now() - started) / 1000).toFixed(1)} s`);
   } catch (e) {
-    status("generate-status", e.message, true);
+    status(statusId, e.message, true);
   } finally {
-    $("generate").disabled = false;
+    $(button).disabled = false;
   }
+}
+
+const GENERATE = {button: "generate", statusId: "generate-status", images: "images", className: "generated",
+                  busy: "generating…"};
+const EDIT = {button: "edit", statusId: "edit-status", images: "edits", className: "edited", busy: "editing…"};
+
+async function generate(event) {
+  event.preventDefault();
+  const body = {prompt: $("prompt").value, response_format: "b64_json", ...imageOptions("num-images", "seed", "size")};
+  await requestImages(GENERATE, "/v1/images/generations", body, body.prompt);
+}
+
+// The images to edit become `chosen`, shown above the instruction.
+function setSources(chosen) {
+  for (const source of sources) if (source.file) URL.revokeObjectURL(source.url);
+  sources = chosen;
+  const shown = chosen.map((source) => {
+    const img = document.createElement("img");
+    img.src = source.url;
+    img.alt = source.name;
+    img.title = source.name;
+    return img;
+  });
+  $("edit-sources").replaceChildren(...shown);
+  $("edit-hint").hidden = shown.length > 0;
+}
+
+function upload() {
+  const files = [...$("edit-file").files];
+  setSources(files.map((file) => ({name: file.name, url: URL.createObjectURL(file), file})));
+}
+
+// An image on the page (generated or edited) becomes the one to edit.
+function pick(img) {
+  $("edit-file").value = "";
+  setSources([{name: `${img.className}.png`, url: img.src, file: null}]);
+  $("instruction").focus();
+}
+
+async function edit(event) {
+  event.preventDefault();
+  if (!sources.length) {
+    status("edit-status", "choose an image to edit: upload one, or press Edit under an image on this page", true);
+    return;
+  }
+  const form = new FormData();
+  const field = sources.length > 1 ? "image[]" : "image";  // the names OpenAI's own client sends
+  for (const source of sources) {
+    const file = source.file || await (await fetch(source.url)).blob();  // a data: URL read back as bytes
+    form.append(field, file, source.name);
+  }
+  const options = {prompt: $("instruction").value, response_format: "b64_json",
+                   ...imageOptions("edit-num-images", "edit-seed", "edit-size")};
+  if (modelId) options.model = modelId;
+  for (const [name, value] of Object.entries(options)) form.append(name, String(value));
+  await requestImages(EDIT, "/v1/images/edits", form, options.prompt);
 }
 
 function bubble(role, text, imageUrl) {
@@ -165,6 +241,8 @@ function reset() {
 }
 
 $("generate-form").addEventListener("submit", generate);
+$("edit-form").addEventListener("submit", edit);
+$("edit-file").addEventListener("change", upload);
 $("chat-form").addEventListener("submit", send);
 $("image-file").addEventListener("change", attach);
 $("reset").addEventListener("click", reset);
