@@ -61,14 +61,14 @@ function tile(b64, alt, className) {
   return figure;
 }
 
-// Asks `path` for images and shows them in `panel`'s images, timed in its status line.
+// Asks `path` for images and shows them in `panel`'s images, timed in its status line; `body` may be a promise.
 async function requestImages(panel, path, body, alt) {
   const {button, statusId, images, className, busy} = panel;
   $(button).disabled = true;
   status(statusId, busy);
   const started = performance.now();
   try {
-    const result = await (await api(path, body)).json();
+    const result = await (await api(path, await body)).json();
     $(images).replaceChildren(...result.data.map((item, i) => tile(item.b64_json, `${alt} (${i + 1})`, className)));
     status(statusId, `${result.data.length} image(s) in ${((performance.now() - started) / 1000).toFixed(1)} s`);
   } catch (e) {
@@ -115,23 +115,29 @@ function pick(img) {
   $("instruction").focus();
 }
 
+// The edit's multipart form: the sources as files `image` (several as `image[]`, the names OpenAI's own client
+// sends) and the instruction as `prompt`, with the panel's options.
+async function editForm(options) {
+  const form = new FormData();
+  const field = sources.length > 1 ? "image[]" : "image";
+  for (const source of sources) {
+    const file = source.file || await (await fetch(source.url)).blob();  // a data: URL read back as bytes
+    form.append(field, file, source.name);
+  }
+  for (const [name, value] of Object.entries(options)) form.append(name, String(value));
+  return form;
+}
+
 async function edit(event) {
   event.preventDefault();
   if (!sources.length) {
     status("edit-status", "choose an image to edit: upload one, or press Edit under an image on this page", true);
     return;
   }
-  const form = new FormData();
-  const field = sources.length > 1 ? "image[]" : "image";  // the names OpenAI's own client sends
-  for (const source of sources) {
-    const file = source.file || await (await fetch(source.url)).blob();  // a data: URL read back as bytes
-    form.append(field, file, source.name);
-  }
   const options = {prompt: $("instruction").value, response_format: "b64_json",
                    ...imageOptions("edit-num-images", "edit-seed", "edit-size")};
   if (modelId) options.model = modelId;
-  for (const [name, value] of Object.entries(options)) form.append(name, String(value));
-  await requestImages(EDIT, "/v1/images/edits", form, options.prompt);
+  await requestImages(EDIT, "/v1/images/edits", editForm(options), options.prompt);
 }
 
 function bubble(role, text, imageUrl) {
