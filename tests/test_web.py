@@ -1,8 +1,12 @@
 """The web page at `/` in a real headless Chromium (Debian's, driven by selenium): type a prompt and
 see images; attach an image, ask, see the answer; a width x height typed in the size field reaches the server,
 and a size the decoder cannot make comes back as the server's message; an error in the middle of a streamed
-reply is shown and the question kept. The debug model serves it."""
+reply is shown and the question kept; upload an image or pick one the page made, type an instruction and see
+the edited image, edit that again, and see the server's message for an edit it refuses. The debug model
+serves it."""
 
+import base64
+import io
 import shutil
 import tempfile
 
@@ -21,6 +25,7 @@ pytestmark = pytest.mark.skipif(
     reason="Chromium is not installed (apt-get install -y chromium chromium-driver; .ci/run does this)",
 )
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -30,10 +35,14 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.fixture(scope="module")
-def server():
+def model():
     torch.manual_seed(0)
-    service = Blip3oService(Blip3o.from_preset("debug"), "debug", ServerConfig())
-    with BackgroundServer(create_app(service)) as server:
+    return Blip3o.from_preset("debug")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with BackgroundServer(create_app(Blip3oService(model, "debug", ServerConfig()))) as server:
         yield server
 
 
@@ -142,3 +151,127 @@ def test_an_error_in_the_middle_of_a_reply_is_shown_and_the_question_kept(browse
         assert browser.find_element(By.ID, "question").get_attribute("value") == "what is in the picture?"
         assert browser.find_element(By.ID, "attachment").is_displayed()
         assert browser.find_element(By.ID, "send").is_enabled()
+
+
+def png_of(data_url: str) -> Image.Image:
+    """The PNG a data: URL on the page holds, decoded."""
+    header, _, payload = data_url.partition(",")
+    assert header == "data:image/png;base64", header
+    image = Image.open(io.BytesIO(base64.b64decode(payload)))
+    image.load()
+    assert image.format == "PNG"
+    return image
+
+
+def open_page(browser, url: str) -> WebDriverWait:
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "model: debug")
+    return wait
+
+
+def fill(browser, **fields: str) -> None:
+    """Type each field's text into the element with that id (underscores in the name are dashes)."""
+    for name, text in fields.items():
+        element = browser.find_element(By.ID, name.replace("_", "-"))
+        element.clear()
+        element.send_keys(text)
+
+
+def edit_and_wait(browser, wait: WebDriverWait, instruction: str) -> Image.Image:
+    """Type `instruction`, press Edit and return the edited image the page then shows (the first, decoded)."""
+    shown = browser.find_elements(By.CSS_SELECTOR, "#edits img.edited")
+    fill(browser, instruction=instruction)
+    browser.find_element(By.ID, "edit").click()
+    image = wait.until(lambda d: (d.find_elements(By.CSS_SELECTOR, "#edits img.edited") or [None])[0]
+                       if not shown or _gone(shown[0]) else None)
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image))
+    assert "error" not in browser.find_element(By.ID, "edit-status").get_attribute("class")
+    return png_of(image.get_attribute("src"))
+
+
+def _gone(element) -> bool:
+    try:
+        element.tag_name  # noqa: B018  (a stale element raises)
+        return False
+    except StaleElementReferenceException:
+        return True
+
+
+def test_upload_an_image_type_an_instruction_and_see_it_edited(server, browser, tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(path)
+    wait = open_page(browser, server.url)
+    browser.find_element(By.ID, "edit-file").send_keys(str(path))
+    source = wait.until(lambda d: (d.find_elements(By.CSS_SELECTOR, "#edit-sources img") or [None])[0])
+    assert source.get_attribute("alt") == "red.png"
+    assert not browser.find_element(By.ID, "edit-hint").is_displayed()
+    fill(browser, edit_num_images="1", edit_size="32x48")  # portrait, at the debug decoder's scale
+    edited = edit_and_wait(browser, wait, "make the circle blue")
+    assert edited.size == (32, 48)
+    (shown,) = browser.find_elements(By.CSS_SELECTOR, "#edits img.edited")
+    assert shown.get_attribute("naturalWidth") == "32" and shown.get_attribute("naturalHeight") == "48"
+    assert "1 image(s)" in browser.find_element(By.ID, "edit-status").text
+
+
+def test_pick_a_generated_image_edit_it_and_edit_the_result(server, model, browser, monkeypatch):
+    """The Edit button under a generated image makes it the source; the Edit button under the edited image
+    makes that the next source: the model receives exactly the pixels the page shows."""
+    sources = []
+    edit = model.edit
+
+    def recording_edit(images, instructions, **kwargs):
+        sources.extend(images)
+        return edit(images, instructions, **kwargs)
+
+    monkeypatch.setattr(model, "edit", recording_edit)
+    wait = open_page(browser, server.url)
+    fill(browser, prompt="a red circle", num_images="1", size="32x32")
+    browser.find_element(By.ID, "generate").click()
+    generated = wait.until(lambda d: (d.find_elements(By.CSS_SELECTOR, "#images img.generated") or [None])[0])
+    browser.find_element(By.CSS_SELECTOR, "#images figure button.edit-this").click()
+    (source,) = browser.find_elements(By.CSS_SELECTOR, "#edit-sources img")
+    assert source.get_attribute("src") == generated.get_attribute("src")
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "instruction")
+    fill(browser, edit_num_images="1", edit_size="auto")
+    first = edit_and_wait(browser, wait, "make the circle blue")
+    assert first.size == (32, 32)
+    browser.find_element(By.CSS_SELECTOR, "#edits figure button.edit-this").click()
+    second = edit_and_wait(browser, wait, "move the circle to the left")
+    assert second.size == (32, 32)
+    received = [list(s) if isinstance(s, list | tuple) else [s] for s in sources]
+    assert [len(s) for s in received] == [1, 1]
+    expected = [png_of(generated.get_attribute("src")), first]
+    for got, want in zip(received, expected, strict=True):
+        assert got[0].convert("RGB").tobytes() == want.convert("RGB").tobytes()
+
+
+def test_an_edit_the_server_refuses_shows_its_message(server, browser, tmp_path):
+    """No image chosen: the page says so itself. A blank instruction and a file that is not an image: the
+    server's own message; nothing is shown as edited, and the image and instruction stay to try again."""
+    wait = open_page(browser, server.url)
+    fill(browser, instruction="make the circle blue")
+    browser.find_element(By.ID, "edit").click()
+    assert "choose an image to edit" in browser.find_element(By.ID, "edit-status").text
+
+    def refused(expected: str) -> None:
+        browser.find_element(By.ID, "edit").click()
+        wait.until(lambda d: expected in d.find_element(By.ID, "edit-status").text)
+        assert browser.find_element(By.ID, "edit-status").get_attribute("class") == "error"
+        assert browser.find_element(By.ID, "edit").is_enabled()
+        assert not browser.find_elements(By.CSS_SELECTOR, "#edits img")
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(image)
+    browser.find_element(By.ID, "edit-file").send_keys(str(image))
+    fill(browser, instruction="   ")  # passes the browser's check for a required field; the server refuses it
+    refused("prompt is empty")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    fill(browser, edit_file=str(text))  # cleared first: the field takes several files
+    fill(browser, instruction="make the circle blue")
+    refused("is not an image")
+    assert browser.find_element(By.ID, "instruction").get_attribute("value") == "make the circle blue"
+    assert [img.get_attribute("alt") for img in browser.find_elements(By.CSS_SELECTOR, "#edit-sources img")] == [
+        "notes.txt"]
+    browser.save_screenshot(str(tmp_path / "page.png"))
