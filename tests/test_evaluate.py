@@ -10,7 +10,7 @@ from PIL import Image
 
 from blip3o.cli import main
 from blip3o.images import image_grid
-from blip3o.shapes import TAGS, detect, evaluation_prompts, make_example
+from blip3o.shapes import EDIT_TYPES, TAGS, detect, evaluation_prompts, make_example
 from blip3o.shapes.evaluate import (
     EVAL_SEED,
     GRID_PER_TAG,
@@ -30,7 +30,9 @@ TRAINING_SEEDS = (0, 1)  # the recipe's: its data (`train nano --seed 0`) and it
 
 
 class BlankModel:
-    """Draws nothing: every check fails, every image is the same."""
+    """Draws nothing: every check fails, every image is the same; it cannot edit."""
+
+    can_edit = False
 
     def generate(self, prompts, *, num_images, seed):
         return [Image.new("RGB", (64, 64), (250, 250, 250)) for _ in range(len(prompts) * num_images)]
@@ -132,12 +134,12 @@ def test_an_unknown_set_is_refused(tmp_path):
 def test_eval_shapes_command_records_its_set_and_settings(tmp_path, capsys, eval_set):
     out = tmp_path / "ev"
     code = main(["eval", "shapes", "--model", "debug", "--out", str(out), "--set", eval_set, "--per-tag", "1",
-                 "--num-images", "1", "--num-scenes", "1", "--steps", "2"])
+                 "--num-images", "1", "--num-scenes", "1", "--num-edits", "1", "--steps", "2"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     settings = results["settings"]
     assert settings["set"] == eval_set and settings["model"] == "debug" and settings["seed"] == EVAL_SEED
-    assert (settings["per_tag"], settings["num_images"], settings["num_scenes"]) == (1, 1, 1)
+    assert (settings["per_tag"], settings["num_images"], settings["num_scenes"], settings["num_edits"]) == (1, 1, 1, 1)
     assert settings["sampling"]["steps"] == 2
     assert set(results["generation"]["scores"]) == {*TAGS, "overall"}
     assert results["generation"]["num_images"] == len(TAGS)
@@ -146,7 +148,17 @@ def test_eval_shapes_command_records_its_set_and_settings(tmp_path, capsys, eval
     assert settings["vqa_overall"] == ("mean of the six types" if held_out else "over all questions")
     if held_out:
         assert results["understanding"]["num_per_type"] == {t: 1 for t in (*QUESTION_TYPES, CAPTION)}
-    assert f"set: {eval_set}" in capsys.readouterr().out and (out / "samples.png").exists()
+    editing = results["editing"]  # the debug model edits: one edit of each type, scored
+    assert editing["num_per_type"] == dict.fromkeys(EDIT_TYPES, 1) and editing["num_edits"] == len(EDIT_TYPES)
+    assert set(editing["per_type"]["move"]) == {"change", "preservation", "pass"}
+    assert editing["edit_overall"] == pytest.approx(sum(s["pass"] for s in editing["per_type"].values()) / 6)
+    printed = capsys.readouterr().out
+    assert f"set: {eval_set}" in printed and (out / "samples.png").exists()
+    assert "\nediting\n                 change preservation   pass\n" in printed
+    assert all(f"\n  {t:<14} " in printed for t in EDIT_TYPES) and "  edit overall   " in printed
+    assert f"edits: {out / 'edits.png'}" in printed
+    with Image.open(out / "edits.png") as grid:  # a (source, edited) pair a row, one row per type
+        assert grid.size == (2 * 64, len(EDIT_TYPES) * 64)
 
 
 def test_eval_shapes_refuses_an_unknown_set(tmp_path, capsys):

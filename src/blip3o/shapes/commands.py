@@ -2,7 +2,8 @@
 
     blip3o data shapes --out DIR     training shards of Shapes examples (write_shards)
     blip3o train nano --out DIR      the whole nano recipe: its data, then its stages in order (train_nano)
-    blip3o eval shapes --model M     GenEval-style generation accuracy and VQA accuracy (evaluate_shapes)
+    blip3o eval shapes --model M     GenEval-style generation accuracy, VQA accuracy and edit accuracy
+                                     (evaluate_shapes)
 """
 
 from __future__ import annotations
@@ -178,12 +179,15 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
 
     check_output_folder(Path(args.out), "--out")
     model = load_for_command(args)
-    with interrupted_after(lambda: f"{args.out}/ has no new results.json or samples.png (both are written at the "
-                                   f"end)"):
+    with interrupted_after(lambda: f"{args.out}/ has no new results.json, samples.png or edits.png (all are "
+                                   f"written at the end)"):
         results = evaluate_shapes(model, args.out, eval_set=args.set, per_tag=args.per_tag,
-                                  num_images=args.num_images, num_scenes=args.num_scenes, model_name=args.model)
+                                  num_images=args.num_images, num_scenes=args.num_scenes, num_edits=args.num_edits,
+                                  model_name=args.model)
     print(format_results(results))
-    print(f"results: {Path(args.out) / 'results.json'}  samples: {Path(args.out) / 'samples.png'}")
+    out = Path(args.out)
+    edits = f"  edits: {out / 'edits.png'}" if results["editing"] is not None else ""
+    print(f"results: {out / 'results.json'}  samples: {out / 'samples.png'}{edits}")
     return EXIT_OK
 
 
@@ -191,14 +195,14 @@ def eval_command() -> Command:
     from .evaluate import DEFAULT_SIZES, EVAL_SETS, HELD_OUT, TRAINING_WORLD
 
     held, world = DEFAULT_SIZES[HELD_OUT], DEFAULT_SIZES[TRAINING_WORLD]
-    return Command(("eval", "shapes"), "evaluate in the Shapes world: GenEval-style generation accuracy and VQA",
-                   run_eval_shapes, flags=(
+    return Command(("eval", "shapes"), "evaluate in the Shapes world: GenEval-style generation accuracy, VQA and "
+                                       "editing", run_eval_shapes, flags=(
         flag("--out", default="eval_out"),
         flag("--set", choices=EVAL_SETS, default=HELD_OUT,
-             help=f"{HELD_OUT}: prompts and scenes from streams no training draw uses, scenes drawn by a rasteriser "
-                  f"training never uses, the same number of questions of each type; {TRAINING_WORLD}: prompts and "
-                  f"scenes from the training data's own generator and rasterisers at the evaluation seed, "
-                  f"questions in the training data's mix"),
+             help=f"{HELD_OUT}: prompts, scenes and edits from streams no training draw uses, images drawn by a "
+                  f"rasteriser training never uses, the same number of questions of each type; {TRAINING_WORLD}: "
+                  f"prompts, scenes and edits from the training data's own generators and rasterisers at the "
+                  f"evaluation seed, questions in the training data's mix"),
         count("--per-tag", high=10_000, default=None,
               help=f"prompts of each GenEval family (default {held[0]}; {world[0]} with --set {TRAINING_WORLD})"),
         count("--num-images", high=64, default=None,
@@ -207,6 +211,9 @@ def eval_command() -> Command:
               help=f"scenes asked about: {HELD_OUT}, this many for each question type and for captions, one "
                    f"question each (default {held[2]}); {TRAINING_WORLD}, this many in all, every question each "
                    f"allows (default {world[2]})"),
+        count("--num-edits", high=10_000, default=None,
+              help=f"edits of each of the six edit types, for a model that can edit (default {held.num_edits}; "
+                   f"{world.num_edits} with --set {TRAINING_WORLD})"),
         *model_flags(), *SAMPLING_FLAGS,
     ))
 

@@ -42,7 +42,7 @@ from blip3o.images import admit_image
 
 from .data import ReadStats, add_member, iter_examples
 from .detect import detect
-from .evaluate import EVAL_SEED, HELD_OUT_RASTERISER, held_out_random
+from .heldout import EVAL_SEED, HELD_OUT_RASTERISER, held_out_random
 from .render import choose_rasteriser, render
 from .world import (
     BORDER,
