@@ -49,6 +49,8 @@ def image_bytes(url: str, config: ServerConfig, param: str) -> bytes:
 
 async def read_upload(upload: UploadFile, config: ServerConfig, param: str) -> EncodedImage:
     """A multipart form's file -> its bytes, read no further than one byte past the size limit."""
+    if upload.size is not None:  # the parser counted it
+        _check_bytes(upload.size, config, param)
     data = await upload.read(config.max_image_bytes + 1)
     _check_bytes(len(data), config, param)
     return EncodedImage(data, param)

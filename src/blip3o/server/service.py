@@ -372,7 +372,11 @@ class Blip3oService:
                               "messages")
         content = conversation[asking[-1]]["content"]
         prompt = content if isinstance(content, str) else "\n".join(p["text"] for p in content if p["type"] == "text")
-        self._check_prompt(prompt, f"messages[{asking[-1]}].content")
+        param = f"messages[{asking[-1]}].content"
+        if not prompt.strip():
+            raise bad_request(f"{param} has no text: an image reply draws, or edits the latest image, by the text of "
+                              "the last user message", param)
+        self._check_prompt(prompt, param)
         images = [p["image"] for m in conversation if isinstance(m["content"], list) for p in m["content"]
                   if p["type"] == "image"]
         sources = tuple(images[-1:])
