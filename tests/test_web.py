@@ -214,17 +214,40 @@ def test_upload_an_image_type_an_instruction_and_see_it_edited(server, browser, 
     assert "1 image(s)" in browser.find_element(By.ID, "edit-status").text
 
 
-def test_pick_a_generated_image_edit_it_and_edit_the_result(server, model, browser, monkeypatch):
-    """The Edit button under a generated image makes it the source; the Edit button under the edited image
-    makes that the next source: the model receives exactly the pixels the page shows."""
+def recorded_sources(model, monkeypatch) -> list:
+    """The source images of each edit `model` makes from now on, as a list per edited image row."""
     sources = []
     edit = model.edit
 
     def recording_edit(images, instructions, **kwargs):
-        sources.extend(images)
+        sources.extend(list(s) if isinstance(s, list | tuple) else [s] for s in images)
         return edit(images, instructions, **kwargs)
 
     monkeypatch.setattr(model, "edit", recording_edit)
+    return sources
+
+
+def test_upload_two_images_and_edit_them_together(server, model, browser, tmp_path, monkeypatch):
+    """Several files chosen at once make one edit from all of them, in the order chosen."""
+    sources = recorded_sources(model, monkeypatch)
+    colors = {"red.png": (220, 40, 40), "blue.png": (40, 40, 220)}
+    paths = []
+    for name, color in colors.items():
+        Image.new("RGB", (32, 32), color).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    wait = open_page(browser, server.url)
+    browser.find_element(By.ID, "edit-file").send_keys("\n".join(paths))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#edit-sources img")) == 2)
+    fill(browser, edit_num_images="1", edit_size="auto")
+    assert edit_and_wait(browser, wait, "put the red circle beside the blue square").size == (32, 32)
+    (received,) = sources
+    assert [image.convert("RGB").getpixel((0, 0)) for image in received] == list(colors.values())
+
+
+def test_pick_a_generated_image_edit_it_and_edit_the_result(server, model, browser, monkeypatch):
+    """The Edit button under a generated image makes it the source; the Edit button under the edited image
+    makes that the next source: the model receives exactly the pixels the page shows."""
+    sources = recorded_sources(model, monkeypatch)
     wait = open_page(browser, server.url)
     fill(browser, prompt="a red circle", num_images="1", size="32x32")
     browser.find_element(By.ID, "generate").click()
@@ -239,11 +262,10 @@ def test_pick_a_generated_image_edit_it_and_edit_the_result(server, model, brows
     browser.find_element(By.CSS_SELECTOR, "#edits figure button.edit-this").click()
     second = edit_and_wait(browser, wait, "move the circle to the left")
     assert second.size == (32, 32)
-    received = [list(s) if isinstance(s, list | tuple) else [s] for s in sources]
-    assert [len(s) for s in received] == [1, 1]
+    assert [len(s) for s in sources] == [1, 1]
     expected = [png_of(generated.get_attribute("src")), first]
-    for got, want in zip(received, expected, strict=True):
-        assert got[0].convert("RGB").tobytes() == want.convert("RGB").tobytes()
+    for (got,), want in zip(sources, expected, strict=True):
+        assert got.convert("RGB").tobytes() == want.convert("RGB").tobytes()
 
 
 def test_an_edit_the_server_refuses_shows_its_message(server, browser, tmp_path):
