@@ -1,11 +1,15 @@
 """The HTTP face of `Blip3oService`: routes parse the request and delegate; nothing here runs a model.
 
-Images from a chat (`POST /v1/chat/completions`). A request whose `modalities` holds "image" gets an image
-reply instead of text. When the conversation holds an image (a user's upload or an earlier image reply sent
-back as an assistant message), the reply edits the most recent one, with the text of the last user message
-as the instruction; otherwise it draws that text. `seed` makes it reproducible (the service's seed
-semantics); the optional `image` object sets the reply's `size` ("WxH" or "auto"), `steps` and `guidance`.
-Such a request cannot be streamed. Assistant messages may carry image parts, so a reply goes back as it came:
+Images from a chat (`POST /v1/chat/completions`). A request whose `modalities` holds "image" (["image"] or
+["text", "image"]) gets one image as its reply instead of text. When the conversation holds an image (a
+user's upload, or an earlier image reply sent back as an assistant message), the reply edits the most
+recent one, with the text of the last user message (its text parts joined by newlines) as the
+instruction; otherwise it draws that text. The text is a prompt: the images route's limits apply to it.
+`seed` makes the image reproducible (the service's seed semantics: the image of `Blip3o.edit` or
+`Blip3o.generate` for that text and seed); the optional `image` object sets its `size` ("WxH", width x
+height, or "auto"), `steps` and `guidance`; `max_tokens`, `temperature` and `top_p` play no part. Such a
+request cannot be streamed (`stream: true` is refused), and a model that cannot edit refuses an edit with
+400 `model_cannot_edit`. Assistant messages may carry image parts, so a reply goes back as it came:
 
     {"model": "blip3o", "modalities": ["image"], "seed": 7, "image": {"size": "1024x1024"},
      "messages": [
