@@ -209,6 +209,14 @@ def test_an_edit_must_be_a_multipart_form(server):
     assert (status, answer["error"]["code"]) == (400, "invalid_form"), answer
 
 
+def test_the_api_pages_describe_the_edit_form(model):
+    with running(model, docs=True) as server:
+        status, schema, _ = request(server, "/openapi.json")
+    form = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert status == 200 and form["required"] == ["prompt"]
+    assert {"image", "image[]", "prompt", "n", "size", "response_format", "seed"} <= set(form["properties"])
+
+
 def test_the_model_bounds_the_number_of_sources(model):
     with running(model, max_images_per_request=8) as server:
         status, answer = post_form(server, {"prompt": "a"}, [("image[]", png(RED))] * 5)

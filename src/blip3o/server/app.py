@@ -114,7 +114,7 @@ def create_app(service: Blip3oService) -> FastAPI:
     async def images(body: ImageGenerationRequest) -> dict:
         return await service.generate_images(body)
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", openapi_extra=_edit_form_schema())
     async def edits(request: Request) -> dict:
         body, images = await _edit_form(request, c)
         return await service.edit_images(body, images)
@@ -129,6 +129,15 @@ def create_app(service: Blip3oService) -> FastAPI:
 
 
 IMAGE_FIELDS = ("image", "image[]")  # an edit's source files: one `image`, or several `image[]` (the openai client)
+
+
+def _edit_form_schema() -> dict:
+    """The edit form's OpenAPI description (the route reads the form itself): ImageEditRequest's fields and the
+    source files."""
+    schema = ImageEditRequest.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    schema["properties"] = {"image": binary, "image[]": {"type": "array", "items": binary}, **schema["properties"]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 async def _edit_form(request: Request, config: ServerConfig) -> tuple[ImageEditRequest, list[EncodedImage]]:
