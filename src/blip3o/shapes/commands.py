@@ -204,16 +204,18 @@ def eval_command() -> Command:
                   f"prompts, scenes and edits from the training data's own generators and rasterisers at the "
                   f"evaluation seed, questions in the training data's mix"),
         count("--per-tag", high=10_000, default=None,
-              help=f"prompts of each GenEval family (default {held[0]}; {world[0]} with --set {TRAINING_WORLD})"),
+              help=f"prompts of each GenEval family (default {held.per_tag}; {world.per_tag} with --set "
+                   f"{TRAINING_WORLD})"),
         count("--num-images", high=64, default=None,
-              help=f"images per prompt, 1 to 64 (default {held[1]}; {world[1]} with --set {TRAINING_WORLD})"),
+              help=f"images per prompt, 1 to 64 (default {held.num_images}; {world.num_images} with --set "
+                   f"{TRAINING_WORLD})"),
         count("--num-scenes", high=100_000, default=None,
               help=f"scenes asked about: {HELD_OUT}, this many for each question type and for captions, one "
-                   f"question each (default {held[2]}); {TRAINING_WORLD}, this many in all, every question each "
-                   f"allows (default {world[2]})"),
+                   f"question each (default {held.num_scenes}); {TRAINING_WORLD}, this many in all, every question "
+                   f"each allows (default {world.num_scenes})"),
         count("--num-edits", high=10_000, default=None,
-              help=f"edits of each of the six edit types, for a model that can edit (default {held.num_edits}; "
-                   f"{world.num_edits} with --set {TRAINING_WORLD})"),
+              help=f"edits of each of the six edit types, for a model that can edit (default {held.num_edits}, "
+                   f"either set)"),
         *model_flags(), *SAMPLING_FLAGS,
     ))
 
