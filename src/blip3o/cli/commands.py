@@ -1,7 +1,7 @@
 """The generic commands: any model, any world. Each checks its input, calls the library and prints the result.
 
-`generate` lives in generate.py (its batching and writing); the Shapes world's commands (`data shapes`,
-`train nano`, `eval shapes`) in blip3o/shapes/commands.py.
+`generate` lives in generate.py (its batching and writing), `edit` in edit.py; the Shapes world's commands
+(`data shapes`, `train nano`, `eval shapes`) in blip3o/shapes/commands.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from blip3o.cli.edit import edit_command
 from blip3o.cli.errors import EXIT_OK, BadInput, interrupted_after, user_input
 from blip3o.cli.files import check_output_file, check_output_folder, open_image, read_jsonl, readable_file
 from blip3o.cli.generate import generate_command
@@ -546,7 +547,8 @@ def register(table: CommandTable) -> None:
     """Add the generic commands to `table`, and the groups that other modules add targets to."""
     from blip3o.train import STAGES
 
-    for command in (generate_command(), ask_command(), chat_command(), serve_command(), *small_commands()):
+    for command in (generate_command(), edit_command(), ask_command(), chat_command(), serve_command(),
+                    *small_commands()):
         table.add(command)
     table.add_group("data", "training data: write Shapes shards, check a data set")
     table.add_group("train", "train a model: a recipe, or one stage from its --config file")

@@ -43,18 +43,23 @@ def read_text(path: str | Path, where: str | None = None) -> str:
         raise BadInput(f"{path}: not UTF-8 text (byte {e.start})") from e
 
 
-def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
-    """Objects of a JSON-lines file, each checked for the `required` keys and their types."""
-    text = read_text(path)
-    records = []
-    for number, record in json_lines(text, path, BadInput):
-        for key, kind in required.items():
-            if not isinstance(record.get(key), kind) or (kind is str and not record[key].strip()):
-                raise BadInput(f"{path}:{number}: needs {key!r}, a non-empty {kind.__name__}")
-        records.append(record)
+def read_numbered_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each record of a JSON-lines file; bad input if a line is not a JSON object or
+    the file holds none."""
+    records = json_lines(read_text(path), path, BadInput)
     if not records:
         raise BadInput(f"{path} holds no records")
     return records
+
+
+def read_jsonl(path: str, required: dict[str, type]) -> list[dict]:
+    """Objects of a JSON-lines file, each checked for the `required` keys and their types."""
+    records = read_numbered_jsonl(path)
+    for number, record in records:
+        for key, kind in required.items():
+            if not isinstance(record.get(key), kind) or (kind is str and not record[key].strip()):
+                raise BadInput(f"{path}:{number}: needs {key!r}, a non-empty {kind.__name__}")
+    return [record for _, record in records]
 
 
 def open_image(path: Path, where: str) -> Image.Image:
@@ -97,13 +102,16 @@ class SampleWriter:
 
     def __init__(self, folder: Path, grid: Path | None = None) -> None:
         self.folder, self.grid = folder, grid or folder / "grid.png"
-        self.written = 0  # images written so far
+        self.paths: list[Path] = []  # the images written so far
         self._shown: list[Image.Image] = []
+
+    @property
+    def written(self) -> int:
+        return len(self.paths)
 
     def add(self, images: list[Image.Image]) -> None:
         for image in images:
-            save_image(image, self.folder / f"{self.written:04d}.png")
-            self.written += 1
+            self.paths.append(save_image(image, self.folder / f"{self.written:04d}.png"))
         self._shown += images[:GRID_IMAGES - len(self._shown)]
 
     def finish(self) -> Path:

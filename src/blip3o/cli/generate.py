@@ -1,5 +1,6 @@
 """`blip3o generate`: prompts -> image files, in model calls of at most --batch-size images, each call's images
-written as it finishes, so that memory holds one batch whatever the count.
+written as it finishes, so that memory holds one batch whatever the count. `blip3o edit` (edit.py) draws its
+instructions through the same batching and writes the same files.
 
 What a seed reproduces: a prompt's images depend on its seed, --num-images and --batch-size only.
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
@@ -32,6 +34,8 @@ from blip3o.files import atomic_folder
 MAX_IMAGES = 10_000  # images per prompt: the file names run 0000.png .. 9999.png
 MAX_BATCH = 1_024  # images per model call
 
+T = TypeVar("T")
+
 
 def run_generate(args: argparse.Namespace) -> int:
     records = prompt_records(args)
@@ -42,13 +46,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if size:
         with user_input(f"--size {args.size}"):
             model.decoder.check_size(size["height"], size["width"])
-    batches = prompt_batches(model, [r["prompt"] for r in records], num_images=args.num_images,
-                             batch_size=args.batch_size, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                             **size)
+    batches = call_batches(model.generate, [r["prompt"] for r in records], num_images=args.num_images,
+                           batch_size=args.batch_size, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                           **size)
     if args.prompt and len(args.prompt) == 1:
-        print(write_samples(batches, out, args.num_images))
+        print(write_samples(batches, out, args.num_images)[-1])
     else:
-        write_geneval_layout(batches, records, out)
+        write_geneval_layout(batches, list(enumerate(records)), out)
         print(f"{len(records)} prompts x {args.num_images} images in {args.outdir}/ (GenEval layout)")
     return EXIT_OK
 
@@ -82,52 +86,72 @@ def parse_size(text: str | None) -> dict[str, int]:
     return {"height": height, "width": width}
 
 
-def prompt_batches(model, prompts: list[str], *, num_images: int, batch_size: int, seed: int,
-                   **settings) -> Iterator[tuple[int, Iterator[list[Image.Image]]]]:
-    """Each prompt's index and its images, batch by batch, in model calls of at most `batch_size` images; the
-    calls run as the batches are read. Prompts share a call while their images fit (each its own generator,
-    seeded `seed`); a prompt with more is split, its calls carrying one generator (the module's docstring)."""
+Batches = Iterator[tuple[int, Iterator[list[Image.Image]]]]  # each item's index and its images, call by call
+
+
+def call_batches(draw: Callable[..., list[Image.Image]], items: Sequence[T], *, num_images: int, batch_size: int,
+                 seed: int, **settings) -> Batches:
+    """Each item's index and its images, batch by batch, in calls `draw(items, num_images=..., seed=... or
+    generator=..., **settings)` (`Blip3o.generate` on prompts, an edit on instructions) of at most `batch_size`
+    images; the calls run as the batches are read. Items share a call while their images fit (each its own
+    generator, seeded `seed`); an item with more is split, its calls carrying one generator (the module's
+    docstring)."""
     import torch
 
     if num_images <= batch_size:
         per_call = batch_size // num_images
-        for start in range(0, len(prompts), per_call):
-            chunk = prompts[start:start + per_call]
+        for start in range(0, len(items), per_call):
+            chunk = list(items[start:start + per_call])
             seeds = seed if len(chunk) == 1 else [seed] * len(chunk)
-            images = model.generate(chunk, num_images=num_images, seed=seeds, **settings)
+            images = draw(chunk, num_images=num_images, seed=seeds, **settings)
             for offset in range(len(chunk)):
                 yield start + offset, iter([images[offset * num_images:(offset + 1) * num_images]])
         return
-    for index, prompt in enumerate(prompts):
+    for index, item in enumerate(items):
         generator = torch.Generator().manual_seed(seed)
-        yield index, (model.generate([prompt], num_images=min(batch_size, num_images - start), generator=generator,
-                                     **settings) for start in range(0, num_images, batch_size))
+        yield index, (draw([item], num_images=min(batch_size, num_images - start), generator=generator, **settings)
+                      for start in range(0, num_images, batch_size))
 
 
-def write_samples(batches: Iterator[tuple[int, Iterator[list[Image.Image]]]], out: Path, num_images: int) -> Path:
-    """One prompt's images as OUT/0000.png, 0001.png, ... as they come, then OUT/grid.png; returns the grid."""
+def write_samples(batches: Batches, out: Path, num_images: int, desc: str = "generate") -> list[Path]:
+    """One item's images as OUT/0000.png, 0001.png, ... as they come, then OUT/grid.png; returns their paths,
+    the grid's last."""
     writer = SampleWriter(out)
     with interrupted_after(lambda: f"{writer.written} of {num_images} images written to {out}/; the rest and "
                                    f"grid.png are not written"), \
-            progress(None, total=num_images, desc="generate", unit="image") as bar:
+            progress(None, total=num_images, desc=desc, unit="image") as bar:
         for _, images in batches:
             for batch in images:
                 writer.add(batch)
                 bar.update(len(batch))
-        return writer.finish()
+        return [*writer.paths, writer.finish()]
 
 
-def write_geneval_layout(batches: Iterator[tuple[int, Iterator[list[Image.Image]]]], records: list[dict],
-                         out: Path) -> None:
-    """GenEval's layout: OUT/00000/{metadata.jsonl, samples/0000.png, ..., grid.png}, a folder per record,
-    each written whole or not at all (a folder appears once its last file is written)."""
+def write_geneval_layout(batches: Batches, folders: list[tuple[int, dict]], out: Path, *, desc: str = "generate",
+                         unit: str = "prompt",
+                         whole: Callable[[Path], AbstractContextManager[Path]] = atomic_folder) -> None:
+    """GenEval's layout: OUT/00000/{metadata.jsonl, samples/0000.png, ..., grid.png}, a folder per item of
+    `batches`, `folders` holding each one's number and record; each is written whole or not at all inside
+    `whole(folder)` (default `atomic_folder`: a folder appears once its last file is written)."""
     done = 0
-    with interrupted_after(lambda: f"{done} of {len(records)} prompts written to {out}/; the rest is not written"), \
-            progress(None, total=len(records), desc="generate", unit="prompt") as bar:
+    with interrupted_after(lambda: f"{done} of {len(folders)} {unit}s written to {out}/; the rest is not written"), \
+            progress(None, total=len(folders), desc=desc, unit=unit) as bar:
         for index, images in batches:
-            write_prompt_folder(atomic_folder(out / f"{index:05d}"), records[index], images)
+            number, record = folders[index]
+            write_prompt_folder(whole(out / f"{number:05d}"), record, images)
             done += 1
             bar.update()
+
+
+def folder_complete(folder: Path, record: dict, num_images: int) -> bool:
+    """Whether `folder` is one of GenEval's layout that a run wrote whole for `record` and `num_images` images: its
+    metadata.jsonl holds the record, samples/ holds 0000.png ... and grid.png is beside."""
+    try:
+        same = json.loads((folder / "metadata.jsonl").read_text()) == record
+    except (OSError, ValueError):
+        return False
+    samples = sorted(p.name for p in (folder / "samples").glob("*.png"))
+    return same and samples == [f"{i:04d}.png" for i in range(num_images)] and (folder / "grid.png").is_file()
 
 
 def write_prompt_folder(whole: AbstractContextManager[Path], record: dict,

@@ -79,6 +79,7 @@ class Command:
     flags: tuple[Flag, ...] = ()
     refusals: tuple[Refusal, ...] = ()
     epilog: str = ""  # layouts and examples, after the flags in `--help`
+    usage: str | None = None  # the usage line, where argparse's cannot say it (None: argparse's own)
     # for a command whose settings all come from a file: what to say of any option it does not declare
     other_options: str = ""
 
@@ -168,7 +169,7 @@ class CommandTable:
 
 def _add_command(subparsers, command: Command) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(command.words[-1], help=command.help, description=command.help,
-                                   epilog=command.epilog, formatter_class=Formatter)
+                                   epilog=command.epilog, usage=command.usage, formatter_class=Formatter)
     for f in command.flags:
         options = {**f.options, "default": argparse.SUPPRESS} if f.is_option else f.options
         parser.add_argument(*f.names, **options)
