@@ -1,4 +1,4 @@
-"""Training data from users' own files: webdataset shards, JSONL, image folders, LLaVA conversations.
+"""Training data from users' own files: webdataset shards, JSONL, image folders, LLaVA conversations, edit triplets.
 
     spec.py     SPEC strings and spec files -> checked `Source`s (SpecError for what cannot be read as asked)
     readers.py  each kind of source: its pieces, their raw records, a record -> a sample (or a `Skip`)

@@ -1,7 +1,8 @@
 """`blip3o data check`: read a data set once, in order, and say what a training run would get from it.
 
 Per source and in total: good samples, bad ones by reason; the images (count, modes, shorter and longer side);
-the captions' words; the conversations' turns and images; the first problems with file and line or key.
+the captions' words; the conversations' turns and images; the edits' sources and instructions' words; the first
+problems with file and line or key.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class CheckReport:
     caption_words: list[int] = field(default_factory=list)
     turns: list[int] = field(default_factory=list)  # turns per conversation
     conversation_images: list[int] = field(default_factory=list)  # images per conversation
+    edit_sources: list[int] = field(default_factory=list)  # source images per edit
+    instruction_words: list[int] = field(default_factory=list)  # words per edit instruction
 
     @property
     def total(self) -> DataStats:
@@ -50,6 +53,10 @@ class CheckReport:
             images = [p["image"] for m in sample["messages"] for p in m["content"] if p["type"] == "image"]
             self.turns.append(len(sample["messages"]))
             self.conversation_images.append(len(images))
+        elif "sources" in sample:
+            images = [*sample["sources"], sample["image"]]
+            self.edit_sources.append(len(sample["sources"]))
+            self.instruction_words.append(len(sample["instruction"].split()))
         else:
             images = [sample["image"]]
             self.caption_words.append(len(sample["text"].split()))
@@ -69,6 +76,8 @@ class CheckReport:
             "captions": {"count": len(self.caption_words), "words": spread(self.caption_words)},
             "conversations": {"count": len(self.turns), "turns": spread(self.turns),
                               "images": spread(self.conversation_images)},
+            "edits": {"count": len(self.edit_sources), "sources": spread(self.edit_sources),
+                      "instruction_words": spread(self.instruction_words)},
             "problems": [asdict(p) for p in total.problems],
         }
 
@@ -88,6 +97,10 @@ class CheckReport:
         if d["conversations"]["count"]:
             c = d["conversations"]
             out.append(f"conversations: {c['count']}, turns {_spread(c['turns'])}, images {_spread(c['images'])}")
+        if d["edits"]["count"]:
+            e = d["edits"]
+            out.append(f"edits: {e['count']}, sources {_spread(e['sources'])}, instruction words "
+                       f"{_spread(e['instruction_words'])}")
         if total.problems:
             out.append(f"first problems ({len(total.problems)} of {total.bad_total}):")
             out += [f"  {p}" for p in total.problems]

@@ -16,7 +16,8 @@ from blip3o.cli.table import Command, CommandTable, flag
 CHECK_EPILOG = """\
 SPEC names the data as training reads it: shards (data/{00000..00127}.tar, a glob, a folder of *.tar), a JSONL
 file of {"image", "caption"|"prompt"|"text"}, a folder of images with .txt captions, LLaVA conversations (.json
-or .jsonl), a mixture (a.tar::0.7,b.jsonl::0.3) or a YAML/JSON spec file (docs/training.md, "Your own data").
+or .jsonl), edit triplets (shards of src.*, tgt.*, txt members, or JSONL of {"source", "instruction", "target"}),
+a mixture (a.tar::0.7,b.jsonl::0.3) or a YAML/JSON spec file (docs/training.md, "Your own data").
 
 exit codes:
   0  the data set was read (bad samples are reported and skipped, as training skips them)

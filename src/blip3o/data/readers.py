@@ -9,6 +9,8 @@ images, a whole JSON array) from its record `skip` on, and `load(record)` makes 
     conversation  {"messages": [{"role": "system"|"user"|"assistant",
                                  "content": [{"type": "image", "image": PIL.Image}, {"type": "text", "text": str}]}],
                    "json": dict, "where": str}
+    edit          {"sources": [PIL.Image, ...] (one or more, in order), "instruction": str,
+                   "image": PIL.Image (the target), "json": dict, "where": str}
     targets       {"targets": (64, C) tensor, "text": str, "json": dict, "where": str, "key": str, "encoder": str}
                   (a CLIP-target cache: blip3o.data.targets)
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from .stats import Problem, Skip
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # the image members of a shard sample, in order of preference
 TEXT_FIELDS = ("caption", "prompt", "text")  # where an image-text record keeps its caption, in that order
+SOURCE_MEMBER = re.compile(rf"src(\d*)\.({'|'.join(IMAGE_MEMBERS)})")  # an edit sample's source: src.png, src1.jpg
 PIECE_LINES = 1000  # a JSONL file is read in pieces of this many lines
 PIECE_IMAGES = 1000  # a folder in pieces of this many images
 PLACEHOLDER = "<image>"
@@ -87,9 +91,11 @@ def reader_for(source: Source) -> Reader:
         raise ValueError(f"{source.name}: a CLIP-target cache is read by blip3o.data.targets.TargetsReader")
     if source.kind == "shards":
         return ShardReader(source)
+    if source.kind == "edits" and source.paths[0].endswith(".tar"):
+        return EditShardReader(source)
     if source.kind == "folder":
         return FolderReader(source)
-    load = caption_sample if source.kind == "captions" else conversation_sample
+    load = {"captions": caption_sample, "llava": conversation_sample, "edits": edit_sample}[source.kind]
     if source.paths[0].endswith(".jsonl"):
         return LinesReader(source, load)
     return ArrayReader(source, load)
@@ -139,6 +145,43 @@ class ShardReader(Reader):
                                   f"{members})")
         image = open_image(raw[image_key], f"member {image_key}")
         return {"image": image, "text": text, "json": meta, "where": record.where}
+
+
+class EditShardReader(ShardReader):
+    """Webdataset shards of edit triplets: a sample's members `src.*` (then `src1.*`, `src2.*`, ...: the sources,
+    in order), `tgt.*` (the target) and `txt` (the instruction; else the json member's `instruction`)."""
+
+    def load(self, record: Record) -> dict:
+        raw = record.data
+        members = sorted(k for k in raw if not k.startswith("__"))
+        sources = source_members(raw)
+        target = next((f"tgt.{k}" for k in IMAGE_MEMBERS if f"tgt.{k}" in raw), None)
+        if target is None:
+            raise Skip("no_target", f"no target image member (tgt.{'/'.join(IMAGE_MEMBERS)}) among {members}")
+        meta = json_object(raw["json"], "the json member") if "json" in raw else {}
+        instruction = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
+        instruction = instruction or _text(meta.get("instruction"))
+        if not instruction:
+            raise Skip("no_instruction", f"no instruction: no txt member and no `instruction` in json (members "
+                                         f"{members})")
+        images = [open_image(raw[k], f"member {k}") for k in sources]
+        return {"sources": images, "instruction": instruction, "image": open_image(raw[target], f"member {target}"),
+                "json": meta, "where": record.where}
+
+
+def source_members(raw: dict) -> list[str]:
+    """An edit sample's source members in order, `src.*` then `src1.*`, `src2.*`, ... (where a number has
+    several images, the first of IMAGE_MEMBERS); Skip when `src.*` is missing or a number is left out."""
+    found: dict[int, str] = {}
+    matches = (m for m in map(SOURCE_MEMBER.fullmatch, raw) if m)
+    for _, n, member in sorted((IMAGE_MEMBERS.index(m[2]), int(m[1] or 0), m[0]) for m in matches):
+        found.setdefault(n, member)
+    missing = [f"src{n or ''}.*" for n in range(max(found, default=0) + 1) if n not in found]
+    if missing:
+        members = sorted(k for k in raw if not k.startswith("__"))
+        raise Skip("no_source", f"no source image member {missing[0]} (sources are src.*, then src1.*, src2.*, "
+                                f"...: {'/'.join(IMAGE_MEMBERS)}) among {members}")
+    return [found[n] for n in sorted(found)]
 
 
 # ------------------------------------------------------------------ a folder of images with .txt captions
@@ -329,6 +372,30 @@ def conversation_sample(record: dict, source: Source, where: str) -> dict:
     images = iter([open_image(Path(source.image_root or ".") / p, p) for p in paths])
     messages = [{"role": ROLES[t["from"]], "content": _content(t["value"], images)} for t in turns]
     return {"messages": messages, "json": record, "where": where}
+
+
+def edit_sample(record: dict, source: Source, where: str) -> dict:
+    """{"source": path | [paths], "instruction": str, "target": path} -> an edit sample (the sources in order)."""
+    paths = record.get("source")
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise Skip("no_source", f"`source` must be a path or a non-empty list of paths, got "
+                                f"{json.dumps(record.get('source'))[:120]}")
+    target = record.get("target")
+    if not isinstance(target, str) or not target:
+        raise Skip("no_target", f"`target` must be a path, got {json.dumps(target)[:120]}")
+    instruction = _text(record.get("instruction"))
+    if not instruction:
+        raise Skip("no_instruction", "`instruction` must be a non-empty string")
+    root = Path(source.image_root or ".")
+    images = [open_image(root / p, p) for p in paths]
+    return {"sources": images, "instruction": instruction, "image": open_image(root / target, target),
+            "json": record, "where": where}
+
+
+def _text(value) -> str:
+    """A string value stripped; "" for anything else."""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _check_turns(turns: list) -> None:

@@ -6,13 +6,17 @@ A spec is one string of comma-separated entries `PATH[::WEIGHT]`, or a YAML/JSON
     captions.jsonl                   {"image": path, "caption"|"prompt"|"text": str} a line
     photos/                          a folder of images with same-named .txt captions (searched recursively)
     llava_v1_5_mix665k.json          LLaVA conversations: a JSON array, or JSONL whose lines hold `conversations`
+    edits/{000..015}.tar             edit triplets: shards whose samples hold src.* (src1.*, ...), tgt.* and txt
+    edits.jsonl                      edit triplets: {"source": path | [paths], "instruction": str, "target": path}
     targets/                         a CLIP-target cache (`blip3o data clip-targets`: a folder with manifest.json)
     data/{00000..00127}.tar::0.7,llava.jsonl::0.3    a mixture: each sample comes from a source with
                                      probability weight / sum of weights (a weight left out is 1)
     mix.yaml                         a spec file:  sources: [{path, weight, kind, image_root}, ...]
 
 In a spec file `path` and `image_root` are relative to the file's folder, `kind` (shards, captions, folder,
-llava, targets) overrides what the path's form says. Image paths inside JSONL and LLaVA files resolve against the
+llava, edits, targets) overrides what the path's form says. Shards are `edits` when the first sample of the first
+shard has a `src.*`, `srcN.*` or `tgt.*` member; a JSONL file is `edits` when its first JSON object has an
+`instruction`, or both `source` and `target`. Image paths inside JSONL and LLaVA files resolve against the
 source's image root: its own `image_root`, else the `image_root` argument (`--image-root`), else the file's
 folder. Everything named must exist: a spec that cannot be read as asked raises SpecError naming the entry.
 """
@@ -23,6 +27,8 @@ import glob
 import json
 import math
 import os
+import re
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +36,13 @@ from pathlib import Path
 import yaml
 from braceexpand import braceexpand
 
-KINDS = ("shards", "captions", "folder", "llava", "targets")
+KINDS = ("shards", "captions", "folder", "llava", "edits", "targets")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 TARGETS_MANIFEST = "manifest.json"  # what makes a folder a CLIP-target cache (blip3o.data.targets)
 SPEC_FILE_FIELDS = ("path", "weight", "kind", "image_root")
 SNIFF_LINES = 100  # a JSONL file's kind is read from the first JSON object among its first lines
+SNIFF_MEMBERS = 16  # shards are edits when one of the first shard's first members is an edit member
+EDIT_MEMBER = re.compile(r"(src\d*|tgt)\.")  # an edit sample's source or target image member (after the key)
 
 
 class SpecError(ValueError):
@@ -48,9 +56,9 @@ class Source:
 
     name: str  # the entry as written, for messages
     kind: str  # one of KINDS
-    paths: tuple[str, ...]  # shards: every shard; captions and llava: the file; folder: the folder
+    paths: tuple[str, ...]  # shards: every shard; captions and llava: the file; folder: the folder; edits: either
     weight: float = 1.0  # its share of a mixture, before normalisation
-    image_root: str | None = None  # where relative image paths resolve (captions, llava)
+    image_root: str | None = None  # where relative image paths resolve (captions, llava, edits from JSONL)
 
 
 def parse_spec(spec: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -65,7 +73,7 @@ def parse_spec(spec: str | os.PathLike | Sequence[str | os.PathLike], *,
         sources = _read_spec_file(Path(texts[0]), root)
     else:
         sources = [_entry_source(text, root) for text in texts]
-    if root is not None and not any(s.kind in ("captions", "llava") for s in sources):
+    if root is not None and not any(s.image_root is not None for s in sources):
         raise SpecError("--image-root applies to JSONL and LLaVA sources, and the spec names none")
     return sources
 
@@ -110,15 +118,20 @@ def make_source(path: str, *, weight: float = 1.0, kind: str | None = None, imag
                 default_root: str | None = None, name: str | None = None) -> Source:
     """A checked Source for `path` (its kind read from the path's form unless given)."""
     name = name or path
+    detected = kind is None
     kind = kind or detect_kind(path)
     if kind not in KINDS:
         raise SpecError(f"{name}: unknown kind {kind!r}; the kinds: {', '.join(KINDS)}")
-    paths = shard_paths(path) if kind == "shards" else (_existing(path, kind, name),)
-    if kind in ("captions", "llava"):
+    shards = kind == "shards" or (kind == "edits" and names_shards(path))
+    paths = shard_paths(path) if shards else (_existing(path, kind, name),)
+    if detected and kind == "shards" and holds_edits(paths[0]):
+        kind = "edits"
+    if kind in ("captions", "llava") or (kind == "edits" and not shards):
         root = image_root or default_root or str(Path(path).parent)
         return Source(name, kind, paths, weight, _image_root(root, name))
     if image_root is not None:
-        raise SpecError(f"{name}: image_root applies to JSONL and LLaVA sources, not to {kind}")
+        what = "edit shards" if kind == "edits" else kind
+        raise SpecError(f"{name}: image_root applies to JSONL and LLaVA sources, not to {what}")
     if kind == "targets" and not (Path(path) / TARGETS_MANIFEST).is_file():
         raise SpecError(f"{name}: the folder {path} holds no {TARGETS_MANIFEST}: not a CLIP-target cache")
     if kind == "folder" and not _has_image(path):
@@ -143,6 +156,25 @@ def detect_kind(path: str) -> str:
         return "llava"
     raise SpecError(f"cannot tell what {path} holds: expected .tar shards (a path, pattern or folder), a folder of "
                     f"images, a .jsonl file, a .json array of LLaVA records, or a .yaml/.json spec file")
+
+
+def names_shards(path: str) -> bool:
+    """Whether a path names tar shards by its form: a pattern, a .tar file or a folder."""
+    return any(c in path for c in "{*?[") or path.endswith(".tar") or Path(path).is_dir()
+
+
+def holds_edits(shard: str) -> bool:
+    """Whether one of the shard's first members is an edit sample's image (`KEY.src.png`, `KEY.src1.jpg`,
+    `KEY.tgt.webp`): read from the tar headers alone; False for a shard that does not open."""
+    try:
+        with tarfile.open(shard) as tar:
+            for _, member in zip(range(SNIFF_MEMBERS), tar, strict=False):
+                suffix = member.name.rsplit("/", 1)[-1].partition(".")[2].lower()  # webdataset's key ends at a dot
+                if member.isfile() and EDIT_MEMBER.match(suffix):
+                    return True
+    except (OSError, EOFError, tarfile.TarError):
+        return False
+    return False
 
 
 def shard_paths(pattern: str) -> tuple[str, ...]:
@@ -190,7 +222,8 @@ def _first_char(path: Path) -> str:
 
 
 def _sniff_jsonl(path: Path) -> str:
-    """llava if the first JSON object among the first lines has `conversations`, else captions."""
+    """The kind the first JSON object among the first lines says: llava if it has `conversations`, edits if it
+    has an `instruction` or both `source` and `target`, else captions."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for _, line in zip(range(SNIFF_LINES), f, strict=False):
             try:
@@ -198,7 +231,15 @@ def _sniff_jsonl(path: Path) -> str:
             except ValueError:
                 continue
             if isinstance(record, dict):
-                return "llava" if "conversations" in record else "captions"
+                return _record_kind(record)
+    return "captions"
+
+
+def _record_kind(record: dict) -> str:
+    if "conversations" in record:
+        return "llava"
+    if "instruction" in record or {"source", "target"} <= record.keys():
+        return "edits"
     return "captions"
 
 

@@ -23,6 +23,9 @@ REASONS: dict[str, str] = {
     "no_conversations": "a conversation record without a non-empty `conversations` list",
     "bad_turn": "a turn that is not {\"from\": human|gpt|system, \"value\": str}, or no gpt turn at all",
     "image_count": "`<image>` placeholders that do not match the record's images one to one",
+    "no_source": "an edit triplet without its source images (`src.*` member, or a `srcN.*` left out; `source`)",
+    "no_target": "an edit triplet without its target image (`tgt.*` member, `target` path)",
+    "no_instruction": "an edit triplet without an instruction (`txt` member or `instruction`, empty or missing)",
     "bad_shard": "a tar shard that cannot be opened or breaks off (the samples before the break count)",
 }
 

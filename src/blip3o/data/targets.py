@@ -118,7 +118,7 @@ def build_cache(model, spec, out: str | os.PathLike, *, batch_size: int = 64, dt
         raise ValueError(f"batch size must be positive, got {batch_size}")
     sources = parse_spec(spec, image_root=image_root)
     for source in sources:
-        if source.kind in ("llava", "targets"):
+        if source.kind in ("llava", "edits", "targets"):
             raise SpecError(f"{source.name}: a CLIP-target cache is made from image-text sources (shards, JSONL "
                             f"captions, folders), not {source.kind}")
     out = Path(out)
