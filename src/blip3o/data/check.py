@@ -58,7 +58,7 @@ class CheckReport:
             self.edit_sources.append(len(sample["sources"]))
             self.instruction_words.append(len(sample["instruction"].split()))
         else:
-            images = [sample["image"]]
+            images = [sample["image"]] if "image" in sample else []  # a CLIP-target cache row holds tokens instead
             self.caption_words.append(len(sample["text"].split()))
         for image in images:
             self.short_sides.append(min(image.size))
