@@ -137,9 +137,12 @@ def key_of(sample: dict) -> str:
 # ------------------------------------------------------------------ shards
 
 
-def test_edit_shards_are_told_by_their_members(shards, edits_jsonl):
+def test_triplet_sources_are_told_by_their_members_and_fields(shards, edits_jsonl, tmp_path):
     assert [s.kind for s in parse_spec(f"{shards},{edits_jsonl}")] == ["edits", "edits"]
     assert parse_spec(shards)[0].paths == tuple(str(Path(shards).parent / n) for n in SHARDS)
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "a.png", "caption": "c", "source": "web"}) + "\n")
+    (tmp_path / "mix.yaml").write_text(f"sources:\n  - path: {shards}\n    kind: edits\n  - path: captions.jsonl\n")
+    assert [s.kind for s in parse_spec(str(tmp_path / "mix.yaml"))] == ["edits", "captions"]
 
 
 def test_edit_shards_become_triplets_with_their_sources_in_order(shards):
