@@ -9,6 +9,7 @@
 | `commands.py` | the generic commands: ask, chat, reconstruct, serve, info, demo, convert,      |
 |               | train STAGE (the Shapes world's are in blip3o/shapes/commands.py)              |
 | `generate.py` | generate: prompts to image files, in bounded batches written as they finish    |
+| `edit.py`     | edit: source images and instructions to image files, as generate writes them   |
 | `models.py`   | --model/--device/--dtype, sampling and speed flags, loading                    |
 | `numbers.py`  | numeric flags with a range, refused while parsing (NaN and infinities too)     |
 | `files.py`    | JSON-lines and image files in; images and grids out, atomically; output checks |

@@ -18,6 +18,7 @@ EPILOG = """\
 examples:
   blip3o generate "a red circle left of a blue square" --num-images 4 --seed 0 --outdir out/
   blip3o generate --prompts-file prompts.jsonl --outdir geneval_out/ --num-images 4 --seed 0
+  blip3o edit out/0000.png "make the circle blue" --outdir edited/
   blip3o ask out/0000.png "how many circles are there?"
   blip3o ask --questions-file questions.jsonl --out answers.jsonl
   blip3o chat --image out/0000.png
