@@ -24,9 +24,11 @@ def test_recipe_runs_all_stages_in_order(nano_run):
         assert (out / cfg.stage / "model" / "config.json").exists(), cfg.stage
         assert (out / cfg.stage / "checkpoint" / "trainer_state.pt").exists(), cfg.stage
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) >= {"data", "data_generation", "clip", "understanding", "decoder", "generation", "total_s"}
+    assert set(timings) >= {"data", "data_generation", "data_edit", "clip", "understanding", "decoder", "generation",
+                            "edit", "total_s"}
     model = Blip3o.from_pretrained(final)
     assert model.config.decoder_negative == "zeros"
+    assert model.can_edit and model.config.dit.source == "input"  # the edit stage ran last
     # the generation stage trained on shards of its own: prompt scenes in their canonical cells
     import torch
 
@@ -37,6 +39,9 @@ def test_recipe_runs_all_stages_in_order(nano_run):
     state = torch.load(out / "generation" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=True)
     assert state["identity"]["train"]["data"] == [str(out / "data_generation")]
     assert state["identity"]["train"]["stage_options"] == {"prompt_share": 0.9}
+    # the edit stage read the edit shards mixed with the generation shards
+    state = torch.load(out / "edit" / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=True)
+    assert state["identity"]["train"]["data"] == [str(out / "data_edit"), str(out / "data_generation")]
 
 
 def test_recipe_runs_in_parts(nano_run, tmp_path):
@@ -44,7 +49,7 @@ def test_recipe_runs_in_parts(nano_run, tmp_path):
     data = out / "data"
     first = train_nano(tmp_path, data=data, scale=0.001, stages=["clip", "understanding"])
     assert first == tmp_path / "understanding" / "model" and not (tmp_path / "model").exists()
-    final = train_nano(tmp_path, data=data, scale=0.001, stages=["decoder", "generation"], steps={"decoder": 2})
+    final = train_nano(tmp_path, data=data, scale=0.001, stages=["decoder", "generation", "edit"], steps={"decoder": 2})
     assert final == tmp_path / "model" and (final / "config.json").exists()
     import torch
 
@@ -52,7 +57,8 @@ def test_recipe_runs_in_parts(nano_run, tmp_path):
     assert state["step"] == 2  # set outright, not scaled (0.001 x 600 rounds to 1)
     timings = json.loads((tmp_path / "timings.json").read_text())  # both calls' stages
     # both calls' stages, and the generation shards this run wrote (the first shards were reused)
-    assert set(timings) == {"clip", "understanding", "decoder", "generation", "data_generation", "total_s", "threads"}
+    assert set(timings) == {"clip", "understanding", "decoder", "generation", "edit", "data_generation", "data_edit",
+                            "total_s", "threads"}
     assert timings["total_s"] == pytest.approx(sum(v for k, v in timings.items() if k not in ("total_s", "threads")))
 
 
@@ -72,7 +78,8 @@ def test_recipe_refuses_unknown_stages_and_bad_steps_before_any_work(tmp_path):
 
 def test_evaluation_reports_every_tag_and_type(nano_run, tmp_path):
     _, final = nano_run
-    results = evaluate_shapes(Blip3o.from_pretrained(final), tmp_path, per_tag=1, num_images=2, num_scenes=3)
+    results = evaluate_shapes(Blip3o.from_pretrained(final), tmp_path, per_tag=1, num_images=2, num_scenes=3,
+                              num_edits=1)
     scores = results["generation"]["scores"]
     assert set(scores) == {"single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())

@@ -1,6 +1,7 @@
 """The nano recipe: Shapes data, then the four stages in order, each starting from the last.
 
-    data -> clip -> understanding -> decoder -> generation (on data_generation) -> OUT/model (the nano model)
+    data -> clip -> understanding -> decoder -> generation (on data_generation)
+         -> edit (on data_edit mixed with data_generation) -> OUT/model (the nano model)
 
 Each stage is one TrainConfig (below); `blip3o train nano` runs them all, `blip3o train STAGE
 --config FILE` one. Every stage writes OUT/<stage>/checkpoint (resumable) and OUT/<stage>/model.
@@ -16,8 +17,16 @@ from pathlib import Path
 
 import torch
 
-from blip3o.train.data import ShardDataset
+from blip3o.train.data import EditShardDataset, Mixture, ShardDataset
 from blip3o.train.trainer import TrainConfig, Trainer
+
+# The DiT learns to edit on Shapes edits (OUT/data_edit) mixed with the generation stage's shards (EDIT_MIXTURE),
+# which keep it generating from text; the queries stay as generation trained them, so each item's frozen inputs are
+# computed once. Reading the source as aligned input: docs/editing.md gives the comparison
+EDIT_STAGE = TrainConfig(stage="edit", steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
+                         stage_options={"source": "input", "train_queries": False, "prompt_share": 0.9})
+EDIT_MIXTURE = {"edits": 0.7, "generation": 0.3}  # the shares of the edit stage's items
+EDIT_SHARE = 0.2  # edits written for the edit stage, as a share of the recipe's scenes (8,000 of 40,000)
 
 NANO_STAGES: list[TrainConfig] = [
     # object codes at weight 16: each object is read back from the token of its centre (a linear probe reads
@@ -44,6 +53,7 @@ NANO_STAGES: list[TrainConfig] = [
     # position 0.53), 3000 give 0.940 but take the recipe past 90 minutes
     TrainConfig(stage="generation", steps=2650, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
                 stage_options={"prompt_share": 0.9}),
+    EDIT_STAGE,
 ]
 NANO_SAMPLES = 40_000  # Shapes scenes written for the first three stages
 # The generation stage's shards (OUT/data_generation, 0.8 x the scenes of the others): every scene drawn for a
@@ -70,6 +80,19 @@ def ensure_shapes_data(data_dir: Path, num: int, seed: int, timings: dict | None
     return data_dir
 
 
+def ensure_edit_data(data_dir: Path, num: int, seed: int, timings: dict) -> Path:
+    """Write the Shapes edit shards once (`blip3o.shapes.edits.write_edit_shards`); a folder that has them is
+    reused. The seconds spent writing go to timings["data_edit"]."""
+    from blip3o.shapes.edits import write_edit_shards
+
+    if not sorted(data_dir.glob("edits-*.tar")):
+        print(f"writing {num} Shapes edits to {data_dir}", flush=True)
+        started = time.perf_counter()
+        write_edit_shards(data_dir, num, seed)
+        timings["data_edit"] = time.perf_counter() - started
+    return data_dir
+
+
 def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: int = NANO_SAMPLES, seed: int = 0,
                device: str = "auto", scale: float = 1.0, stages: list[str] | None = None,
                steps: dict[str, int] | None = None) -> Path:
@@ -88,14 +111,20 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
     print(f"data: {dataset.describe()}", flush=True)
     init, last_run = "random:nano", None
     for base in NANO_STAGES:
-        stage_data, stage_dataset = data_dir, dataset
-        if base.stage == "generation" and (stages is None or "generation" in stages):
-            stage_data = ensure_shapes_data(out / "data_generation", max(1, round(num_samples * GENERATION_SHARE)),
+        stage_data, stage_dataset = [data_dir], dataset
+        if base.stage in ("generation", "edit") and (stages is None or base.stage in stages):
+            generation = ensure_shapes_data(out / "data_generation", max(1, round(num_samples * GENERATION_SHARE)),
                                             seed + 1, timings, "data_generation", **NANO_GENERATION_DATA)
-            stage_dataset = ShardDataset(stage_data, seed=seed)
-            print(f"generation data: {stage_dataset.describe()}", flush=True)
-        cfg = dataclasses.replace(base, init=init, out_dir=str(out / base.stage), data=[str(stage_data)], seed=seed,
-                                  device=device, steps=steps.get(base.stage, max(1, round(base.steps * scale))))
+            stage_data, stage_dataset = [generation], ShardDataset(generation, seed=seed)
+            if base.stage == "edit":
+                edits = ensure_edit_data(out / "data_edit", max(1, round(num_samples * EDIT_SHARE)), seed + 2, timings)
+                stage_data = [edits, generation]
+                stage_dataset = Mixture([(EditShardDataset(edits, seed=seed), EDIT_MIXTURE["edits"]),
+                                         (stage_dataset, EDIT_MIXTURE["generation"])], seed=seed)
+            print(f"{base.stage} data: {stage_dataset.describe()}", flush=True)
+        cfg = dataclasses.replace(base, init=init, out_dir=str(out / base.stage), data=[str(d) for d in stage_data],
+                                  seed=seed, device=device,
+                                  steps=steps.get(base.stage, max(1, round(base.steps * scale))))
         if stages is None or cfg.stage in stages:
             started = time.perf_counter()
             trainer = Trainer(cfg, stage_dataset)
@@ -135,17 +164,9 @@ def record_timings(out: Path, timings: dict[str, float]) -> None:
     """OUT/timings.json: these seconds joined to those recorded by earlier calls (a recipe run in parts)."""
     record = out / "timings.json"
     earlier = json.loads(record.read_text()) if record.exists() else {}
-    parts = {s.stage for s in NANO_STAGES} | {"data", "data_generation"}
+    parts = {s.stage for s in NANO_STAGES} | {"data", "data_generation", "data_edit"}
     seconds = {k: v for k, v in earlier.items() if k in parts} | timings
     tmp = record.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({**seconds, "total_s": sum(seconds.values()), "threads": torch.get_num_threads()},
                               indent=2))
     tmp.replace(record)  # atomic: never a half-written record
-
-
-def train_stage(config_path: str | Path) -> Path:
-    """One stage from a TrainConfig JSON file (its `data` lists the shards)."""
-    cfg = TrainConfig.from_json(config_path)
-    if not cfg.data:
-        raise ValueError(f"{config_path}: `data` must list the training shards")
-    return Trainer(cfg, ShardDataset(cfg.data, seed=cfg.seed)).fit()
