@@ -2,8 +2,8 @@
 
     python scripts/ship_nano.py runs/nano/model
 
-The config's `extra` records the world and the folder the weights came from; the tokenizer folder is left
-out, since the builtin tokenizer ships with the package.
+The config's `extra` records the world; the tokenizer folder is left out, since the builtin tokenizer ships with
+the package.
 """
 
 import shutil
@@ -23,7 +23,7 @@ def main() -> None:
         raise SystemExit("usage: python scripts/ship_nano.py MODEL_FOLDER (a saved Blip3o: config.json + weights)")
     source = Path(sys.argv[1])
     model = Blip3o.from_pretrained(source)
-    model.config.extra = {**model.config.extra, "world": "shapes", "trained_from": str(source)}
+    model.config.extra = {**model.config.extra, "world": "shapes"}
     target = ASSETS / "nano"
     model.to(torch.float16).save_pretrained(target)
     shutil.rmtree(target / "tokenizer", ignore_errors=True)  # the builtin tokenizer ships with the package
