@@ -3,9 +3,11 @@
 One forward pass, as the figure reads (B batch, N = 64 tokens on an 8x8 grid, L condition length):
 
     context = caption_projection(cond)                         # (B, L, H) -> (B, L, D)
+              (+ source_projection(source tokens) + image index, appended: an editing DiT's `context` reader)
     c       = time_embed(1000 t) + caption_embed(mean(context)) # (B, T),  T = min(D, 1024)
     x       = patch_embedder(x_t)                              # (B, N, C) -> (B, N, D)
               (+ self_condition(x_0 estimate of the previous step) with `self_condition=True`)
+              (+ source_embedder(first source's tokens): an editing DiT's aligned `input` reader)
     m, s    = Linear(silu(c)) per block, Linear(silu(c))       # adaLN modulations (before the loop when sampling)
     x       = block(x, m, context) for each of the layers      # RMSNorm-zero, self + gated cross attention
     v       = norm_out(x, s)                                   # AdaLN-continuous, final linear -> (B, N, C)
