@@ -293,3 +293,18 @@ def test_an_empty_instruction_is_refused_in_a_batch(tmp_path, edit_shards):
 def test_edit_stage_options_are_checked():
     with pytest.raises(ValueError, match="stage option source"):
         TrainConfig(stage="edit", stage_options={"source": "pixels"})
+
+
+def test_edit_guidance_is_the_default_scale_of_an_edit(model, monkeypatch):
+    seen = []
+    sample = model.sample_tokens
+    monkeypatch.setattr(model, "sample_tokens", lambda *a, **k: seen.append(k["guidance"]) or sample(*a, **k))
+    monkeypatch.setattr(model.config, "edit_guidance", 1.5)
+    firsts = []
+    for call in (lambda: model.edit([scene()], ["remove the circle"], seed=0),
+                 lambda: model.edit([scene()], ["remove the circle"], seed=0, guidance=4.0),
+                 lambda: model.generate(["a red circle"], seed=0)):
+        seen.clear()
+        call()
+        firsts.append(seen[0])  # the tokens of the images (the decoder's negative may follow)
+    assert firsts == [1.5, 4.0, None]  # generation keeps the config's guidance

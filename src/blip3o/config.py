@@ -40,6 +40,9 @@ class Blip3oConfig:
     query_init_std: float = 1.0  # official: torch.randn
     steps: int = 30  # DiT sampling steps (official 30, Euler)
     guidance: float = 3.0  # DiT classifier-free guidance scale
+    # the DiT's guidance for an edit (`Blip3o.edit`, when the call names none); None: `guidance`. An edit's
+    # unconditional branch keeps the source, so a lower scale keeps more of it (docs/editing.md)
+    edit_guidance: float | None = None
     sampler: str = "euler"  # "euler" | "heun" | "stochastic" (DDIM with eta: fresh noise at every step)
     eta: float = 1.0  # the stochastic sampler's noise: 0 = Euler, 1 = DDPM's ancestral sampler
     time_shift: float = 1.0  # SD3-style time shift of the sampling grid (1 = official linear grid)

@@ -295,7 +295,8 @@ class Blip3o(nn.Module):
         `images[i]` is the source of instruction i: one PIL image, or a list of several ("put the shape of the
         first image in the colour of the second"). The backbone reads the images and the instruction, the DiT the
         queries' condition and the images' CLIP tokens. Seeds, sizes and guidance as in `generate` (guidance
-        pulls from the source towards the instruction: both branches read the source). A model whose DiT reads
+        pulls from the source towards the instruction: both branches read the source; None: the config's
+        `edit_guidance`, else its `guidance`). A model whose DiT reads
         no source raises `CannotEdit`.
         """
         instructions = check_prompts(instructions, name="instructions")
@@ -306,6 +307,8 @@ class Blip3o(nn.Module):
         with self._on_device("backbone"):
             cond = self.edit_condition(sources, instructions).repeat_interleave(num_images, dim=0)  # (B * n, 64, H)
         source = self.source_tokens(sources).repeat_interleave(num_images, dim=0)  # (B * n, K, 64, C)
+        if guidance is None:
+            guidance = self.config.edit_guidance
         with self._on_device("dit"):
             tokens = self.sample_tokens(cond, steps=steps, guidance=guidance, generator=generator, source=source)
         return self.draw(tokens, steps=steps, guidance=guidance, decoder_steps=decoder_steps,
