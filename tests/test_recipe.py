@@ -28,7 +28,7 @@ def test_recipe_runs_all_stages_in_order(nano_run):
                             "edit", "total_s"}
     model = Blip3o.from_pretrained(final)
     assert model.config.decoder_negative == "zeros"
-    assert model.can_edit and model.config.dit.source == "input"  # the edit stage ran last
+    assert model.can_edit and model.config.dit.source == "both"  # the edit stage ran last
     # the generation stage trained on shards of its own: prompt scenes in their canonical cells
     import torch
 

@@ -114,6 +114,8 @@ def load_for_command(args: argparse.Namespace):
         model.enable_offload(args.device or "cuda")
     overrides = {k: getattr(args, k) for k in ("sampler", "eta", "guidance", "steps")
                  if getattr(args, k, None) is not None}
+    if "guidance" in overrides:  # --guidance sets the scale of generations and edits alike
+        overrides["edit_guidance"] = overrides["guidance"]
     if overrides:  # sampling settings for this run (the saved model keeps its own)
         try:
             model.config = dataclasses.replace(model.config, **overrides)

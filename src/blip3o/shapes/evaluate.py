@@ -252,9 +252,11 @@ def _settings(model: Blip3o, eval_set: str, sizes: Sizes, seed: int, model_name:
 
 
 def _sampling_settings(model: Blip3o) -> dict:
-    """The DiT sampling settings the model's generate uses (sampler, steps, guidance, eta), where it has them."""
+    """The DiT sampling settings the model's generate and edit use (sampler, steps, guidance, edit_guidance, eta),
+    where it has them."""
     config = getattr(model, "config", None)
-    return {k: getattr(config, k) for k in ("sampler", "steps", "guidance", "eta") if hasattr(config, k)}
+    names = ("sampler", "steps", "guidance", "edit_guidance", "eta")
+    return {k: getattr(config, k) for k in names if hasattr(config, k)}
 
 
 def format_results(results: dict) -> str:

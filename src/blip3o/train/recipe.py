@@ -22,9 +22,9 @@ from blip3o.train.trainer import TrainConfig, Trainer
 
 # The DiT learns to edit on Shapes edits (OUT/data_edit) mixed with the generation stage's shards (EDIT_MIXTURE),
 # which keep it generating from text; the queries stay as generation trained them, so each item's frozen inputs are
-# computed once. Reading the source as aligned input: docs/editing.md gives the comparison
-EDIT_STAGE = TrainConfig(stage="edit", steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
-                         stage_options={"source": "input", "train_queries": False, "prompt_share": 0.9})
+# computed once. The DiT reads the source both aligned and as context: docs/editing.md gives the comparison
+EDIT_STAGE = TrainConfig(stage="edit", steps=3500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.998,
+                         stage_options={"source": "both", "train_queries": False, "prompt_share": 0.9})
 EDIT_MIXTURE = {"edits": 0.7, "generation": 0.3}  # the shares of the edit stage's items
 EDIT_SHARE = 0.2  # edits written for the edit stage, as a share of the recipe's scenes (8,000 of 40,000)
 
@@ -100,15 +100,17 @@ def train_nano(out: str | Path, *, data: str | Path | None = None, num_samples: 
 
     `stages` runs only those, each from the model of the stage before it (which must exist): a recipe
     can run in parts. `steps` sets a stage's steps outright ({"understanding": 2000}: not scaled), e.g.
-    to trade the 90-minute budget for a longer stage. OUT/model is written once the generation stage has
+    to trade the 90-minute budget for a longer stage. OUT/model is written once the last stage (edit) has
     run; timings.json keeps the times of every stage run so far.
     """
     steps = check_recipe_arguments(stages, steps)
     out = Path(out)
     timings: dict[str, float] = {}  # seconds of what this call did: writing shards, training stages
-    data_dir = ensure_shapes_data(Path(data) if data else out / "data", num_samples, seed, timings)
-    dataset = ShardDataset(data_dir, seed=seed)
-    print(f"data: {dataset.describe()}", flush=True)
+    data_dir, dataset = Path(data) if data else out / "data", None
+    if stages is None or set(stages) - {"generation", "edit"}:  # a stage that reads the recipe's scenes runs
+        data_dir = ensure_shapes_data(data_dir, num_samples, seed, timings)
+        dataset = ShardDataset(data_dir, seed=seed)
+        print(f"data: {dataset.describe()}", flush=True)
     init, last_run = "random:nano", None
     for base in NANO_STAGES:
         stage_data, stage_dataset = [data_dir], dataset

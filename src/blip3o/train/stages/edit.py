@@ -48,8 +48,8 @@ def content_key(text: str, *images) -> bytes:
 @dataclass(frozen=True)
 class EditOptions(StageOptions):
     # how a text-to-image DiT reads the sources once it edits (DiTConfig.source); a DiT that edits already keeps
-    # its own. "input": nano's, docs/editing.md gives the measurement
-    source: str = choice("input", "context", "both")
+    # its own. "both" (aligned input and context): docs/editing.md gives the measurement
+    source: str = choice("both", "input", "context")
     # the share of items trained with the instruction's condition zeroed (source kept): guidance's unconditional
     # branch
     condition_drop: float = share(0.1)
