@@ -2,8 +2,8 @@
 
     python scripts/ship_nano.py runs/nano/model
 
-The config's `extra` records the world; the tokenizer folder is left out, since the builtin tokenizer ships with
-the package.
+The config's `extra` records the world, and a sampling default the folder leaves unset (`edit_guidance`) takes the
+nano preset's; the tokenizer folder is left out, since the builtin tokenizer ships with the package.
 """
 
 import shutil
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from blip3o import Blip3o
-from blip3o.presets import ASSETS
+from blip3o.presets import ASSETS, get_preset
 
 LIMIT_BYTES = 25 * 1024 * 1024
 
@@ -24,6 +24,8 @@ def main() -> None:
     source = Path(sys.argv[1])
     model = Blip3o.from_pretrained(source)
     model.config.extra = {**model.config.extra, "world": "shapes"}
+    if model.config.edit_guidance is None:
+        model.config.edit_guidance = get_preset("nano").edit_guidance
     target = ASSETS / "nano"
     model.to(torch.float16).save_pretrained(target)
     shutil.rmtree(target / "tokenizer", ignore_errors=True)  # the builtin tokenizer ships with the package

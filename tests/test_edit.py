@@ -308,3 +308,17 @@ def test_edit_guidance_is_the_default_scale_of_an_edit(model, monkeypatch):
         call()
         firsts.append(seen[0])  # the tokens of the images (the decoder's negative may follow)
     assert firsts == [1.5, 4.0, None]  # generation keeps the config's guidance
+
+
+def test_train_edit_streams_triplet_shards_from_the_command_line(tmp_path, edit_shards):
+    from blip3o.cli import main as cli_main
+
+    out = tmp_path / "run"
+    code = cli_main(["train", "edit", "--init", "random:debug", "--data", str(edit_shards), "--out", str(out),
+                     "--steps", "2", "--batch-size", "4", "--no-progress", "--no-tensorboard", "--device", "cpu"])
+    assert code == 0
+    model = Blip3o.from_pretrained(out / "model")
+    assert model.can_edit and len(model.edit([scene()], ["make the circle red"], seed=0)) == 1
+    bad = cli_main(["train", "edit", "--init", "random:debug", "--data", str(edit_shards), "--out", str(out / "x"),
+                    "--stage-options", '{"source": "pixels"}'])
+    assert bad == 2
