@@ -59,3 +59,12 @@ def test_make_demo_runs_the_shipped_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[nano] generated" in out and "debug" not in out
     assert (tmp_path / "generated.png").exists()
+
+
+def test_the_shipped_model_edits(shipped):
+    from blip3o.shapes.edits import held_out_edit
+
+    assert shipped.can_edit and shipped.config.edit_guidance is not None
+    triplet = held_out_edit("recolor", 0)
+    (edited,) = shipped.edit([triplet.source], [triplet.instruction], seed=0)
+    assert edited.size == triplet.target.size
