@@ -273,11 +273,15 @@ class Blip3o(nn.Module):
 
     @torch.no_grad()
     def source_tokens(self, sources: Sequence[Sequence[Image.Image]]) -> torch.Tensor:
-        """Source images, a list per row -> their CLIP tokens (B, K, 64, C), K the most images of a row; a row
-        with fewer images has all-zero slots after its own (which the DiT reads as absent)."""
+        """Source images, a list per row -> their CLIP tokens (B, K, 64, C), K the most images of a row (at least
+        1); a row with fewer images (none: a text-to-image row of a training batch) has all-zero slots after its
+        own, which the DiT reads as absent."""
+        c = self.config.dit
+        out = self.queries.new_zeros(len(sources), max([1, *map(len, sources)]), c.num_tokens, c.in_channels)
         flat = [image for row in sources for image in row]
+        if not flat:
+            return out
         tokens = self.encode_images(flat).to(self.device, self.queries.dtype)  # (sum K_b, 64, C)
-        out = tokens.new_zeros(len(sources), max(map(len, sources)), *tokens.shape[1:])
         start = 0
         for b, row in enumerate(sources):
             out[b, :len(row)] = tokens[start:start + len(row)]

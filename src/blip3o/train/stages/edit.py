@@ -115,26 +115,12 @@ class EditStage(Stage):
         order = torch.tensor(edits + plain, device=parts["edits"].device).argsort()
         return torch.cat([parts["edits"], parts["plain"]])[order]
 
-    def source_tokens(self, sources: list[list | None], x_0: torch.Tensor) -> torch.Tensor:
-        """(B, K, 64, C) source tokens, all zeros for a generation row (read as absent)."""
-        rows = [s if s is not None else [] for s in sources]
-        most = max(1, max(map(len, rows)))
-        out = x_0.new_zeros(len(rows), most, *x_0.shape[1:])
-        flat = [image for row in rows for image in row]
-        if not flat:
-            return out
-        tokens = self.model.clip_encoder.encode_images(flat).to(x_0.dtype)
-        start = 0
-        for b, row in enumerate(rows):
-            out[b, :len(row)] = tokens[start:start + len(row)]
-            start += len(row)
-        return out
-
     def inputs(self, texts: list[str], sources: list[list | None], images: list) -> tuple[torch.Tensor, ...]:
         """The frozen parts' outputs for a batch: condition (B, Q, H), source tokens (B, K, N, C), x_0 (B, N, C)."""
         model = self.model
         x_0 = model.clip_encoder.encode_images(images).to(model.queries.dtype)  # (B, 64, C)
-        return self.condition(texts, sources), self.source_tokens(sources, x_0), x_0
+        source = model.source_tokens([row or [] for row in sources])  # (B, K, 64, C), zeros for a generation row
+        return self.condition(texts, sources), source, x_0
 
     @torch.no_grad()
     def remembered_inputs(self, texts: list[str], sources: list[list | None], images: list) -> tuple[torch.Tensor, ...]:
