@@ -322,3 +322,31 @@ def test_train_edit_streams_triplet_shards_from_the_command_line(tmp_path, edit_
     bad = cli_main(["train", "edit", "--init", "random:debug", "--data", str(edit_shards), "--out", str(out / "x"),
                     "--stage-options", '{"source": "pixels"}'])
     assert bad == 2
+
+
+def test_a_killed_edit_run_resumes_to_identical_weights(tmp_path, edit_shards, monkeypatch):
+    data = Mixture([(EditShardDataset(edit_shards), 1.0), (Cycle(tiny_dataset(16)), 1.0)], seed=0)
+
+    def run(name: str) -> TrainConfig:
+        cfg = edit_config(tmp_path / name, source="both")
+        cfg.steps, cfg.checkpoint_every, cfg.ema_decay = 4, 2, 0.9
+        return cfg
+
+    straight = Trainer(run("a"), data, model=text_to_image_model())
+    straight.fit()
+    original = Trainer.train_step
+
+    def dies_at_step_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run("b"), data, model=text_to_image_model()).fit()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = Trainer(run("b"), data, model=text_to_image_model())  # a text-to-image model gains its readers again
+    resumed.fit()
+    assert resumed.step == 4
+    for (n, a), (_, b) in zip(straight.named_params, resumed.named_params, strict=True):
+        assert torch.equal(a, b), n
