@@ -150,7 +150,7 @@ def test_the_shipped_and_official_presets_are_well_inside_the_limits():
     for name in PRESETS:
         total = Blip3o.from_preset(name, device="meta").num_parameters()["total"]
         assert total * 5 < MAX_PARAMETERS, name  # the 8B: 16.6 billion
-    assert Blip3o.from_preset("nano").num_parameters()["total"] == 11_654_547  # the shipped weights still load
+    assert Blip3o.from_preset("nano").num_parameters()["total"] == 11_667_987  # the shipped weights still load
 
 
 def _int_fields(cls: type) -> list[str]:
