@@ -350,3 +350,13 @@ def test_a_killed_edit_run_resumes_to_identical_weights(tmp_path, edit_shards, m
     assert resumed.step == 4
     for (n, a), (_, b) in zip(straight.named_params, resumed.named_params, strict=True):
         assert torch.equal(a, b), n
+
+
+def test_the_generation_stage_leaves_an_editing_dits_source_readers_alone(tmp_path):
+    from blip3o.train.stages.generation import GenerationStage
+
+    model = Blip3o.from_preset("debug")  # its DiT reads sources both ways
+    named = dict(GenerationStage(model, {}).trainable(model))
+    assert "dit.patch_embedder.proj.weight" in named and "queries" in named
+    assert not [n for n in named if n.startswith("dit.source_")]
+    assert not model.dit.source_index.requires_grad

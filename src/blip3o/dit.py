@@ -483,6 +483,10 @@ class DiT(nn.Module):
         self.config.source = mode
         return self
 
+    def source_readers(self) -> list[nn.Module | nn.Parameter]:
+        """The parts that read an edit's source (none for a text-to-image DiT): what generation alone never uses."""
+        return [part for part in (self.source_embedder, self.source_projection, self.source_index) if part is not None]
+
     def fuse_projections(self, enabled: bool = True) -> DiT:
         """Opt-in inference speed-up: run the four input projections of each block and the two SwiGLU
         input projections as one GEMM each, from concatenated copies of the weights (extra memory:

@@ -50,6 +50,14 @@ class GenerationStage(Stage):
         super().__init__(model, options)
         self.encoder: dict | None = None  # the encoder's identity, once a batch of cached targets arrives
 
+    def trainable(self, model):
+        """The queries and the DiT, but not an editing DiT's source readers, which text-to-image items never reach
+        (so they take no optimiser state, and a sharded checkpoint holds what every parameter trained)."""
+        named = super().trainable(model)
+        for part in model.dit.source_readers():
+            part.requires_grad_(False)
+        return [(n, p) for n, p in named if p.requires_grad]
+
     def collate(self, items, indices, seed, device):
         o = self.options
         draws = draw_generation(len(items), self.model.config.dit, self.model.config.train_timesteps,
