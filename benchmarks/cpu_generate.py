@@ -1,6 +1,7 @@
 """Images/s of `Blip3o.generate` on a CPU at batch 1 and 8, this tree's code against a git revision's.
 
-Each measurement runs in a fresh process (the model loaded, one warm-up call, then `--repeats` timed calls of
+The model is loaded and set up as the CLI and the server do (`blip3o.cli.models.load_for_command`, freed memory
+kept). Each measurement runs in a fresh process (the model loaded, one warm-up call, then `--repeats` timed calls of
 `--batch` prompts, one image each); the two trees alternate round by round, so that a drift of the machine's
 speed hits both alike. Prints images/s of each tree at each batch and `ratio=<this/REF>` (higher is faster);
 the last line is the ratio at batch 8. Without `--against`, the tree is timed alone and no ratio is printed.
@@ -25,12 +26,13 @@ PROMPTS = ("a photo of a red circle left of a blue square", "a photo of three gr
            "a photo of a yellow cross and a purple circle", "a photo of a cyan square")
 
 CHILD = r"""
-import json, sys, time
-from pathlib import Path
+import argparse, json, sys, time
 import torch
-from blip3o import Blip3o
+from blip3o.allocator import keep_freed_memory
+from blip3o.cli.models import load_for_command
 model_name, batch, repeats, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-model = Blip3o.from_pretrained(model_name) if Path(model_name).is_dir() else Blip3o.from_preset(model_name)
+keep_freed_memory()  # as the CLI's entry point does
+model = load_for_command(argparse.Namespace(model=model_name, device=None, dtype=None))  # as the CLI loads it
 texts = [prompts[i % len(prompts)] for i in range(batch)]
 model.generate(texts, num_images=1, seed=0)  # warm-up: allocator, kernels, caches
 seconds = []

@@ -670,3 +670,20 @@ def test_reconstruct_keeps_inputs_of_one_name_apart(checkpoint, tmp_path, capsys
                                                     f"{b} -> {out / 'x_2_reconstructed.png'}"]
     assert main(["reconstruct", "--model", str(checkpoint), str(b), "--outdir", str(tmp_path / "b_alone")]) == 0
     assert same_pixels(out / "x_2_reconstructed.png", tmp_path / "b_alone" / "x_reconstructed.png")
+
+
+def test_commands_run_the_shapes_decoder_channels_last_on_a_cpu():
+    """The CLI's models on a CPU sample with NHWC convolutions, and draw what the plain layout draws."""
+    import argparse
+
+    from blip3o.cli.models import load_for_command
+
+    model = load_for_command(argparse.Namespace(model="nano", device=None, dtype=None))
+    assert model.decoder.channels_last
+    assert model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = Blip3o.from_preset("nano")
+    assert not plain.decoder.channels_last
+    prompts = ["a photo of a red circle left of a blue square"]
+    got = np.asarray(model.generate(prompts, seed=3, steps=4, decoder_steps=4)[0], dtype=np.int16)
+    want = np.asarray(plain.generate(prompts, seed=3, steps=4, decoder_steps=4)[0], dtype=np.int16)
+    assert np.abs(got - want).max() <= 1
