@@ -128,7 +128,7 @@ def load_for_command(args: argparse.Namespace):
                            f"{model.config.sampler}: add --sampler stochastic")
     if getattr(args, "compile", False):
         model.accelerate(compile=True)
-    elif not offload and model.device.type == "cpu" and isinstance(model.decoder, ShapesDecoder):
+    elif not offload and isinstance(getattr(model, "decoder", None), ShapesDecoder) and model.device.type == "cpu":
         # NHWC convolutions (oneDNN's fast layout): nano's generate makes 1.1x the images a second on a 2-core
         # CPU, the same images up to float rounding (docs/benchmarks.md)
         model.decoder.set_channels_last(True)
