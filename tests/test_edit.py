@@ -14,7 +14,7 @@ from blip3o.shapes.edits import write_edit_shards
 from blip3o.train.data import EditShardDataset, Mixture
 from blip3o.train.stages.edit import EditStage
 from blip3o.train.trainer import TrainConfig, Trainer
-from train_helpers import tiny_dataset
+from train_helpers import fit_until_killed, tiny_dataset
 
 
 def scene(color=(220, 40, 40), x=10) -> Image.Image:
@@ -324,7 +324,7 @@ def test_train_edit_streams_triplet_shards_from_the_command_line(tmp_path, edit_
     assert bad == 2
 
 
-def test_a_killed_edit_run_resumes_to_identical_weights(tmp_path, edit_shards, monkeypatch):
+def test_a_killed_edit_run_resumes_to_identical_weights(tmp_path, edit_shards):
     data = Mixture([(EditShardDataset(edit_shards), 1.0), (Cycle(tiny_dataset(16)), 1.0)], seed=0)
 
     def run(name: str) -> TrainConfig:
@@ -334,17 +334,7 @@ def test_a_killed_edit_run_resumes_to_identical_weights(tmp_path, edit_shards, m
 
     straight = Trainer(run("a"), data, model=text_to_image_model())
     straight.fit()
-    original = Trainer.train_step
-
-    def dies_at_step_3(self):
-        if self.step == 2:
-            raise KeyboardInterrupt("killed")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(run("b"), data, model=text_to_image_model()).fit()
-    monkeypatch.setattr(Trainer, "train_step", original)
+    fit_until_killed(Trainer(run("b"), data, model=text_to_image_model()), 2)
     resumed = Trainer(run("b"), data, model=text_to_image_model())  # a text-to-image model gains its readers again
     resumed.fit()
     assert resumed.step == 4

@@ -18,7 +18,7 @@ from blip3o.flow import sample_path
 from blip3o.train import TrainConfig, Trainer
 from blip3o.train.stages import ClipStage, DecoderStage, GenerationStage, UnderstandingStage
 from blip3o.train.trainer import ema_decay, load_init, lr_factor
-from train_helpers import tiny_dataset
+from train_helpers import fit_until_killed, tiny_dataset
 
 DATA = tiny_dataset()
 CPU = torch.device("cpu")
@@ -146,23 +146,12 @@ def test_generation_loss_is_the_dit_loss_on_each_items_path():
     assert not (~GenerationStage(model, {"condition_drop": 0.0}).collate(items, idx, 0, CPU)["keep"]).any()
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_identical_weights(tmp_path):
     straight = Trainer(config(tmp_path / "a", steps=6), DATA)
     straight.fit()
 
     cfg = config(tmp_path / "b", steps=6)
-    interrupted = Trainer(cfg, DATA)
-    original = Trainer.train_step
-
-    def dies_at_step_5(self):
-        if self.step == 4:
-            raise KeyboardInterrupt("killed")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    monkeypatch.setattr(Trainer, "train_step", original)
+    fit_until_killed(Trainer(cfg, DATA), 4)
     resumed = Trainer(cfg, DATA)  # a fresh process: new model from the preset, state from checkpoint/
     resumed.fit()
     assert resumed.step == 6

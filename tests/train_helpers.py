@@ -1,4 +1,4 @@
-"""Tiny in-memory data and a torchrun entry point for the trainer tests."""
+"""Tiny in-memory data, an interrupted run and a torchrun entry point for the trainer tests."""
 
 import json
 import sys
@@ -23,6 +23,24 @@ def tiny_dataset(n: int = 64) -> list[dict]:
             "questions": [{"type": "color", "question": "what color is the square?", "answer": name}],
         }})
     return items
+
+
+def fit_until_killed(trainer, step: int) -> None:
+    """Run `trainer` until it reaches `step`, where it dies as Ctrl-C leaves it (a KeyboardInterrupt out of
+    `fit`, after the checkpoints of the steps before)."""
+    run_step = trainer.train_step
+
+    def dying_step() -> float:
+        if trainer.step == step:
+            raise KeyboardInterrupt("killed")
+        return run_step()
+
+    trainer.train_step = dying_step
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        return
+    raise AssertionError(f"the run ended without reaching step {step}")
 
 
 def main() -> None:
